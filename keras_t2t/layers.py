@@ -1,0 +1,641 @@
+"""Keras layers of T2T-ViT, each usable, testable and serializable on its own.
+
+The data path is one-way: image -> `SoftSplit` -> `TokenPerformer` / `TokenTransformer`
+-> `Restructure` -> ... (all inside `T2TModule`) -> `ClassToken` -> `PositionEmbedding`
+-> `TransformerBlock` x depth -> LayerNorm -> head.
+
+Layouts are TensorFlow's: images are NHWC, tokens are (batch, tokens, channels) in
+row-major order, and a soft-split patch vector is ordered `(i * k + j) * C + c` (the order of
+`tf.image.extract_patches`). Official PyTorch weights, whose patch vectors are channel-major,
+are permuted once when they are loaded (`keras_t2t.weights`), so inference pays nothing.
+"""
+
+import math
+
+import keras
+import numpy as np
+import tensorflow as tf
+from keras import ops
+
+LAYER_NORM_EPSILON = 1e-5
+
+_register = keras.saving.register_keras_serializable(package="keras_t2t")
+
+
+def _dense(units, name, use_bias=True):
+    """A Dense layer with the official initialization (trunc-normal 0.02, zero bias)."""
+    return keras.layers.Dense(
+        units,
+        use_bias=use_bias,
+        kernel_initializer=keras.initializers.TruncatedNormal(stddev=0.02),
+        bias_initializer="zeros",
+        name=name,
+    )
+
+
+def _layer_norm(name, epsilon=LAYER_NORM_EPSILON):
+    return keras.layers.LayerNormalization(epsilon=epsilon, name=name)
+
+
+def _check_int(name, value, minimum=1):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"`{name}` must be an integer >= {minimum}, received {value!r}.")
+    return int(value)
+
+
+def _check_rate(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ValueError(f"`{name}` must be a float in [0, 1), received {value!r}.")
+    return float(value)
+
+
+def patch_permutation(channels, kernel_size):
+    """Index map from TF patch order to PyTorch `nn.Unfold` order.
+
+    `tf.image.extract_patches` orders a patch vector `(i * k + j) * C + c`; PyTorch's unfold
+    orders it `c * k * k + i * k + j`. Entry `t` of the result is the PyTorch index of TF
+    index `t`, so `torch_vector[perm]` is the TF vector.
+
+    >>> patch_permutation(2, 2).tolist()
+    [0, 4, 1, 5, 2, 6, 3, 7]
+    """
+    kk = kernel_size * kernel_size
+    return np.arange(channels * kk).reshape(channels, kk).T.reshape(-1)
+
+
+@_register
+class SoftSplit(keras.layers.Layer):
+    """Soft split: overlapping patches of an NHWC map, as tokens.
+
+    Pads `padding` zeros on every side (symmetric, as PyTorch's `nn.Unfold`; TF's "SAME"
+    would pad (1, 2) and shift every window), then takes `kernel_size` x `kernel_size`
+    windows every `strides` pixels. Output: `(batch, out_h * out_w, k * k * C)`, row-major
+    tokens, each patch ordered `(i * k + j) * C + c`.
+
+    Args:
+        kernel_size: window side.
+        strides: step between windows.
+        padding: zeros added on each side.
+        implementation: `"patches"` uses `tf.image.extract_patches`; `"slices"` gathers the
+            same values with k*k strided slices and a concatenation, which converts to TFLite
+            builtin ops. Both give identical outputs.
+
+    >>> import numpy as np
+    >>> split = SoftSplit(kernel_size=3, strides=2, padding=1)
+    >>> tuple(split(np.zeros((1, 8, 8, 4), "float32")).shape)
+    (1, 16, 36)
+    """
+
+    IMPLEMENTATIONS = ("patches", "slices")
+
+    def __init__(self, kernel_size, strides, padding, implementation="patches", **kwargs):
+        super().__init__(**kwargs)
+        self.kernel_size = _check_int("kernel_size", kernel_size)
+        self.strides = _check_int("strides", strides)
+        self.padding = _check_int("padding", padding, minimum=0)
+        if implementation not in self.IMPLEMENTATIONS:
+            raise ValueError(
+                f"`implementation` must be one of {self.IMPLEMENTATIONS}, "
+                f"received {implementation!r}."
+            )
+        self.implementation = implementation
+
+    def _out_size(self, size):
+        return (size + 2 * self.padding - self.kernel_size) // self.strides + 1
+
+    def compute_output_shape(self, input_shape):
+        batch, height, width, channels = input_shape
+        if height is None or width is None or channels is None:
+            raise ValueError(
+                f"SoftSplit needs a static height, width and channel count, received input "
+                f"shape {tuple(input_shape)}."
+            )
+        tokens = self._out_size(height) * self._out_size(width)
+        return (batch, tokens, self.kernel_size * self.kernel_size * channels)
+
+    def call(self, inputs):
+        _, height, width, channels = inputs.shape
+        k, s, p = self.kernel_size, self.strides, self.padding
+        out_h, out_w = self._out_size(height), self._out_size(width)
+        x = ops.pad(inputs, [[0, 0], [p, p], [p, p], [0, 0]]) if p else inputs
+        if self.implementation == "patches":
+            patches = tf.image.extract_patches(
+                x, sizes=[1, k, k, 1], strides=[1, s, s, 1], rates=[1, 1, 1, 1], padding="VALID"
+            )
+        else:
+            patches = ops.concatenate(
+                [
+                    x[:, i : i + s * (out_h - 1) + 1 : s, j : j + s * (out_w - 1) + 1 : s, :]
+                    for i in range(k)
+                    for j in range(k)
+                ],
+                axis=-1,
+            )
+        return ops.reshape(patches, (-1, out_h * out_w, k * k * channels))
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            kernel_size=self.kernel_size,
+            strides=self.strides,
+            padding=self.padding,
+            implementation=self.implementation,
+        )
+        return config
+
+
+@_register
+class Restructure(keras.layers.Layer):
+    """Re-structurization: row-major tokens `(batch, h * w, C)` back to a map `(batch, h, w, C)`.
+
+    The token grid must be square (as every T2T-ViT grid is).
+    """
+
+    def _side(self, tokens):
+        side = math.isqrt(tokens) if tokens is not None else None
+        if side is None or side * side != tokens:
+            raise ValueError(
+                f"Restructure needs a square number of tokens, received {tokens} tokens."
+            )
+        return side
+
+    def compute_output_shape(self, input_shape):
+        side = self._side(input_shape[1])
+        return (input_shape[0], side, side, input_shape[2])
+
+    def call(self, inputs):
+        side = self._side(inputs.shape[1])
+        return ops.reshape(inputs, (-1, side, side, inputs.shape[2]))
+
+
+@_register
+class Mlp(keras.layers.Layer):
+    """Linear -> exact (erf) GELU -> dropout -> Linear -> dropout (sublayers `fc1`, `fc2`).
+
+    Args:
+        hidden_units: width of `fc1`.
+        output_units: width of `fc2`; defaults to the input width.
+        dropout_rate: dropout after the activation and after `fc2`.
+    """
+
+    def __init__(self, hidden_units, output_units=None, dropout_rate=0.0, **kwargs):
+        super().__init__(**kwargs)
+        self.hidden_units = _check_int("hidden_units", hidden_units)
+        self.output_units = None if output_units is None else _check_int(
+            "output_units", output_units
+        )
+        self.dropout_rate = _check_rate("dropout_rate", dropout_rate)
+        self.fc1 = _dense(self.hidden_units, "fc1")
+        self.dropout = keras.layers.Dropout(self.dropout_rate, name="dropout")
+        self.fc2 = None
+
+    def build(self, input_shape):
+        units = self.output_units or input_shape[-1]
+        self.fc2 = _dense(units, "fc2")
+        self.fc1.build(input_shape)
+        self.fc2.build((*input_shape[:-1], self.hidden_units))
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape[:-1], self.output_units or input_shape[-1])
+
+    def call(self, inputs, training=None):
+        x = keras.activations.gelu(self.fc1(inputs), approximate=False)
+        x = self.dropout(x, training=training)
+        return self.dropout(self.fc2(x), training=training)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            hidden_units=self.hidden_units,
+            output_units=self.output_units,
+            dropout_rate=self.dropout_rate,
+        )
+        return config
+
+
+@_register
+class TokenPerformer(keras.layers.Layer):
+    """The "performer" T2T layer: linear attention with positive random features.
+
+    Pre-norm LayerNorm over the input width; `kqv` Dense(3 * token_dim) with bias, split
+    k, q, v; phi(u) = exp(u w^T - |u|^2 / 2) / sqrt(m) with a frozen random matrix `w`
+    (m = token_dim * kernel_ratio); y = phi(q) (v^T phi(k))^T / (phi(q) . sum_t phi(k_t) + 1e-8);
+    out = v + dropout(proj(y)) (a "v" residual, since the width changes), then
+    out + Mlp(LayerNorm(out)).
+
+    The random-feature attention is computed in float32 whatever the dtype policy: in float16
+    the 1e-8 underflows and training turns to NaN (a known problem of the official code).
+    `w` is a frozen weight loaded from the official checkpoints: it cannot be regenerated.
+    """
+
+    def __init__(
+        self,
+        token_dim=64,
+        kernel_ratio=0.5,
+        dropout_rate=0.1,
+        epsilon=1e-8,
+        layer_norm_epsilon=LAYER_NORM_EPSILON,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.token_dim = _check_int("token_dim", token_dim)
+        if not 0.0 < kernel_ratio <= 1.0:
+            raise ValueError(f"`kernel_ratio` must be in (0, 1], received {kernel_ratio!r}.")
+        self.kernel_ratio = float(kernel_ratio)
+        self.num_features = int(self.token_dim * self.kernel_ratio)
+        self.dropout_rate = _check_rate("dropout_rate", dropout_rate)
+        self.epsilon = float(epsilon)
+        self.layer_norm_epsilon = float(layer_norm_epsilon)
+        self.norm1 = _layer_norm("norm1", self.layer_norm_epsilon)
+        self.kqv = _dense(3 * self.token_dim, "kqv")
+        self.proj = _dense(self.token_dim, "proj")
+        self.proj_dropout = keras.layers.Dropout(self.dropout_rate, name="proj_dropout")
+        self.norm2 = _layer_norm("norm2", self.layer_norm_epsilon)
+        self.mlp = Mlp(self.token_dim, self.token_dim, self.dropout_rate, name="mlp")
+
+    def build(self, input_shape):
+        self.norm1.build(input_shape)
+        self.kqv.build(input_shape)
+        token_shape = (*input_shape[:-1], self.token_dim)
+        self.proj.build(token_shape)
+        self.norm2.build(token_shape)
+        self.mlp.build(token_shape)
+        m = self.num_features
+        self.w = self.add_weight(
+            shape=(m, self.token_dim),
+            initializer=keras.initializers.Orthogonal(gain=math.sqrt(m)),
+            trainable=False,
+            dtype="float32",
+            autocast=False,
+            name="w",
+        )
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape[:-1], self.token_dim)
+
+    def _feature_map(self, u):
+        # exp(u w^T - |u|^2 / 2) / sqrt(m), in float32.
+        wtu = ops.matmul(u, ops.transpose(self.w))
+        half_norm = 0.5 * ops.sum(u * u, axis=-1, keepdims=True)
+        return ops.exp(wtu - half_norm) / math.sqrt(self.num_features)
+
+    def call(self, inputs, training=None):
+        k, q, v = ops.split(self.kqv(self.norm1(inputs)), 3, axis=-1)
+        kp = self._feature_map(ops.cast(k, "float32"))  # (B, T, m)
+        qp = self._feature_map(ops.cast(q, "float32"))  # (B, T, m)
+        v32 = ops.cast(v, "float32")
+        denominator = ops.matmul(qp, ops.sum(kp, axis=1)[:, :, None])  # (B, T, 1)
+        kptv = ops.matmul(ops.transpose(kp, (0, 2, 1)), v32)  # (B, m, token_dim)
+        y = ops.matmul(qp, kptv) / (denominator + self.epsilon)  # (B, T, token_dim)
+        y = ops.cast(y, self.compute_dtype)
+        x = v + self.proj_dropout(self.proj(y), training=training)
+        return x + self.mlp(self.norm2(x), training=training)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            token_dim=self.token_dim,
+            kernel_ratio=self.kernel_ratio,
+            dropout_rate=self.dropout_rate,
+            epsilon=self.epsilon,
+            layer_norm_epsilon=self.layer_norm_epsilon,
+        )
+        return config
+
+
+@_register
+class TokenTransformer(keras.layers.Layer):
+    """The "transformer" T2T layer (the `_t` variants): one-head softmax attention.
+
+    Pre-norm; `qkv` Dense(3 * token_dim) without bias, split q, k, v; the scale is
+    `input_width ** -0.5` (147 or 576 in T2T-ViT, not `token_dim ** -0.5`, as in the official
+    code); out = v + proj(softmax(q k^T * scale) v); then out + Mlp(LayerNorm(out)).
+    """
+
+    def __init__(
+        self, token_dim=64, mlp_ratio=1.0, layer_norm_epsilon=LAYER_NORM_EPSILON, **kwargs
+    ):
+        super().__init__(**kwargs)
+        self.token_dim = _check_int("token_dim", token_dim)
+        self.mlp_ratio = float(mlp_ratio)
+        self.layer_norm_epsilon = float(layer_norm_epsilon)
+        self.norm1 = _layer_norm("norm1", self.layer_norm_epsilon)
+        self.qkv = _dense(3 * self.token_dim, "qkv", use_bias=False)
+        self.proj = _dense(self.token_dim, "proj")
+        self.norm2 = _layer_norm("norm2", self.layer_norm_epsilon)
+        self.mlp = Mlp(int(self.token_dim * self.mlp_ratio), self.token_dim, name="mlp")
+        self.scale = None
+
+    def build(self, input_shape):
+        self.scale = float(input_shape[-1]) ** -0.5
+        self.norm1.build(input_shape)
+        self.qkv.build(input_shape)
+        token_shape = (*input_shape[:-1], self.token_dim)
+        self.proj.build(token_shape)
+        self.norm2.build(token_shape)
+        self.mlp.build(token_shape)
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape[:-1], self.token_dim)
+
+    def call(self, inputs, training=None):
+        q, k, v = ops.split(self.qkv(self.norm1(inputs)), 3, axis=-1)
+        y = ops.dot_product_attention(
+            q[:, :, None, :], k[:, :, None, :], v[:, :, None, :], scale=self.scale
+        )[:, :, 0, :]
+        x = v + self.proj(y)
+        return x + self.mlp(self.norm2(x), training=training)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            token_dim=self.token_dim,
+            mlp_ratio=self.mlp_ratio,
+            layer_norm_epsilon=self.layer_norm_epsilon,
+        )
+        return config
+
+
+T2T_LAYERS = {"performer": TokenPerformer, "transformer": TokenTransformer}
+
+
+@_register
+class T2TModule(keras.layers.Layer):
+    """The Tokens-to-Token module: image (NHWC) -> `(batch, (side / 16) ** 2, embed_dim)`.
+
+    soft split (7, 4, 2) -> T2T layer -> re-structurize -> soft split (3, 2, 1) -> T2T layer
+    -> re-structurize -> soft split (3, 2, 1) -> Linear `project`. There is no T2T layer after
+    the third split.
+
+    Call with `return_feature_maps=True` to also get the two intermediate maps,
+    `(side / 4, side / 4, token_dim)` and `(side / 8, side / 8, token_dim)`.
+
+    Args:
+        tokens_type: `"performer"` or `"transformer"`.
+        embed_dim: width of the output tokens.
+        token_dim: width of the T2T layers (64 in every official variant).
+        soft_split_implementation: see `SoftSplit`.
+    """
+
+    def __init__(
+        self,
+        tokens_type="performer",
+        embed_dim=384,
+        token_dim=64,
+        soft_split_implementation="patches",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if tokens_type not in T2T_LAYERS:
+            raise ValueError(
+                f"`tokens_type` must be one of {tuple(T2T_LAYERS)}, received {tokens_type!r}."
+            )
+        self.tokens_type = tokens_type
+        self.embed_dim = _check_int("embed_dim", embed_dim)
+        self.token_dim = _check_int("token_dim", token_dim)
+        self.soft_split_implementation = soft_split_implementation
+        split = dict(implementation=soft_split_implementation)
+        self.soft_split0 = SoftSplit(7, 4, 2, **split, name="soft_split0")
+        self.soft_split1 = SoftSplit(3, 2, 1, **split, name="soft_split1")
+        self.soft_split2 = SoftSplit(3, 2, 1, **split, name="soft_split2")
+        t2t_layer = T2T_LAYERS[tokens_type]
+        self.attention1 = t2t_layer(token_dim=self.token_dim, name="attention1")
+        self.attention2 = t2t_layer(token_dim=self.token_dim, name="attention2")
+        self.restructure = Restructure(name="restructure")
+        self.project = _dense(self.embed_dim, "project")
+
+    def build(self, input_shape):
+        shape = self.soft_split0.compute_output_shape(input_shape)
+        self.attention1.build(shape)
+        shape = self.restructure.compute_output_shape(self.attention1.compute_output_shape(shape))
+        shape = self.soft_split1.compute_output_shape(shape)
+        self.attention2.build(shape)
+        shape = self.restructure.compute_output_shape(self.attention2.compute_output_shape(shape))
+        self.project.build(self.soft_split2.compute_output_shape(shape))
+
+    def call(self, inputs, training=None, return_feature_maps=False):
+        map1 = self.restructure(self.attention1(self.soft_split0(inputs), training=training))
+        map2 = self.restructure(self.attention2(self.soft_split1(map1), training=training))
+        tokens = self.project(self.soft_split2(map2))
+        return (tokens, (map1, map2)) if return_feature_maps else tokens
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            tokens_type=self.tokens_type,
+            embed_dim=self.embed_dim,
+            token_dim=self.token_dim,
+            soft_split_implementation=self.soft_split_implementation,
+        )
+        return config
+
+
+@_register
+class MultiHeadSelfAttention(keras.layers.Layer):
+    """Backbone attention: `qkv` Dense(3D) (q, k, v, heads contiguous), softmax, `proj`.
+
+    The default scale is `head_dim ** -0.5`, as the released weights were evaluated (the
+    official `pretrained=True` branch sets `embed_dim ** -0.5`; pass `qk_scale` to copy it).
+    The softmax runs in float32 under mixed precision.
+    """
+
+    def __init__(
+        self, num_heads, qkv_bias=False, qk_scale=None, dropout_rate=0.0, **kwargs
+    ):
+        super().__init__(**kwargs)
+        self.num_heads = _check_int("num_heads", num_heads)
+        self.qkv_bias = bool(qkv_bias)
+        self.qk_scale = None if qk_scale is None else float(qk_scale)
+        self.dropout_rate = _check_rate("dropout_rate", dropout_rate)
+        self.qkv = None
+        self.proj = None
+        self.proj_dropout = keras.layers.Dropout(self.dropout_rate, name="proj_dropout")
+
+    def build(self, input_shape):
+        dim = input_shape[-1]
+        if dim % self.num_heads:
+            raise ValueError(
+                f"The width {dim} must be divisible by `num_heads`={self.num_heads}."
+            )
+        self.head_dim = dim // self.num_heads
+        self.scale = self.qk_scale or self.head_dim**-0.5
+        self.qkv = _dense(3 * dim, "qkv", use_bias=self.qkv_bias)
+        self.proj = _dense(dim, "proj")
+        self.qkv.build(input_shape)
+        self.proj.build(input_shape)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def call(self, inputs, training=None):
+        tokens, dim = inputs.shape[1], inputs.shape[2]
+        qkv = ops.reshape(self.qkv(inputs), (-1, tokens, 3, self.num_heads, self.head_dim))
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        y = ops.dot_product_attention(q, k, v, scale=self.scale)  # (B, T, heads, head_dim)
+        y = self.proj(ops.reshape(y, (-1, tokens, dim)))
+        return self.proj_dropout(y, training=training)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            num_heads=self.num_heads,
+            qkv_bias=self.qkv_bias,
+            qk_scale=self.qk_scale,
+            dropout_rate=self.dropout_rate,
+        )
+        return config
+
+
+@_register
+class StochasticDepth(keras.layers.Layer):
+    """Drop the whole residual branch per sample with probability `rate` while training.
+
+    Kept samples are scaled by `1 / (1 - rate)`, as timm's `DropPath`.
+    """
+
+    def __init__(self, rate=0.0, seed=None, **kwargs):
+        super().__init__(**kwargs)
+        self.rate = _check_rate("rate", rate)
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def call(self, inputs, training=None):
+        if not training or self.rate == 0.0:
+            return inputs
+        keep = 1.0 - self.rate
+        shape = (ops.shape(inputs)[0],) + (1,) * (len(inputs.shape) - 1)
+        mask = ops.floor(keep + keras.random.uniform(shape, seed=self.seed_generator))
+        return inputs / ops.cast(keep, inputs.dtype) * ops.cast(mask, inputs.dtype)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(rate=self.rate, seed=self.seed)
+        return config
+
+
+@_register
+class TransformerBlock(keras.layers.Layer):
+    """Pre-norm backbone block: x + DropPath(MHSA(LN(x))), x + DropPath(MLP(LN(x)))."""
+
+    def __init__(
+        self,
+        num_heads,
+        mlp_ratio=4.0,
+        qkv_bias=False,
+        qk_scale=None,
+        dropout_rate=0.0,
+        drop_path_rate=0.0,
+        layer_norm_epsilon=LAYER_NORM_EPSILON,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.num_heads = _check_int("num_heads", num_heads)
+        self.mlp_ratio = float(mlp_ratio)
+        self.qkv_bias = bool(qkv_bias)
+        self.qk_scale = None if qk_scale is None else float(qk_scale)
+        self.dropout_rate = _check_rate("dropout_rate", dropout_rate)
+        self.drop_path_rate = _check_rate("drop_path_rate", drop_path_rate)
+        self.layer_norm_epsilon = float(layer_norm_epsilon)
+        self.norm1 = _layer_norm("norm1", self.layer_norm_epsilon)
+        self.attn = MultiHeadSelfAttention(
+            self.num_heads, self.qkv_bias, self.qk_scale, self.dropout_rate, name="attn"
+        )
+        self.drop_path = StochasticDepth(self.drop_path_rate, name="drop_path")
+        self.norm2 = _layer_norm("norm2", self.layer_norm_epsilon)
+        self.mlp = None
+
+    def build(self, input_shape):
+        dim = input_shape[-1]
+        self.mlp = Mlp(int(dim * self.mlp_ratio), dim, self.dropout_rate, name="mlp")
+        for layer in (self.norm1, self.attn, self.norm2, self.mlp):
+            layer.build(input_shape)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def call(self, inputs, training=None):
+        x = inputs + self.drop_path(self.attn(self.norm1(inputs), training=training), training=training)
+        return x + self.drop_path(self.mlp(self.norm2(x), training=training), training=training)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            num_heads=self.num_heads,
+            mlp_ratio=self.mlp_ratio,
+            qkv_bias=self.qkv_bias,
+            qk_scale=self.qk_scale,
+            dropout_rate=self.dropout_rate,
+            drop_path_rate=self.drop_path_rate,
+            layer_norm_epsilon=self.layer_norm_epsilon,
+        )
+        return config
+
+
+@_register
+class ClassToken(keras.layers.Layer):
+    """Prepends a learned class token (trunc-normal 0.02 init) to `(batch, tokens, dim)`."""
+
+    def build(self, input_shape):
+        self.token = self.add_weight(
+            shape=(1, 1, input_shape[-1]),
+            initializer=keras.initializers.TruncatedNormal(stddev=0.02),
+            name="token",
+        )
+
+    def compute_output_shape(self, input_shape):
+        tokens = None if input_shape[1] is None else input_shape[1] + 1
+        return (input_shape[0], tokens, input_shape[2])
+
+    def call(self, inputs):
+        token = ops.broadcast_to(
+            ops.cast(self.token, inputs.dtype), (ops.shape(inputs)[0], 1, inputs.shape[-1])
+        )
+        return ops.concatenate([token, inputs], axis=1)
+
+
+def sinusoid_table(length, dim):
+    """The official fixed position table, `(length, dim)` float32.
+
+    angle(p, j) = p / 10000 ** (2 * (j // 2) / dim); sin on even j, cos on odd j.
+
+    >>> sinusoid_table(3, 4)[1].round(4).tolist()
+    [0.8415, 0.5403, 0.01, 1.0]
+    """
+    positions = np.arange(length, dtype=np.float64)[:, None]
+    exponents = 2 * (np.arange(dim) // 2) / dim
+    angles = positions / np.power(10000.0, exponents)[None, :]
+    angles[:, 0::2] = np.sin(angles[:, 0::2])
+    angles[:, 1::2] = np.cos(angles[:, 1::2])
+    return angles.astype("float32")
+
+
+def _sinusoid_initializer(shape, dtype=None):
+    return ops.cast(sinusoid_table(shape[-2], shape[-1])[None], dtype or "float32")
+
+
+@_register
+class PositionEmbedding(keras.layers.Layer):
+    """Adds the fixed sinusoid position table (a frozen weight, row 0 for the class token).
+
+    The table is a non-trainable weight, so that it is saved and loaded with the model (the
+    official checkpoints store it as `pos_embed`); its length follows the input.
+    """
+
+    def build(self, input_shape):
+        if input_shape[1] is None:
+            raise ValueError("PositionEmbedding needs a static number of tokens.")
+        self.pos_embed = self.add_weight(
+            shape=(1, input_shape[1], input_shape[2]),
+            initializer=_sinusoid_initializer,
+            trainable=False,
+            name="pos_embed",
+        )
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def call(self, inputs):
+        return inputs + ops.cast(self.pos_embed, inputs.dtype)

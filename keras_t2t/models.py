@@ -1,0 +1,367 @@
+"""T2T-ViT model builders in the style of `keras.applications`.
+
+Every variant is a row of `MODEL_CONFIGS`, built by the one generic `T2TViT`.
+
+>>> import keras_t2t
+>>> model = keras_t2t.create_model("t2t_vit_t_14", input_shape=(32, 32, 3), classes=10)
+>>> model.output_shape
+(None, 10)
+"""
+
+import keras
+from keras import ops
+
+from keras_t2t import layers as t2t_layers
+from keras_t2t.imagenet import IMAGENET_MEAN, IMAGENET_STD
+
+# Paper and official-registry facts (see README): parameters are totals, frozen tensors included.
+MODEL_CONFIGS = {
+    "t2t_vit_7": dict(tokens_type="performer", embed_dim=256, depth=7, num_heads=4, mlp_ratio=2.0),
+    "t2t_vit_10": dict(tokens_type="performer", embed_dim=256, depth=10, num_heads=4, mlp_ratio=2.0),
+    "t2t_vit_12": dict(tokens_type="performer", embed_dim=256, depth=12, num_heads=4, mlp_ratio=2.0),
+    "t2t_vit_14": dict(tokens_type="performer", embed_dim=384, depth=14, num_heads=6, mlp_ratio=3.0),
+    "t2t_vit_19": dict(tokens_type="performer", embed_dim=448, depth=19, num_heads=7, mlp_ratio=3.0),
+    "t2t_vit_24": dict(tokens_type="performer", embed_dim=512, depth=24, num_heads=8, mlp_ratio=3.0),
+    "t2t_vit_t_14": dict(tokens_type="transformer", embed_dim=384, depth=14, num_heads=6, mlp_ratio=3.0),
+    "t2t_vit_t_19": dict(tokens_type="transformer", embed_dim=448, depth=19, num_heads=7, mlp_ratio=3.0),
+    "t2t_vit_t_24": dict(tokens_type="transformer", embed_dim=512, depth=24, num_heads=8, mlp_ratio=3.0),
+    # Paper ablations of the official registry, without released weights.
+    "t2t_vit_14_resnext": dict(tokens_type="performer", embed_dim=384, depth=14, num_heads=32, mlp_ratio=3.0),
+    "t2t_vit_14_wide": dict(tokens_type="performer", embed_dim=768, depth=4, num_heads=12, mlp_ratio=3.0),
+}  # fmt: skip
+
+DEFAULT_IMAGE_SIZE = 224
+POOLING_MODES = (None, "token", "avg", "max")
+PATCH_FACTOR = 16  # the T2T module reduces each side by 4 * 2 * 2
+
+
+def list_models():
+    """The official snake-case names that `create_model` accepts."""
+    return sorted(MODEL_CONFIGS)
+
+
+def _input_shape(input_shape, input_tensor, default_size):
+    if input_shape is None and input_tensor is not None:
+        input_shape = tuple(input_tensor.shape[1:])
+    if input_shape is None:
+        input_shape = (default_size, default_size, 3)
+    input_shape = tuple(input_shape)
+    if len(input_shape) != 3:
+        raise ValueError(
+            f"`input_shape` must be (height, width, 3), received {input_shape}."
+        )
+    height, width, channels = input_shape
+    if channels != 3:
+        raise ValueError(
+            f"T2T-ViT takes RGB images with 3 channels, received input_shape {input_shape}."
+        )
+    if height is None or width is None or height != width:
+        raise ValueError(
+            f"T2T-ViT needs a square input of fixed size, received input_shape {input_shape}. "
+            f"Resize or crop the images to a square side such as 224 or 384."
+        )
+    if height < PATCH_FACTOR or height % PATCH_FACTOR:
+        raise ValueError(
+            f"The image side must be a multiple of {PATCH_FACTOR} (224, 384, 32, ...), "
+            f"received {height}. The nearest allowed sides are "
+            f"{max(PATCH_FACTOR, height // PATCH_FACTOR * PATCH_FACTOR)} and "
+            f"{(height // PATCH_FACTOR + 1) * PATCH_FACTOR}."
+        )
+    return input_shape
+
+
+def T2TViT(
+    tokens_type="performer",
+    embed_dim=384,
+    depth=14,
+    num_heads=6,
+    mlp_ratio=3.0,
+    token_dim=64,
+    qkv_bias=False,
+    qk_scale=None,
+    *,
+    include_top=True,
+    weights=None,
+    input_tensor=None,
+    input_shape=None,
+    pooling=None,
+    classes=1000,
+    classifier_activation="softmax",
+    name="t2t_vit",
+    include_preprocessing=True,
+    drop_path_rate=0.0,
+    dropout_rate=0.0,
+    soft_split_implementation="patches",
+):
+    """Builds a T2T-ViT of any configuration; the variant builders call this.
+
+    Args:
+        tokens_type: T2T layer, `"performer"` or `"transformer"`.
+        embed_dim, depth, num_heads, mlp_ratio: backbone width, blocks, heads, MLP ratio.
+        token_dim: width of the T2T layers (64 in every official variant).
+        qkv_bias: bias in the backbone's `qkv` (False in every official variant).
+        qk_scale: backbone attention scale; None means `head_dim ** -0.5`.
+        include_top, weights, input_tensor, input_shape, pooling, classes,
+        classifier_activation, name: as in `keras.applications`; see `T2TViT14`.
+        include_preprocessing, drop_path_rate, dropout_rate: see `T2TViT14`.
+        soft_split_implementation: `"patches"` (`tf.image.extract_patches`) or `"slices"`
+            (strided slices: the same values, TFLite builtins only).
+
+    Returns:
+        A functional `keras.Model`.
+    """
+    if pooling not in POOLING_MODES:
+        raise ValueError(
+            f"`pooling` must be one of {POOLING_MODES}, received {pooling!r}. "
+            f"'token' takes the class token, 'avg' and 'max' pool the patch tokens, None "
+            f"returns the whole token sequence."
+        )
+    t2t_layers._check_int("classes", classes)
+    state = None
+    default_size = DEFAULT_IMAGE_SIZE
+    if weights is not None:
+        from keras_t2t import weights as weights_lib
+
+        state = weights_lib.read_weights(
+            weights,
+            dict(
+                tokens_type=tokens_type,
+                embed_dim=embed_dim,
+                depth=depth,
+                num_heads=num_heads,
+                mlp_ratio=mlp_ratio,
+                token_dim=token_dim,
+                qkv_bias=qkv_bias,
+                qk_scale=qk_scale,
+            ),
+        )
+        default_size = state.image_size or default_size
+    input_shape = _input_shape(input_shape, input_tensor, default_size)
+
+    if input_tensor is None:
+        images = keras.Input(shape=input_shape, name="images")
+    elif not keras.backend.is_keras_tensor(input_tensor):
+        images = keras.Input(tensor=input_tensor, shape=input_shape, name="images")
+    else:
+        images = input_tensor
+
+    x = images
+    if include_preprocessing:
+        # (x / 255 - mean) / std as one multiply-add, in float32 whatever the policy.
+        x = keras.layers.Rescaling(
+            scale=[1.0 / (255.0 * s) for s in IMAGENET_STD],
+            offset=[-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)],
+            dtype="float32",
+            name="preprocessing",
+        )(x)
+    t2t = t2t_layers.T2TModule(
+        tokens_type,
+        embed_dim,
+        token_dim,
+        soft_split_implementation=soft_split_implementation,
+        name="tokens_to_token",
+    )
+    x, _ = t2t(x, return_feature_maps=True)
+    x = t2t_layers.ClassToken(name="cls_token")(x)
+    x = t2t_layers.PositionEmbedding(name="pos_embed")(x)
+    x = keras.layers.Dropout(dropout_rate, name="pos_drop")(x)
+    rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
+    for i, rate in enumerate(rates):
+        x = t2t_layers.TransformerBlock(
+            num_heads,
+            mlp_ratio,
+            qkv_bias=qkv_bias,
+            qk_scale=qk_scale,
+            dropout_rate=dropout_rate,
+            drop_path_rate=rate,
+            name=f"blocks_{i}",
+        )(x)
+    x = keras.layers.LayerNormalization(epsilon=t2t_layers.LAYER_NORM_EPSILON, name="norm")(x)
+
+    if include_top:
+        x = _pool(x, "token")
+        x = keras.layers.Dense(
+            classes,
+            kernel_initializer=keras.initializers.TruncatedNormal(stddev=0.02),
+            name="head",
+        )(x)
+        x = keras.layers.Activation(classifier_activation, dtype="float32", name="predictions")(x)
+    elif pooling is not None:
+        x = _pool(x, pooling)
+
+    inputs = keras.utils.get_source_inputs(input_tensor) if input_tensor is not None else images
+    model = keras.Model(inputs, x, name=name)
+    if state is not None:
+        from keras_t2t import weights as weights_lib
+
+        weights_lib.assign_state(model, state)
+    return model
+
+
+def _pool(x, mode):
+    return TokenPooling(mode, name=f"{mode}_pool")(x)
+
+
+@keras.saving.register_keras_serializable(package="keras_t2t")
+class TokenPooling(keras.layers.Layer):
+    """Pools `(batch, 1 + tokens, dim)`: `"token"` takes the class token; `"avg"`/`"max"`
+    reduce the patch tokens (the class token left out)."""
+
+    def __init__(self, mode="token", **kwargs):
+        super().__init__(**kwargs)
+        if mode not in POOLING_MODES[1:]:
+            raise ValueError(f"`mode` must be one of {POOLING_MODES[1:]}, received {mode!r}.")
+        self.mode = mode
+
+    def call(self, inputs):
+        if self.mode == "token":
+            return inputs[:, 0]
+        reduce = ops.mean if self.mode == "avg" else ops.max
+        return reduce(inputs[:, 1:], axis=1)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], input_shape[2])
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(mode=self.mode)
+        return config
+
+
+def feature_maps_model(model):
+    """A model that returns the intermediate maps of `model`, for detection and segmentation.
+
+    Outputs a dict: `"t2t_1"` `(side/4, side/4, 64)` and `"t2t_2"` `(side/8, side/8, 64)` from
+    the T2T module, and `"tokens"` `(side/16, side/16, embed_dim)`: the final-norm patch tokens
+    as a map. Shares its weights with `model`.
+    """
+    t2t = model.get_layer("tokens_to_token")
+    _, (map1, map2) = t2t.output
+    tokens = model.get_layer("norm").output
+    side = map2.shape[1] // 2
+    grid = keras.layers.Reshape((side, side, tokens.shape[-1]), name="tokens_map")(
+        TokenPatches(name="patch_tokens")(tokens)
+    )
+    return keras.Model(
+        model.inputs, {"t2t_1": map1, "t2t_2": map2, "tokens": grid}, name=f"{model.name}_features"
+    )
+
+
+@keras.saving.register_keras_serializable(package="keras_t2t")
+class TokenPatches(keras.layers.Layer):
+    """Drops the class token: `(batch, 1 + tokens, dim)` -> `(batch, tokens, dim)`."""
+
+    def call(self, inputs):
+        return inputs[:, 1:]
+
+    def compute_output_shape(self, input_shape):
+        tokens = None if input_shape[1] is None else input_shape[1] - 1
+        return (input_shape[0], tokens, input_shape[2])
+
+
+def create_model(name, **kwargs):
+    """Builds a variant by its official name, e.g. `create_model("t2t_vit_t_14", classes=10)`.
+
+    `kwargs` are those of the variant builders (`include_top`, `weights`, `classes`, ...).
+    """
+    key = name.lower().replace("-", "_") if isinstance(name, str) else name
+    if key not in MODEL_CONFIGS:
+        raise ValueError(
+            f"Unknown T2T-ViT variant {name!r}. Known variants: {', '.join(list_models())}."
+        )
+    kwargs.setdefault("name", key)
+    return T2TViT(**MODEL_CONFIGS[key], **kwargs)
+
+
+BASE_DOCSTRING = """Instantiates the {title} model (Yuan et al., "Tokens-to-Token ViT", ICCV 2021).
+
+    {description} ImageNet top-1 of the released weights: {top1}%.
+
+    By default the model takes RGB images with values in [0, 255] and normalizes them inside
+    (`include_preprocessing=True`).
+
+    Args:
+        include_top: whether to include the classification head.
+        weights: None (random initialization) or a path to weights: an official checkpoint
+            (`.pth.tar` / `.pth`, read with torch) or a Keras `.weights.h5` file. A head that
+            does not fit (`include_top=False`, or other `classes`) is left out, and a position
+            table of another size is interpolated.
+        input_tensor: optional Keras tensor to use as image input.
+        input_shape: `(side, side, 3)` with `side` a multiple of 16; default `(224, 224, 3)`,
+            or the size of `weights`.
+        pooling: with `include_top=False`: None returns the token sequence
+            `(batch, 1 + (side/16)**2, dim)` after the final norm, `"token"` the class token,
+            `"avg"`/`"max"` the mean/max of the patch tokens.
+        classes: number of classes of the head.
+        classifier_activation: activation of the head (None for logits).
+        name: model name.
+        include_preprocessing: True to take RGB in [0, 255]; False to take images normalized
+            with the ImageNet mean and std (see `keras_t2t.preprocess_input`).
+        drop_path_rate: stochastic depth, rates linearly from 0 to this over the blocks.
+        dropout_rate: dropout after the position table and in the blocks (attention
+            projection and MLP), as the official `drop_rate`.
+
+    Returns:
+        A `keras.Model`.
+
+    Example:
+        >>> import keras_t2t
+        >>> model = keras_t2t.{builder}(input_shape=(32, 32, 3), classes=10)
+        >>> model.output_shape
+        (None, 10)
+"""
+
+_DESCRIPTIONS = {
+    "performer": "Performer (linear-attention) T2T module.",
+    "transformer": "Transformer (softmax-attention) T2T module.",
+}
+
+
+def _builder(config_name, builder_name, title, top1):
+    def builder(
+        include_top=True,
+        weights=None,
+        input_tensor=None,
+        input_shape=None,
+        pooling=None,
+        classes=1000,
+        classifier_activation="softmax",
+        name=config_name,
+        include_preprocessing=True,
+        drop_path_rate=0.0,
+        dropout_rate=0.0,
+    ):
+        return T2TViT(
+            **MODEL_CONFIGS[config_name],
+            include_top=include_top,
+            weights=weights,
+            input_tensor=input_tensor,
+            input_shape=input_shape,
+            pooling=pooling,
+            classes=classes,
+            classifier_activation=classifier_activation,
+            name=name,
+            include_preprocessing=include_preprocessing,
+            drop_path_rate=drop_path_rate,
+            dropout_rate=dropout_rate,
+        )
+
+    builder.__name__ = builder.__qualname__ = builder_name
+    builder.__doc__ = BASE_DOCSTRING.format(
+        title=title,
+        description=_DESCRIPTIONS[MODEL_CONFIGS[config_name]["tokens_type"]],
+        top1=top1,
+        builder=builder_name,
+    )
+    return builder
+
+
+T2TViT7 = _builder("t2t_vit_7", "T2TViT7", "T2T-ViT-7", 71.7)
+T2TViT10 = _builder("t2t_vit_10", "T2TViT10", "T2T-ViT-10", 75.2)
+T2TViT12 = _builder("t2t_vit_12", "T2TViT12", "T2T-ViT-12", 76.5)
+T2TViT14 = _builder("t2t_vit_14", "T2TViT14", "T2T-ViT-14", 81.5)
+T2TViT19 = _builder("t2t_vit_19", "T2TViT19", "T2T-ViT-19", 81.9)
+T2TViT24 = _builder("t2t_vit_24", "T2TViT24", "T2T-ViT-24", 82.3)
+T2TViTT14 = _builder("t2t_vit_t_14", "T2TViTT14", "T2T-ViT_t-14", 81.7)
+T2TViTT19 = _builder("t2t_vit_t_19", "T2TViTT19", "T2T-ViT_t-19", 82.4)
+T2TViTT24 = _builder("t2t_vit_t_24", "T2TViTT24", "T2T-ViT_t-24", 82.6)

@@ -1,0 +1,390 @@
+"""Loading of official T2T-ViT checkpoints and Keras `.weights.h5` files.
+
+Official checkpoints (`.pth.tar`, `.pth`) are read with `torch.load(..., weights_only=True)`:
+a file from the internet can never run code. Their tensors are mapped once to the Keras
+layout: Linear weights transposed, and the patch axis of the layers that read a soft-split
+vector (`norm1` and `kqv`/`qkv` of both T2T layers, `project`) permuted from PyTorch's
+channel-major unfold order to the order of `tf.image.extract_patches`.
+
+A "state" is a dict from Keras variable paths (`blocks_0/attn/qkv/kernel`) to NumPy arrays;
+`assign_state` puts one into a model, leaving out a head that does not fit, interpolating a
+position table of another size, and failing with the names of every missing, unexpected or
+mis-shaped tensor.
+"""
+
+import dataclasses
+import logging
+import math
+import os
+import re
+
+import numpy as np
+
+from keras_t2t.layers import patch_permutation
+
+logger = logging.getLogger("keras_t2t")
+
+OFFICIAL_SUFFIXES = (".pth.tar", ".pth", ".pt", ".tar")
+KERAS_SUFFIX = ".weights.h5"
+STATE_DICT_KEYS = ("state_dict_ema", "state_dict", "model", "net")
+POS_EMBED = "pos_embed/pos_embed"
+HEAD_KERNEL = "head/kernel"
+KERNEL_SIDES = {1: 7, 2: 3}  # soft split read by attention1 / attention2
+
+
+@dataclasses.dataclass
+class WeightsState:
+    """Weights in the Keras layout, and what the file says of the model it fits."""
+
+    arrays: dict
+    source: str
+    names: dict  # Keras path -> name in the file, for messages
+    image_size: int = None
+    classes: int = None
+    config: dict = None  # architecture inferred from the tensors (num_heads excluded)
+
+    @property
+    def variant(self):
+        return guess_variant(self.config) if self.config else None
+
+
+def _check_path(weights):
+    if isinstance(weights, str) and weights.lower() in ("imagenet", "imagenet1k"):
+        raise ValueError(
+            "keras_t2t does not download weights. Download an official release file (e.g. "
+            "81.5_T2T_ViT_14.pth.tar from https://github.com/yitu-opensource/T2T-ViT/releases) "
+            "and pass its path, or a .weights.h5 made by `python -m keras_t2t.convert`."
+        )
+    if not isinstance(weights, (str, os.PathLike)):
+        raise ValueError(
+            f"`weights` must be None or a path to a file, received {weights!r}."
+        )
+    path = os.fspath(weights)
+    if not os.path.isfile(path):
+        raise ValueError(
+            f"The weights file {path!r} does not exist. Pass None for random weights, or the "
+            f"path of an official checkpoint (.pth.tar / .pth) or a Keras .weights.h5 file."
+        )
+    return path
+
+
+def read_weights(weights, config):
+    """Reads `weights` (a path) into a `WeightsState` for a model of `config`."""
+    path = _check_path(weights)
+    lower = path.lower()
+    if lower.endswith(KERAS_SUFFIX):
+        return read_keras_weights(path, config)
+    if lower.endswith(OFFICIAL_SUFFIXES):
+        return official_to_state(read_official_checkpoint(path), source=path)
+    raise ValueError(
+        f"Cannot tell the format of {path!r} from its name. Official checkpoints end in "
+        f"{', '.join(OFFICIAL_SUFFIXES)}; Keras weights end in {KERAS_SUFFIX}."
+    )
+
+
+# --- official checkpoints ------------------------------------------------------------------
+
+
+def _import_torch():
+    try:
+        import torch
+    except ImportError as error:
+        raise ImportError(
+            "Reading an official PyTorch checkpoint needs torch, which is optional: "
+            "`pip install keras-t2t[torch]` (or `pip install torch`). Without torch, convert "
+            "the file once elsewhere with `python -m keras_t2t.convert SRC DST.weights.h5` and "
+            "load the .weights.h5."
+        ) from error
+    return torch
+
+
+def unwrap_state_dict(checkpoint):
+    """The state dict inside any official container, without a `module.` prefix.
+
+    Containers: `state_dict_ema` (preferred: the released weights are the EMA ones),
+    `state_dict`, `model`, `net`, or a bare state dict.
+    """
+    if not isinstance(checkpoint, dict):
+        raise ValueError(
+            f"An official checkpoint holds a dict, this file holds a {type(checkpoint).__name__}."
+        )
+    for key in STATE_DICT_KEYS:
+        if isinstance(checkpoint.get(key), dict):
+            checkpoint = checkpoint[key]
+            break
+    state = {}
+    for key, value in checkpoint.items():
+        if not hasattr(value, "shape"):
+            continue  # epoch counters, args and the like beside the tensors
+        state[key[len("module.") :] if key.startswith("module.") else key] = value
+    if not state:
+        raise ValueError(
+            f"Found no tensors in the checkpoint (its keys: {sorted(checkpoint)[:10]}). "
+            f"Expected a state dict, or one under {', '.join(STATE_DICT_KEYS)}."
+        )
+    return state
+
+
+def read_official_checkpoint(path):
+    """Reads an official checkpoint into `{name: float32 ndarray}` (safely, no pickle code)."""
+    torch = _import_torch()
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for corrupt or unsafe files
+        raise ValueError(
+            f"Could not read {path!r} as a PyTorch checkpoint ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else ''}). The file is corrupt or "
+            f"truncated, or not a checkpoint; checkpoints that need code to unpickle are "
+            f"refused on purpose."
+        ) from error
+    state = unwrap_state_dict(checkpoint)
+    return {key: value.detach().cpu().float().numpy() for key, value in state.items()}
+
+
+def infer_config(state_dict):
+    """Architecture of an official state dict (num_heads cannot be seen in the tensors)."""
+    try:
+        embed_dim = state_dict["cls_token"].shape[-1]
+        tokens = state_dict["pos_embed"].shape[1] - 1
+        project = state_dict["tokens_to_token.project.weight"]
+    except KeyError as error:
+        raise ValueError(
+            f"This does not look like a T2T-ViT checkpoint: it has no {error.args[0]!r} tensor "
+            f"(its first keys: {sorted(state_dict)[:6]})."
+        ) from None
+    depth = 1 + max(
+        (int(m.group(1)) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k))),
+        default=-1,
+    )
+    performer = "tokens_to_token.attention1.w" in state_dict
+    fc1 = state_dict.get("blocks.0.mlp.fc1.weight")
+    head = state_dict.get("head.weight")
+    side = math.isqrt(tokens)
+    return dict(
+        tokens_type="performer" if performer else "transformer",
+        embed_dim=int(embed_dim),
+        depth=depth,
+        mlp_ratio=None if fc1 is None else fc1.shape[0] / embed_dim,
+        token_dim=int(project.shape[1] // 9),
+        qkv_bias="blocks.0.attn.qkv.bias" in state_dict,
+        classes=None if head is None else int(head.shape[0]),
+        image_size=int(side * 16) if side * side == tokens else None,
+    )
+
+
+def guess_variant(config):
+    """The official variant name whose architecture matches `config`, or None."""
+    from keras_t2t.models import MODEL_CONFIGS
+
+    keys = ("tokens_type", "embed_dim", "depth", "mlp_ratio")
+    for name, row in MODEL_CONFIGS.items():
+        if "_resnext" in name or "_wide" in name:
+            continue  # same shapes as a released variant; prefer the released one
+        if all(config.get(key) == row[key] for key in keys):
+            return name
+    for name, row in MODEL_CONFIGS.items():
+        if all(config.get(key) == row[key] for key in keys):
+            return name
+    return None
+
+
+def _keras_path(key):
+    """Official tensor name -> (Keras variable path, is_dense_kernel)."""
+    if key in ("cls_token", "pos_embed"):
+        return {"cls_token": "cls_token/token", "pos_embed": POS_EMBED}[key], False
+    path = key.replace("tokens_to_token.", "tokens_to_token/")
+    path = re.sub(r"^blocks\.(\d+)\.", r"blocks_\1/", path)
+    path = re.sub(r"(attention\d)\.attn\.", r"\1.", path)  # transformer T2T: attn.qkv -> qkv
+    path = path.replace("mlp.0.", "mlp.fc1.").replace("mlp.2.", "mlp.fc2.")
+    *module, param = path.split(".")
+    module = "/".join(module)
+    is_norm = re.search(r"(^|/)norm\d?$", module) is not None
+    if param == "w":
+        return f"{module}/w", False
+    if param == "weight":
+        return f"{module}/{'gamma' if is_norm else 'kernel'}", not is_norm
+    if param == "bias":
+        return f"{module}/{'beta' if is_norm else 'bias'}", False
+    raise ValueError(f"Unexpected tensor name {key!r} in the checkpoint.")
+
+
+def _patch_reader(key, in_channels, token_dim):
+    """(channels, kernel) of the soft split whose vectors `key` reads, or None."""
+    match = re.match(r"tokens_to_token\.attention(\d)\.(norm1\.|kqv\.weight|attn\.qkv\.weight)", key)
+    if match:
+        stage = int(match.group(1))
+        return (in_channels if stage == 1 else token_dim), KERNEL_SIDES[stage]
+    if key == "tokens_to_token.project.weight":
+        return token_dim, 3
+    return None
+
+
+def official_to_state(state_dict, source="state dict"):
+    """Maps an official state dict (`{name: ndarray}`) to a `WeightsState` in Keras layout."""
+    config = infer_config(state_dict)
+    token_dim = config["token_dim"]
+    in_channels = state_dict["tokens_to_token.attention1.norm1.weight"].shape[0] // 49
+    arrays, names = {}, {}
+    for key, value in state_dict.items():
+        path, is_kernel = _keras_path(key)
+        value = np.asarray(value, dtype="float32")
+        if is_kernel:
+            value = value.T
+        reader = _patch_reader(key, in_channels, token_dim)
+        if reader is not None:
+            value = value[patch_permutation(*reader)]
+        arrays[path] = np.ascontiguousarray(value)
+        names[path] = key
+    return WeightsState(
+        arrays=arrays,
+        source=source,
+        names=names,
+        image_size=config["image_size"],
+        classes=config["classes"],
+        config=config,
+    )
+
+
+# --- Keras .weights.h5 ----------------------------------------------------------------------
+
+
+def read_keras_weights(path, config):
+    """Reads a `.weights.h5` written by a keras_t2t model of architecture `config`.
+
+    The file is loaded into a twin model of the file's own head and size, whose variables
+    then give the state; so it loads into models with another head or size too.
+    """
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            layers = f["layers"]
+            pos_shape = layers["position_embedding/vars/0"].shape
+            head_shape = layers["dense/vars/0"].shape if "dense" in layers else None
+            has_preprocessing = "rescaling" in layers
+    except (OSError, KeyError) as error:
+        raise ValueError(
+            f"Could not read {path!r} as keras_t2t weights ({error}). Expected a .weights.h5 "
+            f"saved from a keras_t2t model (`model.save_weights`) or written by "
+            f"`python -m keras_t2t.convert`."
+        ) from error
+    from keras_t2t.models import T2TViT
+
+    tokens = pos_shape[1] - 1
+    side = math.isqrt(tokens)
+    twin = T2TViT(
+        **config,
+        include_top=head_shape is not None,
+        classes=head_shape[1] if head_shape is not None else 1000,
+        input_shape=(16 * side, 16 * side, 3),
+        include_preprocessing=has_preprocessing,
+        pooling=None,
+    )
+    try:
+        twin.load_weights(path)
+    except ValueError as error:
+        raise ValueError(
+            f"The weights in {path!r} do not fit a model of architecture {config}: {error}"
+        ) from error
+    arrays = {v.path: np.asarray(v.numpy()) for v in twin.weights}
+    return WeightsState(
+        arrays=arrays,
+        source=path,
+        names={p: p for p in arrays},
+        image_size=16 * side,
+        classes=None if head_shape is None else head_shape[1],
+    )
+
+
+# --- assignment -----------------------------------------------------------------------------
+
+
+def interpolate_pos_embed(table, tokens):
+    """Resizes a `(1, 1 + n*n, D)` position table to `1 + tokens` rows.
+
+    Bicubic on the n x n grid; the class row is kept.
+    """
+    import tensorflow as tf
+
+    old = table.shape[1] - 1
+    old_side, new_side = math.isqrt(old), math.isqrt(tokens)
+    if old_side * old_side != old or new_side * new_side != tokens:
+        raise ValueError(
+            f"Cannot interpolate a position table of {old} tokens to {tokens} tokens: both "
+            f"must be square grids."
+        )
+    grid = table[0, 1:].reshape(1, old_side, old_side, -1)
+    grid = tf.image.resize(grid, (new_side, new_side), method="bicubic").numpy()
+    rows = np.concatenate([table[0, :1], grid.reshape(tokens, -1)], axis=0)
+    return rows[None].astype(table.dtype)
+
+
+def assign_state(model, state):
+    """Assigns `state` to `model`, strictly; see the module docstring."""
+    variables = {v.path: v for v in model.weights}
+    arrays = dict(state.arrays)
+
+    head = [path for path in arrays if path.startswith("head/")]
+    if head:
+        if HEAD_KERNEL not in variables:
+            logger.warning(
+                "The head in %s (%s classes) is not loaded: the model has no head.",
+                state.source,
+                state.classes,
+            )
+            arrays = {p: a for p, a in arrays.items() if p not in head}
+        elif tuple(variables[HEAD_KERNEL].shape) != arrays[HEAD_KERNEL].shape:
+            logger.warning(
+                "The head in %s is not loaded: it has %s classes, the model %s. The new head "
+                "keeps its random initialization.",
+                state.source,
+                arrays[HEAD_KERNEL].shape[1],
+                variables[HEAD_KERNEL].shape[1],
+            )
+            arrays = {p: a for p, a in arrays.items() if p not in head}
+    elif HEAD_KERNEL in variables:
+        logger.warning(
+            "%s has no head: the model's head keeps its random initialization.", state.source
+        )
+        variables = {p: v for p, v in variables.items() if not p.startswith("head/")}
+
+    if POS_EMBED in arrays and POS_EMBED in variables:
+        old, new = arrays[POS_EMBED].shape, tuple(variables[POS_EMBED].shape)
+        if old != new and old[2] == new[2]:
+            logger.warning(
+                "Interpolating the position table of %s from %d to %d tokens (bicubic, class "
+                "row kept): the file was trained at %dx%d, the model takes %dx%d.",
+                state.source,
+                old[1] - 1,
+                new[1] - 1,
+                16 * math.isqrt(old[1] - 1),
+                16 * math.isqrt(old[1] - 1),
+                16 * math.isqrt(new[1] - 1),
+                16 * math.isqrt(new[1] - 1),
+            )
+            arrays[POS_EMBED] = interpolate_pos_embed(arrays[POS_EMBED], new[1] - 1)
+
+    name = state.names.get
+    missing = [p for p in variables if p not in arrays]
+    unexpected = [name(p, p) for p in arrays if p not in variables]
+    mismatched = [
+        f"{name(p, p)}: file {arrays[p].shape}, model {tuple(v.shape)}"
+        for p, v in variables.items()
+        if p in arrays and arrays[p].shape != tuple(v.shape)
+    ]
+    if missing or unexpected or mismatched:
+        problems = []
+        if missing:
+            problems.append(f"missing from the file ({len(missing)}): {', '.join(missing)}")
+        if unexpected:
+            problems.append(f"unexpected in the file ({len(unexpected)}): {', '.join(unexpected)}")
+        if mismatched:
+            problems.append(f"of another shape ({len(mismatched)}): {'; '.join(mismatched)}")
+        variant = state.variant
+        seems = f" The file looks like {variant!r}." if variant else ""
+        raise ValueError(
+            f"The weights in {state.source} do not fit the model {model.name!r}.{seems} "
+            f"Tensors " + ". Tensors ".join(problems) + "."
+        )
+    for path, variable in variables.items():
+        variable.assign(arrays[path])
