@@ -24,7 +24,7 @@ def preprocess_input(x, data_format=None):
     Returns:
         float32 `(x / 255 - mean) / std`, of the type given (NumPy in, NumPy out).
 
-    >>> preprocess_input(np.full((1, 1, 3), 255.0)).round(3).tolist()
+    >>> preprocess_input(np.full((1, 1, 3), 255.0)).astype(float).round(3).tolist()
     [[[2.249, 2.429, 2.64]]]
     """
     data_format = data_format or "channels_last"

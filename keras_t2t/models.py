@@ -236,14 +236,14 @@ def feature_maps_model(model):
     as a map. Shares its weights with `model`.
     """
     t2t = model.get_layer("tokens_to_token")
-    _, (map1, map2) = t2t.output
+    _, map1, map2 = keras.tree.flatten(t2t.output)  # (tokens, (map1, map2))
     tokens = model.get_layer("norm").output
     side = map2.shape[1] // 2
     grid = keras.layers.Reshape((side, side, tokens.shape[-1]), name="tokens_map")(
         TokenPatches(name="patch_tokens")(tokens)
     )
     return keras.Model(
-        model.inputs, {"t2t_1": map1, "t2t_2": map2, "tokens": grid}, name=f"{model.name}_features"
+        model.input, {"t2t_1": map1, "t2t_2": map2, "tokens": grid}, name=f"{model.name}_features"
     )
 
 

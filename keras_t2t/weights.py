@@ -39,6 +39,7 @@ class WeightsState:
     arrays: dict
     source: str
     names: dict  # Keras path -> name in the file, for messages
+    file_shapes: dict = dataclasses.field(default_factory=dict)  # Keras path -> shape in the file
     image_size: int = None
     classes: int = None
     config: dict = None  # architecture inferred from the tensors (num_heads excluded)
@@ -224,7 +225,7 @@ def official_to_state(state_dict, source="state dict"):
     config = infer_config(state_dict)
     token_dim = config["token_dim"]
     in_channels = state_dict["tokens_to_token.attention1.norm1.weight"].shape[0] // 49
-    arrays, names = {}, {}
+    arrays, names, file_shapes = {}, {}, {}
     for key, value in state_dict.items():
         path, is_kernel = _keras_path(key)
         value = np.asarray(value, dtype="float32")
@@ -235,10 +236,12 @@ def official_to_state(state_dict, source="state dict"):
             value = value[patch_permutation(*reader)]
         arrays[path] = np.ascontiguousarray(value)
         names[path] = key
+        file_shapes[path] = tuple(np.shape(state_dict[key]))
     return WeightsState(
         arrays=arrays,
         source=source,
         names=names,
+        file_shapes=file_shapes,
         image_size=config["image_size"],
         classes=config["classes"],
         config=config,
@@ -319,6 +322,11 @@ def interpolate_pos_embed(table, tokens):
     return rows[None].astype(table.dtype)
 
 
+def _file_layout(path, shape):
+    """A Keras variable shape in the official layout (Linear weights are transposed)."""
+    return shape[::-1] if path.endswith("/kernel") else shape
+
+
 def assign_state(model, state):
     """Assigns `state` to `model`, strictly; see the module docstring."""
     variables = {v.path: v for v in model.weights}
@@ -342,6 +350,7 @@ def assign_state(model, state):
                 variables[HEAD_KERNEL].shape[1],
             )
             arrays = {p: a for p, a in arrays.items() if p not in head}
+            variables = {p: v for p, v in variables.items() if not p.startswith("head/")}
     elif HEAD_KERNEL in variables:
         logger.warning(
             "%s has no head: the model's head keeps its random initialization.", state.source
@@ -368,7 +377,8 @@ def assign_state(model, state):
     missing = [p for p in variables if p not in arrays]
     unexpected = [name(p, p) for p in arrays if p not in variables]
     mismatched = [
-        f"{name(p, p)}: file {arrays[p].shape}, model {tuple(v.shape)}"
+        f"{name(p, p)}: file {state.file_shapes.get(p, arrays[p].shape)}, model "
+        f"{tuple(v.shape) if p not in state.file_shapes else _file_layout(p, tuple(v.shape))}"
         for p, v in variables.items()
         if p in arrays and arrays[p].shape != tuple(v.shape)
     ]

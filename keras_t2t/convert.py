@@ -1,0 +1,109 @@
+"""Converts an official T2T-ViT checkpoint into a Keras `.weights.h5` that loads without torch.
+
+    python -m keras_t2t.convert 81.5_T2T_ViT_14.pth.tar t2t_vit_14.weights.h5 --model t2t_vit_14
+
+The variant is inferred from the tensors when `--model` is left out. After writing, the file
+is loaded back into a fresh model and both are checked against the official forward pass
+(`keras_t2t.reference`) on random images; the max abs difference of the logits is printed.
+"""
+
+import argparse
+import os
+import sys
+
+import numpy as np
+
+
+def convert(src, dst, model=None, num_heads=None, check=True, seed=0):
+    """Converts `src` to `dst`; returns a dict of what was done and measured."""
+    from keras_t2t import models, reference
+    from keras_t2t import weights as weights_lib
+    from keras_t2t.imagenet import preprocess_input
+
+    if not str(dst).endswith(weights_lib.KERAS_SUFFIX):
+        raise ValueError(f"The output must end in {weights_lib.KERAS_SUFFIX}, received {dst!r}.")
+    weights_lib._check_path(src)
+    state_dict = weights_lib.read_official_checkpoint(src)
+    found = weights_lib.infer_config(state_dict)
+    if model is None:
+        model = weights_lib.guess_variant(found)
+    if model is not None:
+        if model not in models.MODEL_CONFIGS:
+            raise ValueError(
+                f"Unknown T2T-ViT variant {model!r}. Known variants: "
+                f"{', '.join(models.list_models())}."
+            )
+        arch = dict(models.MODEL_CONFIGS[model])
+        if num_heads is not None:
+            arch["num_heads"] = num_heads
+    elif num_heads is not None:
+        arch = {k: found[k] for k in ("tokens_type", "embed_dim", "depth", "mlp_ratio")}
+        arch.update(num_heads=num_heads, token_dim=found["token_dim"], qkv_bias=found["qkv_bias"])
+    else:
+        raise ValueError(
+            f"{src!r} matches no official variant (found {found}). Pass --model NAME, or "
+            f"--num_heads N for a custom architecture (heads cannot be seen in the tensors)."
+        )
+    build = dict(
+        arch,
+        classes=found["classes"] or 1000,
+        include_top=found["classes"] is not None,
+        classifier_activation=None,
+        name=model or "t2t_vit",
+    )
+    keras_model = models.T2TViT(**build, weights=src)
+    os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
+    keras_model.save_weights(dst)
+    report = dict(
+        src=src,
+        dst=dst,
+        model=model or "custom",
+        image_size=keras_model.input_shape[1],
+        classes=found["classes"],
+        params=keras_model.count_params(),
+    )
+    if check:
+        reloaded = models.T2TViT(**build, weights=dst)
+        side = keras_model.input_shape[1]
+        images = np.random.default_rng(seed).uniform(0, 255, (2, side, side, 3)).astype("float32")
+        ours = np.asarray(keras_model(images))
+        report["max_abs_diff_reload"] = float(np.abs(np.asarray(reloaded(images)) - ours).max())
+        official = reference.official_forward(
+            state_dict,
+            preprocess_input(images).transpose(0, 3, 1, 2),
+            num_heads=arch["num_heads"],
+            qk_scale=arch.get("qk_scale"),
+        )
+        report["max_abs_diff_official"] = float(np.abs(official - ours).max())
+    return report
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="python -m keras_t2t.convert",
+        description="Convert an official T2T-ViT checkpoint (.pth.tar/.pth) to Keras .weights.h5.",
+    )
+    parser.add_argument("src", help="official checkpoint, e.g. 81.5_T2T_ViT_14.pth.tar")
+    parser.add_argument("dst", help="output file, ending in .weights.h5")
+    parser.add_argument("--model", help="variant name, e.g. t2t_vit_14 (default: inferred)")
+    parser.add_argument("--num_heads", type=int, help="backbone heads of a custom architecture")
+    parser.add_argument("--no_check", action="store_true", help="skip the parity check")
+    args = parser.parse_args(argv)
+    try:
+        report = convert(args.src, args.dst, args.model, args.num_heads, check=not args.no_check)
+    except (ValueError, ImportError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"converted {report['src']} -> {report['dst']}")
+    print(
+        f"  variant {report['model']}, {report['image_size']}x{report['image_size']}, "
+        f"{report['classes']} classes, {report['params']:,} parameters"
+    )
+    if "max_abs_diff_official" in report:
+        print(f"  max abs difference vs the official forward (torch): {report['max_abs_diff_official']:.3g}")
+        print(f"  max abs difference after reloading {report['dst']}: {report['max_abs_diff_reload']:.3g}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

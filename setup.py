@@ -1,0 +1,38 @@
+"""keras-t2t: T2T-ViT for Keras 3 and TensorFlow.
+
+TensorFlow is deliberately not a hard requirement, so that installing keras-t2t never pulls a
+second TensorFlow distribution on top of the one you have (tensorflow, tensorflow-cpu or
+tensorflow-tpu). Pick it with an extra: `pip install -e .[cpu]`, `.[gpu]` or `.[tpu]`.
+"""
+
+from setuptools import find_packages, setup
+
+TF = ">=2.20,<2.22"
+
+setup(
+    name="keras-t2t",
+    version="0.1.0",
+    description="T2T-ViT (Tokens-to-Token Vision Transformer) for Keras 3 and TensorFlow",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["keras_t2t", "keras_t2t.*"]),
+    install_requires=["keras>=3.13", "numpy>=1.26", "h5py>=3.10"],
+    extras_require={
+        "cpu": [f"tensorflow-cpu{TF}"],
+        "gpu": [f"tensorflow[and-cuda]{TF}"],
+        "tpu": [f"tensorflow-tpu{TF}"],
+        "torch": ["torch>=2.1"],
+        "train": ["scikit-learn>=1.3"],
+        "tfds": ["tensorflow-datasets>=4.9"],
+        "tflite": ["ai-edge-litert>=1.2"],
+        "serving": ["tensorflow-serving-api>=2.20"],
+        "test": ["pytest>=8", "ruff>=0.6"],
+    },
+    entry_points={"console_scripts": ["keras-t2t-convert=keras_t2t.convert:main"]},
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)

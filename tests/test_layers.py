@@ -1,0 +1,235 @@
+"""Each layer alone: shapes, numerics against independent references, config round trips."""
+
+import math
+
+import keras
+import numpy as np
+import pytest
+
+from keras_t2t import layers
+
+
+def numpy_unfold(x, k, s, p):
+    """Reference soft split in TF order, by loops: patch index (i * k + j) * C + c."""
+    b, h, w, c = x.shape
+    x = np.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+    oh, ow = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+    out = np.zeros((b, oh * ow, k * k * c), x.dtype)
+    for oy in range(oh):
+        for ox in range(ow):
+            for i in range(k):
+                for j in range(k):
+                    out[:, oy * ow + ox, (i * k + j) * c : (i * k + j + 1) * c] = x[
+                        :, oy * s + i, ox * s + j, :
+                    ]
+    return out
+
+
+@pytest.mark.parametrize("implementation", ["patches", "slices"])
+@pytest.mark.parametrize("k,s,p,side,channels", [(7, 4, 2, 32, 3), (3, 2, 1, 8, 5)])
+def test_soft_split_matches_loop_reference(implementation, k, s, p, side, channels):
+    x = np.random.default_rng(0).normal(size=(2, side, side, channels)).astype("float32")
+    split = layers.SoftSplit(k, s, p, implementation=implementation)
+    np.testing.assert_array_equal(np.asarray(split(x)), numpy_unfold(x, k, s, p))
+
+
+def test_soft_split_symmetric_padding_differs_from_tf_same():
+    """The trap of the reference: TF "SAME" pads (1, 2) and shifts the windows."""
+    import tensorflow as tf
+
+    x = np.random.default_rng(1).normal(size=(1, 16, 16, 3)).astype("float32")
+    ours = np.asarray(layers.SoftSplit(7, 4, 2)(x)).reshape(1, 4, 4, -1)
+    same = tf.image.extract_patches(x, [1, 7, 7, 1], [1, 4, 4, 1], [1, 1, 1, 1], "SAME").numpy()
+    assert ours.shape == same.shape
+    assert not np.allclose(ours, same)
+
+
+def test_patch_permutation_maps_torch_unfold_order():
+    torch = pytest.importorskip("torch")
+    x = np.random.default_rng(2).normal(size=(2, 12, 12, 4)).astype("float32")
+    torch_patches = (
+        torch.nn.functional.unfold(torch.from_numpy(x.transpose(0, 3, 1, 2)), 3, stride=2, padding=1)
+        .transpose(1, 2)
+        .numpy()
+    )
+    ours = np.asarray(layers.SoftSplit(3, 2, 1)(x))
+    np.testing.assert_array_equal(ours, torch_patches[..., layers.patch_permutation(4, 3)])
+
+
+def test_restructure_is_row_major():
+    tokens = np.arange(2 * 9 * 4, dtype="float32").reshape(2, 9, 4)
+    image = np.asarray(layers.Restructure()(tokens))
+    assert image.shape == (2, 3, 3, 4)
+    np.testing.assert_array_equal(image[:, 1, 2], tokens[:, 1 * 3 + 2])
+    with pytest.raises(ValueError, match="square number of tokens"):
+        layers.Restructure()(np.zeros((1, 8, 4), "float32"))
+
+
+def performer_reference(x, layer):
+    """The official Token_performer formula in NumPy, from the layer's weights."""
+
+    def ln(v, norm):
+        mu, var = v.mean(-1, keepdims=True), v.var(-1, keepdims=True)
+        return (v - mu) / np.sqrt(var + 1e-5) * norm.gamma.numpy() + norm.beta.numpy()
+
+    def dense(v, d):
+        return v @ d.kernel.numpy() + d.bias.numpy()
+
+    def gelu(v):
+        return 0.5 * v * (1 + np.vectorize(math.erf)(v / math.sqrt(2)))
+
+    k, q, v = np.split(dense(ln(x, layer.norm1), layer.kqv), 3, axis=-1)
+    w = layer.w.numpy()
+    m = w.shape[0]
+
+    def phi(u):
+        return np.exp(u @ w.T - (u * u).sum(-1, keepdims=True) / 2) / math.sqrt(m)
+
+    kp, qp = phi(k), phi(q)
+    d = np.einsum("bti,bi->bt", qp, kp.sum(1))[..., None]
+    kptv = np.einsum("bin,bim->bnm", v, kp)
+    y = np.einsum("bti,bni->btn", qp, kptv) / (d + 1e-8)
+    y = v + dense(y, layer.proj)
+    return y + dense(gelu(dense(ln(y, layer.norm2), layer.mlp.fc1)), layer.mlp.fc2)
+
+
+def test_token_performer_matches_official_formula():
+    x = np.random.default_rng(3).normal(size=(2, 16, 27)).astype("float32")
+    layer = layers.TokenPerformer(token_dim=16)
+    out = np.asarray(layer(x))
+    assert out.shape == (2, 16, 16)
+    assert layer.w.shape == (8, 16) and not layer.w.trainable
+    np.testing.assert_allclose(out, performer_reference(x.astype("float64"), layer), atol=1e-4)
+
+
+def test_token_performer_random_features_are_orthogonal_rows():
+    layer = layers.TokenPerformer(token_dim=64)
+    layer.build((None, 10, 147))
+    w = layer.w.numpy()
+    np.testing.assert_allclose(w @ w.T, 32 * np.eye(32), atol=1e-3)
+
+
+def test_token_transformer_scales_by_input_width():
+    x = np.random.default_rng(4).normal(size=(1, 9, 36)).astype("float32")
+    layer = layers.TokenTransformer(token_dim=8)
+    out = np.asarray(layer(x))
+    assert layer.scale == pytest.approx(36**-0.5)
+    # Reference: one-head softmax attention scaled by the input width, v residual, MLP.
+    h = np.asarray(layer.norm1(x))
+    q, k, v = np.split(h @ layer.qkv.kernel.numpy(), 3, axis=-1)
+    logits = q @ k.transpose(0, 2, 1) * 36**-0.5
+    attn = np.exp(logits - logits.max(-1, keepdims=True))
+    attn /= attn.sum(-1, keepdims=True)
+    y = v + np.asarray(layer.proj(attn @ v))
+    expected = y + np.asarray(layer.mlp(layer.norm2(y)))
+    np.testing.assert_allclose(out, expected, atol=1e-5)
+
+
+def test_attention_scale_is_head_dim():
+    layer = layers.MultiHeadSelfAttention(num_heads=4)
+    layer.build((None, 5, 64))
+    assert layer.scale == pytest.approx(16**-0.5)
+    x = np.random.default_rng(5).normal(size=(2, 5, 64)).astype("float32")
+    qkv = (x @ layer.qkv.kernel.numpy()).reshape(2, 5, 3, 4, 16)
+    q, k, v = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
+    logits = q @ k.transpose(0, 1, 3, 2) / 4.0
+    attn = np.exp(logits - logits.max(-1, keepdims=True))
+    attn /= attn.sum(-1, keepdims=True)
+    y = (attn @ v).transpose(0, 2, 1, 3).reshape(2, 5, 64)
+    expected = y @ layer.proj.kernel.numpy() + layer.proj.bias.numpy()
+    np.testing.assert_allclose(np.asarray(layer(x)), expected, atol=1e-5)
+    with pytest.raises(ValueError, match="divisible by `num_heads`"):
+        layers.MultiHeadSelfAttention(num_heads=5).build((None, 5, 64))
+
+
+def test_stochastic_depth_drops_whole_samples():
+    layer = layers.StochasticDepth(0.5, seed=1)
+    x = np.ones((2000, 3, 4), "float32")
+    np.testing.assert_array_equal(np.asarray(layer(x, training=False)), x)
+    y = np.asarray(layer(x, training=True))
+    per_sample = y.reshape(2000, -1)
+    assert set(np.unique(per_sample)) <= {0.0, 2.0}
+    assert np.all(per_sample.min(1) == per_sample.max(1))  # all or nothing per sample
+    assert abs(per_sample.mean() - 1.0) < 0.1
+
+
+def test_sinusoid_table_follows_reference_formula():
+    table = layers.sinusoid_table(197, 384)
+    for p, j in [(0, 0), (0, 1), (5, 10), (196, 383), (37, 200)]:
+        angle = p / 10000 ** (2 * (j // 2) / 384)
+        expected = math.sin(angle) if j % 2 == 0 else math.cos(angle)
+        assert table[p, j] == pytest.approx(expected, abs=1e-6)
+
+
+def test_class_token_and_position_embedding():
+    x = np.zeros((3, 4, 8), "float32")
+    with_token = layers.ClassToken()(x)
+    assert tuple(with_token.shape) == (3, 5, 8)
+    pos = layers.PositionEmbedding()
+    out = np.asarray(pos(with_token))
+    assert not pos.pos_embed.trainable
+    np.testing.assert_allclose(out[0, 1:], layers.sinusoid_table(5, 8)[1:], atol=1e-6)
+
+
+LAYER_CASES = [
+    (layers.SoftSplit, dict(kernel_size=3, strides=2, padding=1, implementation="slices"), (2, 8, 8, 4)),
+    (layers.Restructure, {}, (2, 16, 4)),
+    (layers.Mlp, dict(hidden_units=12, output_units=6, dropout_rate=0.1), (2, 5, 8)),
+    (layers.TokenPerformer, dict(token_dim=16, kernel_ratio=0.5, dropout_rate=0.1), (2, 16, 27)),
+    (layers.TokenTransformer, dict(token_dim=16, mlp_ratio=1.0), (2, 16, 27)),
+    (layers.T2TModule, dict(tokens_type="performer", embed_dim=32, token_dim=16), (2, 32, 32, 3)),
+    (layers.T2TModule, dict(tokens_type="transformer", embed_dim=32, token_dim=16), (2, 32, 32, 3)),
+    (layers.MultiHeadSelfAttention, dict(num_heads=2, qkv_bias=True, qk_scale=0.3), (2, 5, 8)),
+    (layers.StochasticDepth, dict(rate=0.2, seed=3), (2, 5, 8)),
+    (layers.TransformerBlock, dict(num_heads=2, mlp_ratio=3.0, drop_path_rate=0.1), (2, 5, 8)),
+    (layers.ClassToken, {}, (2, 5, 8)),
+    (layers.PositionEmbedding, {}, (2, 5, 8)),
+]
+
+
+@pytest.mark.parametrize("cls,kwargs,shape", LAYER_CASES, ids=lambda c: getattr(c, "__name__", None))
+def test_layer_config_round_trip(cls, kwargs, shape):
+    x = np.random.default_rng(6).normal(size=shape).astype("float32")
+    layer = cls(**kwargs, name="under_test")
+    expected = np.asarray(layer(x))
+    config = layer.get_config()
+    clone = cls.from_config(config)
+    assert clone.get_config() == config
+    clone(x)  # build
+    clone.set_weights(layer.get_weights())
+    np.testing.assert_array_equal(np.asarray(clone(x)), expected)
+    # Also through Keras' own (de)serialization, by registered name.
+    revived = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(layer))
+    assert type(revived) is cls and revived.get_config() == config
+
+
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda: layers.SoftSplit(3, 2, 1, implementation="conv"), "implementation"),
+        (lambda: layers.SoftSplit(0, 2, 1), "kernel_size"),
+        (lambda: layers.T2TModule(tokens_type="convolution"), "tokens_type"),
+        (lambda: layers.TransformerBlock(num_heads=2, drop_path_rate=1.5), "drop_path_rate"),
+        (lambda: layers.TokenPerformer(kernel_ratio=0.0), "kernel_ratio"),
+    ],
+)
+def test_layer_arguments_are_checked(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_performer_stays_float32_under_float16():
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    layer = layers.TokenPerformer(token_dim=64)
+    # Large activations: the 1e-8 of the denominator underflows in float16.
+    x = np.random.default_rng(7).normal(size=(2, 64, 147)).astype("float32") * 4
+    out = np.asarray(layer(x))
+    assert layer.compute_dtype == "float16" and layer.w.dtype == "float32"
+    assert np.all(np.isfinite(out))
+
+
+def test_t2t_module_feature_maps():
+    t2t = layers.T2TModule("performer", embed_dim=32)
+    tokens, (map1, map2) = t2t(np.zeros((1, 64, 64, 3), "float32"), return_feature_maps=True)
+    assert tuple(tokens.shape) == (1, 16, 32)
+    assert tuple(map1.shape) == (1, 16, 16, 64) and tuple(map2.shape) == (1, 8, 8, 64)

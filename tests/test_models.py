@@ -1,0 +1,209 @@
+"""Builders: official parameter counts, the keras.applications signature, errors, saving,
+mixed precision and XLA."""
+
+import inspect
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import tiny_model
+
+import keras_t2t
+
+# Totals and trainable counts of the official state dicts (shared/REFERENCE.md), and the
+# paper's MACs (G).
+OFFICIAL = {
+    "T2TViT7": ("t2t_vit_7", 4_310_222, 4_255_694, 1.1),
+    "T2TViT10": ("t2t_vit_10", 5_889_230, 5_834_702, 1.5),
+    "T2TViT12": ("t2t_vit_12", 6_941_902, 6_887_374, 1.8),
+    "T2TViT14": ("t2t_vit_14", 21_545_550, 21_465_806, 4.8),
+    "T2TViT19": ("t2t_vit_19", 39_177_422, 39_085_070, 8.5),
+    "T2TViT24": ("t2t_vit_24", 64_105_934, 64_000_974, 13.8),
+    "T2TViTT14": ("t2t_vit_t_14", 21_541_070, 21_465_422, 6.1),
+    "T2TViTT19": ("t2t_vit_t_19", 39_172_942, 39_084_686, 9.8),
+    "T2TViTT24": ("t2t_vit_t_24", 64_101_454, 64_000_590, 15.0),
+}
+APPLICATIONS_SIGNATURE = [
+    "include_top", "weights", "input_tensor", "input_shape", "pooling", "classes",
+    "classifier_activation", "name",
+]  # fmt: skip
+
+
+def trainable_count(model):
+    return sum(int(np.prod(w.shape)) for w in model.trainable_weights)
+
+
+@pytest.mark.parametrize("builder", sorted(OFFICIAL))
+def test_official_parameter_counts(builder):
+    name, total, trainable, _ = OFFICIAL[builder]
+    model = getattr(keras_t2t, builder)()
+    assert model.name == name
+    assert model.count_params() == total
+    assert trainable_count(model) == trainable
+    assert model.input_shape == (None, 224, 224, 3) and model.output_shape == (None, 1000)
+
+
+def test_t2t_vit_14_at_384_counts_the_longer_position_table():
+    model = keras_t2t.T2TViT14(input_shape=(384, 384, 3))
+    assert model.count_params() == 21_691_470
+    assert model.get_layer("pos_embed").pos_embed.shape == (1, 577, 384)
+
+
+@pytest.mark.parametrize("builder", sorted(OFFICIAL))
+def test_flop_counter_agrees_with_paper_macs(builder):
+    name, *_, macs = OFFICIAL[builder]
+    assert keras_t2t.count_flops(name) / 2e9 == pytest.approx(macs, rel=0.05)
+
+
+def test_flop_counter_reads_a_model():
+    model = keras_t2t.T2TViT7(input_shape=(64, 64, 3), classes=10)
+    assert keras_t2t.count_flops(model) == keras_t2t.count_flops("t2t_vit_7", 64, classes=10)
+
+
+def test_builders_use_the_applications_signature():
+    for builder in OFFICIAL:
+        params = list(inspect.signature(getattr(keras_t2t, builder)).parameters)
+        assert params[: len(APPLICATIONS_SIGNATURE)] == APPLICATIONS_SIGNATURE
+        assert params[len(APPLICATIONS_SIGNATURE) :] == [
+            "include_preprocessing", "drop_path_rate", "dropout_rate",
+        ]  # fmt: skip
+
+
+def test_variants_are_rows_of_one_table():
+    assert set(keras_t2t.list_models()) >= {name for name, *_ in OFFICIAL.values()}
+    model = keras_t2t.create_model("T2T-ViT_t-14".replace("T2T-ViT_t-", "t2t_vit_t_"), classes=3,
+                                   input_shape=(32, 32, 3), drop_path_rate=0.1)
+    assert model.name == "t2t_vit_t_14" and model.output_shape == (None, 3)
+    rates = [model.get_layer(f"blocks_{i}").drop_path_rate for i in range(14)]
+    np.testing.assert_allclose(rates, np.linspace(0, 0.1, 14), atol=1e-7)
+
+
+@pytest.mark.parametrize("side", [16, 32, 48, 96])
+def test_any_multiple_of_16_works(side):
+    model = tiny_model(input_shape=(side, side, 3))
+    grid = side // 16
+    assert model.get_layer("pos_embed").pos_embed.shape == (1, grid * grid + 1, 64)
+    out = model(np.random.default_rng(0).uniform(0, 255, (2, side, side, 3)).astype("float32"))
+    assert out.shape == (2, 10)
+    np.testing.assert_allclose(np.asarray(out).sum(-1), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "pooling,shape",
+    [(None, (2, 17, 64)), ("token", (2, 64)), ("avg", (2, 64)), ("max", (2, 64))],
+)
+def test_features_without_top(pooling, shape):
+    model = tiny_model(include_top=False, pooling=pooling)
+    x = np.random.default_rng(1).uniform(0, 255, (2, 64, 64, 3)).astype("float32")
+    assert np.asarray(model(x)).shape == shape
+
+
+def test_pooled_features_are_the_token_sequence_pooled():
+    x = np.random.default_rng(2).uniform(0, 255, (2, 64, 64, 3)).astype("float32")
+    sequence_model = tiny_model(include_top=False)
+    tokens = np.asarray(sequence_model(x))
+    for pooling, expected in [
+        ("token", tokens[:, 0]),
+        ("avg", tokens[:, 1:].mean(1)),
+        ("max", tokens[:, 1:].max(1)),
+    ]:
+        pooled = tiny_model(include_top=False, pooling=pooling)
+        pooled.set_weights(sequence_model.get_weights())
+        np.testing.assert_allclose(np.asarray(pooled(x)), expected, atol=1e-5)
+
+
+def test_feature_maps_model():
+    model = tiny_model(include_top=False, input_shape=(96, 96, 3))
+    features = keras_t2t.feature_maps_model(model)
+    out = features(np.zeros((1, 96, 96, 3), "float32"))
+    assert tuple(out["t2t_1"].shape) == (1, 24, 24, 64)
+    assert tuple(out["t2t_2"].shape) == (1, 12, 12, 64)
+    assert tuple(out["tokens"].shape) == (1, 6, 6, 64)
+    sequence = np.asarray(model(np.zeros((1, 96, 96, 3), "float32")))
+    np.testing.assert_allclose(np.asarray(out["tokens"]).reshape(1, 36, 64), sequence[:, 1:], atol=1e-6)
+
+
+def test_include_preprocessing_normalizes_inside():
+    x = np.random.default_rng(3).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    raw = tiny_model(input_shape=(32, 32, 3))
+    normalized = tiny_model(input_shape=(32, 32, 3), include_preprocessing=False)
+    normalized.set_weights(raw.get_weights())
+    np.testing.assert_allclose(
+        np.asarray(raw(x)), np.asarray(normalized(keras_t2t.preprocess_input(x))), atol=1e-5
+    )
+
+
+def test_input_tensor():
+    inputs = keras.Input((32, 32, 3))
+    model = keras_t2t.T2TViT7(input_tensor=inputs, classes=4)
+    assert model.inputs[0] is inputs and model.output_shape == (None, 4)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(input_shape=(200, 200, 3)), r"multiple of 16.*received 200.*192 and 208"),
+        (dict(input_shape=(224, 192, 3)), "square"),
+        (dict(input_shape=(224, 224, 1)), "3 channels"),
+        (dict(input_shape=(224, 224)), r"\(height, width, 3\)"),
+        (dict(pooling="mean"), "`pooling` must be one of"),
+        (dict(classes=0), "`classes` must be an integer >= 1"),
+        (dict(weights="/nonexistent/t2t.pth.tar"), "does not exist"),
+        (dict(weights="imagenet"), "does not download"),
+    ],
+)
+def test_bad_arguments_raise_clear_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        keras_t2t.T2TViT7(**kwargs)
+
+
+def test_unknown_variant_name():
+    with pytest.raises(ValueError, match=r"Unknown T2T-ViT variant 't2t_vit_15'.*t2t_vit_14"):
+        keras_t2t.create_model("t2t_vit_15")
+
+
+@pytest.mark.parametrize("tokens_type", ["performer", "transformer"])
+def test_keras_save_and_load_gives_identical_outputs(tokens_type, tmp_path):
+    model = tiny_model(tokens_type, drop_path_rate=0.1)
+    x = np.random.default_rng(4).uniform(0, 255, (2, 64, 64, 3)).astype("float32")
+    path = tmp_path / "model.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    np.testing.assert_array_equal(np.asarray(loaded(x)), np.asarray(model(x)))
+    features = keras_t2t.feature_maps_model(loaded)
+    assert tuple(features(x)["t2t_2"].shape) == (2, 8, 8, 64)
+
+
+def _fit_steps(model, steps=3, jit_compile=False):
+    model.compile(
+        optimizer=keras.optimizers.AdamW(1e-3),
+        loss=keras.losses.SparseCategoricalCrossentropy(),
+        jit_compile=jit_compile,
+    )
+    rng = np.random.default_rng(5)
+    x = rng.uniform(0, 255, (8 * steps, 32, 32, 3)).astype("float32")
+    y = rng.integers(0, 10, 8 * steps)
+    return model.fit(x, y, batch_size=8, epochs=1, verbose=0).history["loss"]
+
+
+@pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
+@pytest.mark.parametrize("tokens_type", ["performer", "transformer"])
+def test_mixed_precision_trains_without_nan(policy, tokens_type):
+    keras.mixed_precision.set_global_policy(policy)
+    model = tiny_model(tokens_type, input_shape=(32, 32, 3), drop_path_rate=0.1)
+    assert model.get_layer("blocks_0").compute_dtype == policy.split("_")[1]
+    assert model.output.dtype == "float32"
+    losses = _fit_steps(model)
+    assert np.all(np.isfinite(losses))
+    assert all(np.all(np.isfinite(w)) for w in model.get_weights())
+
+
+@pytest.mark.parametrize("tokens_type", ["performer", "transformer"])
+def test_xla_forward_and_train_step(tokens_type):
+    model = tiny_model(tokens_type, input_shape=(32, 32, 3), drop_path_rate=0.1, dropout_rate=0.1)
+    x = np.random.default_rng(6).uniform(0, 255, (4, 32, 32, 3)).astype("float32")
+    forward = tf.function(lambda t: model(t, training=False), jit_compile=True)
+    np.testing.assert_allclose(np.asarray(forward(x)), np.asarray(model(x)), atol=1e-5)
+    losses = _fit_steps(model, jit_compile=True)
+    assert np.all(np.isfinite(losses))
