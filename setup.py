@@ -24,7 +24,7 @@ setup(
         "gpu": [f"tensorflow[and-cuda]{TF}"],
         "tpu": [f"tensorflow-tpu{TF}"],
         "torch": ["torch>=2.1"],
-        "train": ["scikit-learn>=1.3"],
+        "train": ["scikit-learn>=1.3", "tensorboard>=2.20"],
         "tfds": ["tensorflow-datasets>=4.9"],
         "tflite": ["ai-edge-litert>=1.2"],
         "serving": ["tensorflow-serving-api>=2.20"],

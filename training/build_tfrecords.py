@@ -1,0 +1,191 @@
+"""Writes TFRecords in the ImageNet layout from a folder of class subfolders.
+
+    python training/build_tfrecords.py --input_dir photos/train --output_dir records \
+        --split train --num_shards 16
+    python training/build_tfrecords.py --input_dir photos/val --output_dir records \
+        --split validation --num_shards 4
+
+Class subfolders are sorted by name and numbered from 1 (as ImageNet's labels 1..1000, so
+train with the default --label_offset=1); `labels.txt` in the output lists them. Files are
+`{split}-00000-of-NNNNN` with the features of the TPU ImageNet converter (`image/encoded`
+JPEG, `image/class/label`, `image/class/text`, `image/format`, `image/filename`,
+`image/height`, `image/width`), so `train_imagenet.py --data_dir` reads them as ImageNet.
+"""
+
+import os
+import shutil
+import sys
+import tempfile
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np
+import tensorflow as tf
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+
+
+def _bytes(value):
+    return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
+
+
+def _int(value):
+    return tf.train.Feature(int64_list=tf.train.Int64List(value=[int(value)]))
+
+
+def make_example(jpeg, label, text, filename, height, width):
+    return tf.train.Example(
+        features=tf.train.Features(
+            feature={
+                "image/encoded": _bytes(jpeg),
+                "image/format": _bytes(b"JPEG"),
+                "image/class/label": _int(label),
+                "image/class/text": _bytes(text.encode()),
+                "image/filename": _bytes(filename.encode()),
+                "image/height": _int(height),
+                "image/width": _int(width),
+                "image/channels": _int(3),
+            }
+        )
+    ).SerializeToString()
+
+
+def write_shards(examples, output_dir, split, num_shards):
+    """Writes serialized examples round-robin into `num_shards` files; returns their paths."""
+    if num_shards < 1:
+        raise ValueError(f"--num_shards must be >= 1, received {num_shards}.")
+    tf.io.gfile.makedirs(output_dir)
+    paths = [
+        os.path.join(output_dir, f"{split}-{i:05d}-of-{num_shards:05d}") for i in range(num_shards)
+    ]
+    writers = [tf.io.TFRecordWriter(p) for p in paths]
+    count = 0
+    try:
+        for count, example in enumerate(examples, start=1):
+            writers[(count - 1) % num_shards].write(example)
+    finally:
+        for writer in writers:
+            writer.close()
+    if count == 0:
+        raise ValueError(f"No examples to write for split {split!r}.")
+    return paths
+
+
+def to_jpeg(image_uint8, quality=95):
+    return tf.io.encode_jpeg(image_uint8, quality=quality).numpy()
+
+
+def folder_examples(input_dir, label_offset=1):
+    """(classes, generator of serialized examples) from `input_dir/<class>/<image>`."""
+    if not os.path.isdir(input_dir):
+        raise ValueError(f"--input_dir {input_dir!r} is not a folder.")
+    classes = sorted(
+        d for d in os.listdir(input_dir) if os.path.isdir(os.path.join(input_dir, d))
+    )
+    if not classes:
+        raise ValueError(
+            f"{input_dir!r} has no class subfolders; expected {input_dir}/<class>/<image>.jpg."
+        )
+
+    def generate():
+        for index, name in enumerate(classes):
+            folder = os.path.join(input_dir, name)
+            for filename in sorted(os.listdir(folder)):
+                if not filename.lower().endswith(IMAGE_EXTENSIONS):
+                    continue
+                path = os.path.join(folder, filename)
+                data = open(path, "rb").read()
+                try:
+                    image = tf.io.decode_image(data, channels=3, expand_animations=False)
+                except tf.errors.InvalidArgumentError as error:
+                    raise ValueError(f"{path!r} is not a readable image: {error.message}") from None
+                is_jpeg = data[:3] == b"\xff\xd8\xff"
+                jpeg = data if is_jpeg and image.shape[-1] == 3 else to_jpeg(image)
+                yield make_example(
+                    jpeg, index + label_offset, name, filename, image.shape[0], image.shape[1]
+                )
+
+    return classes, generate()
+
+
+def build_from_folder(input_dir, output_dir, split="train", num_shards=8, label_offset=1):
+    classes, examples = folder_examples(input_dir, label_offset)
+    paths = write_shards(examples, output_dir, split, num_shards)
+    with open(os.path.join(output_dir, "labels.txt"), "w") as f:
+        f.write("\n".join(classes) + "\n")
+    return classes, paths
+
+
+def digits_examples(image_size=32, seed=0, validation_fraction=0.2):
+    """scikit-learn's handwritten digits (8x8, 1,797 images) as JPEG examples, labels 1..10."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as error:
+        raise ImportError(
+            "The embedded default dataset is scikit-learn's digits: pip install keras-t2t[train]"
+        ) from error
+    digits = load_digits()
+    images = (digits.images * (255.0 / 16.0)).round().astype("uint8")[..., None]
+    images = tf.image.resize(images, (image_size, image_size), method="bilinear")
+    images = tf.cast(tf.clip_by_value(tf.round(images), 0, 255), tf.uint8)
+    images = tf.image.grayscale_to_rgb(images).numpy()
+    order = np.random.default_rng(seed).permutation(len(images))
+    split = int(round(len(images) * (1 - validation_fraction)))
+
+    def examples(indices):
+        for i in indices:
+            label = int(digits.target[i])
+            yield make_example(
+                to_jpeg(images[i]), label + 1, str(label), f"digit_{i}.jpg", image_size, image_size
+            )
+
+    return examples(order[:split]), examples(order[split:])
+
+
+def digits_tfrecords(cache_dir, image_size=32, num_shards=2):
+    """The embedded default: digits as ImageNet-layout TFRecords in `cache_dir` (made once).
+
+    Written into a temporary folder and renamed, so that a killed run leaves no half cache.
+    """
+    target = os.path.join(cache_dir, f"digits_{image_size}")
+    if tf.io.gfile.exists(os.path.join(target, "COMPLETE")):
+        return target
+    os.makedirs(cache_dir, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix="digits_", dir=cache_dir)
+    train, validation = digits_examples(image_size)
+    write_shards(train, tmp, "train", num_shards)
+    write_shards(validation, tmp, "validation", num_shards)
+    with open(os.path.join(tmp, "labels.txt"), "w") as f:
+        f.write("\n".join(str(d) for d in range(10)) + "\n")
+    open(os.path.join(tmp, "COMPLETE"), "w").close()
+    try:
+        os.rename(tmp, target)
+    except OSError:  # another process made it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def main(argv=None):
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--input_dir", required=True, help="folder of class subfolders")
+    parser.add_argument("--output_dir", required=True, help="where to write the TFRecords")
+    parser.add_argument("--split", default="train", choices=["train", "validation"])
+    parser.add_argument("--num_shards", type=int, default=8)
+    parser.add_argument("--label_offset", type=int, default=1)
+    args = parser.parse_args(argv)
+    try:
+        classes, paths = build_from_folder(
+            args.input_dir, args.output_dir, args.split, args.num_shards, args.label_offset
+        )
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {len(paths)} {args.split} shards of {len(classes)} classes to {args.output_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

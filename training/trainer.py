@@ -1,0 +1,585 @@
+"""The T2T-ViT training library: one custom loop for every `tf.distribute` strategy.
+
+Keras 3's `model.fit` fails under MultiWorkerMirroredStrategy, and `steps_per_execution > 1`
+fails under MirroredStrategy, so this loop drives `strategy.run` itself, several steps per
+`tf.function` call (as a TPU wants), with the forward and backward pass compiled by XLA.
+
+Sections: config and recipe -> strategy -> data -> model, optimizer, EMA -> checkpoints ->
+steps -> the loop -> evaluation.
+"""
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import signal
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+import keras_t2t
+from training import data as data_lib
+
+logger = logging.getLogger("keras_t2t.training")
+
+IMAGENET_SIZES = {"train": 1_281_167, "validation": 50_000}
+MODES = ("train", "eval", "train_and_eval")
+STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
+PRECISIONS = ("float32", "bfloat16", "float16")
+
+
+class TrainingError(RuntimeError):
+    """A run stopped for a reason the user can act on; the message says which."""
+
+
+# --- config and recipe ----------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Config:
+    """Everything a run needs; `None` fields take the paper's recipe for `model`."""
+
+    model: str = "t2t_vit_14"
+    model_dir: str = "runs/t2t_vit_14"
+    data_dir: str = None
+    data_source: str = "tfrecord"  # or "tfds"
+    mode: str = "train_and_eval"
+    strategy: str = "default"
+    tpu: str = None
+    image_size: int = 224
+    num_classes: int = 1000
+    label_offset: int = 1
+    batch_size: int = 512  # global
+    epochs: int = 310  # including the cooldown
+    warmup_epochs: int = 5
+    cooldown_epochs: int = 10
+    learning_rate: float = None  # for batch 512, scaled linearly with batch_size
+    warmup_lr: float = 1e-6
+    min_lr: float = 1e-5
+    weight_decay: float = None
+    grad_clip: float = None
+    drop_path_rate: float = 0.1
+    ema_decay: float = 0.99996
+    mixed_precision: str = None  # None: bfloat16 on TPU, float32 elsewhere
+    weights: str = None
+    crop_pct: float = 0.9
+    eval_batch_size: int = None
+    steps_per_loop: int = 100
+    steps_per_epoch: int = None  # default: train examples // batch_size
+    train_examples: int = None  # default: counted (ImageNet: 1,281,167)
+    eval_every_epochs: int = 10
+    jit_compile: bool = True
+    seed: int = 0
+    max_checkpoints: int = 3
+    aug: data_lib.Augmentation = dataclasses.field(default_factory=data_lib.Augmentation)
+
+    def to_json(self):
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+
+def recipe(model):
+    """The paper's learning rate (batch 512) and weight decay for a variant."""
+    small = model in ("t2t_vit_7", "t2t_vit_10", "t2t_vit_12")
+    large = any(model.endswith(s) for s in ("_19", "_24"))
+    return dict(learning_rate=1e-3 if small else 5e-4, weight_decay=0.03 if small else (0.065 if large else 0.05))
+
+
+def resolve(config):
+    """Fills the recipe defaults and checks the config; returns a new Config."""
+    config = dataclasses.replace(config)
+    if config.model not in keras_t2t.MODEL_CONFIGS:
+        raise TrainingError(
+            f"Unknown --model {config.model!r}. Known variants: {', '.join(keras_t2t.list_models())}."
+        )
+    defaults = recipe(config.model)
+    if config.learning_rate is None:
+        config.learning_rate = defaults["learning_rate"]
+    if config.weight_decay is None:
+        config.weight_decay = defaults["weight_decay"]
+    if config.mixed_precision is None:
+        config.mixed_precision = "bfloat16" if config.strategy == "tpu" else "float32"
+    checks = [
+        (config.mode in MODES, f"--mode must be one of {MODES}, received {config.mode!r}."),
+        (config.strategy in STRATEGIES, f"--strategy must be one of {STRATEGIES}, received {config.strategy!r}."),
+        (config.mixed_precision in PRECISIONS, f"--mixed_precision must be one of {PRECISIONS}, received {config.mixed_precision!r}."),
+        (config.image_size >= 16 and config.image_size % 16 == 0,
+         f"--image_size must be a multiple of 16 (224, 384, 32, ...), received {config.image_size}."),
+        (config.batch_size >= 1, f"--batch_size must be >= 1, received {config.batch_size}."),
+        (config.epochs >= 1, f"--epochs must be >= 1, received {config.epochs}."),
+        (0 <= config.warmup_epochs < config.epochs,
+         f"--warmup_epochs must be in [0, --epochs), received {config.warmup_epochs}."),
+        (config.steps_per_loop >= 1, f"--steps_per_loop must be >= 1, received {config.steps_per_loop}."),
+        (not (config.grad_clip and config.mixed_precision == "float16"),
+         "--grad_clip with --mixed_precision=float16 is not supported (the loss scale hides the "
+         "gradient norm); use bfloat16, or no clipping."),
+        (config.data_source in ("tfrecord", "tfds"),
+         f"--data_source must be 'tfrecord' or 'tfds', received {config.data_source!r}."),
+    ]  # fmt: skip
+    for ok, message in checks:
+        if not ok:
+            raise TrainingError(message)
+    config.cooldown_epochs = min(config.cooldown_epochs, config.epochs - config.warmup_epochs - 1)
+    config.cooldown_epochs = max(config.cooldown_epochs, 0)
+    return config
+
+
+# --- strategy -------------------------------------------------------------------------------
+
+
+def make_strategy(config):
+    if config.strategy == "tpu":
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=config.tpu or "")
+        tf.config.experimental_connect_to_cluster(resolver)
+        tf.tpu.experimental.initialize_tpu_system(resolver)
+        return tf.distribute.TPUStrategy(resolver)
+    if config.strategy == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if config.strategy == "multi_worker":
+        if "TF_CONFIG" not in os.environ:
+            raise TrainingError(
+                "--strategy=multi_worker reads the cluster from the TF_CONFIG environment "
+                "variable, which is not set. See the README for an example."
+            )
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
+def is_chief(strategy):
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return True
+    task_type, task_id = resolver.task_type, resolver.task_id
+    return task_type is None or task_type == "chief" or (task_type == "worker" and task_id == 0)
+
+
+def worker_dir(model_dir, strategy):
+    """Non-chief workers write their (required) checkpoint copies to a scratch folder."""
+    if is_chief(strategy):
+        return model_dir
+    resolver = strategy.cluster_resolver
+    return os.path.join(model_dir, "workers", f"{resolver.task_type}_{resolver.task_id}")
+
+
+# --- data -----------------------------------------------------------------------------------
+
+
+def count_records(files):
+    return int(sum(1 for _ in tf.data.TFRecordDataset(files)))
+
+
+def data_sources(config, split):
+    if config.data_source == "tfds":
+        tfds_split = {"train": "train", "validation": "validation"}[split]
+        return data_lib.tfds_dataset(tfds_split, config.data_dir), IMAGENET_SIZES[split]
+    files = data_lib.list_files(config.data_dir, split)
+    if config.num_classes == 1000 and len(files) >= 128:
+        return files, IMAGENET_SIZES[split]
+    return files, count_records(files)
+
+
+# --- model, optimizer, EMA ------------------------------------------------------------------
+
+
+class ExponentialMovingAverage(tf.Module):
+    """EMA of the trainable weights (timm's ModelEma), saved with the checkpoints.
+
+    Keras' optimizer EMA (`use_ema`) keeps its averages private and can only overwrite the
+    model with them, so evaluating both the raw and the EMA weights needs this small class.
+    """
+
+    def __init__(self, variables, decay):
+        super().__init__(name="ema")
+        self.decay = decay
+        self.sources = list(variables)
+        self.averages = [
+            tf.Variable(
+                v.value,
+                trainable=False,
+                name=f"ema_{i}",
+                aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+            )
+            for i, v in enumerate(self.sources)
+        ]
+
+    def update(self):
+        for average, source in zip(self.averages, self.sources):
+            value = tf.cast(source.value, average.dtype)
+            average.assign(self.decay * average + (1.0 - self.decay) * value)
+
+    def swap(self):
+        """Exchanges the model weights and the averages (call twice to undo)."""
+        for average, source in zip(self.averages, self.sources):
+            current = tf.identity(source.value)
+            source.assign(average)
+            average.assign(current)
+
+
+def build_model(config):
+    return keras_t2t.create_model(
+        config.model,
+        input_shape=(config.image_size, config.image_size, 3),
+        classes=config.num_classes,
+        classifier_activation=None,
+        drop_path_rate=config.drop_path_rate,
+        weights=config.weights,
+    )
+
+
+def build_optimizer(config, steps_per_epoch, model):
+    peak = config.learning_rate * config.batch_size / 512.0
+    warmup = config.warmup_epochs * steps_per_epoch
+    decay = max((config.epochs - config.cooldown_epochs) * steps_per_epoch - warmup, 1)
+    schedule = keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=config.warmup_lr if warmup else peak,
+        decay_steps=decay,
+        alpha=min(config.min_lr / peak, 1.0),
+        warmup_target=peak if warmup else None,
+        warmup_steps=warmup,
+    )
+    optimizer = keras.optimizers.AdamW(
+        learning_rate=schedule,
+        weight_decay=config.weight_decay,
+        beta_1=0.9,
+        beta_2=0.999,
+        epsilon=1e-8,
+    )
+    # No decay on biases, norms (1-D tensors), the class token and the position table.
+    optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta", "token", "pos_embed"])
+    if config.mixed_precision == "float16":
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    optimizer.build(model.trainable_variables)
+    return optimizer, schedule
+
+
+# --- the run --------------------------------------------------------------------------------
+
+
+class Trainer:
+    def __init__(self, config):
+        self.config = config = resolve(config)
+        self.strategy = make_strategy(config)
+        replicas = self.strategy.num_replicas_in_sync
+        if config.batch_size % replicas:
+            raise TrainingError(
+                f"--batch_size={config.batch_size} is not divisible by the {replicas} replicas; "
+                f"use a multiple of {replicas}."
+            )
+        self.eval_batch_size = config.eval_batch_size or config.batch_size
+        if self.eval_batch_size % replicas:
+            raise TrainingError(
+                f"--eval_batch_size={self.eval_batch_size} is not divisible by the {replicas} replicas."
+            )
+        self.chief = is_chief(self.strategy)
+        self.dir = worker_dir(config.model_dir, self.strategy)
+        tf.io.gfile.makedirs(self.dir)
+        if self.chief:
+            with tf.io.gfile.GFile(os.path.join(config.model_dir, "config.json"), "w") as f:
+                f.write(config.to_json())
+
+        keras.mixed_precision.set_global_policy(
+            "float32" if config.mixed_precision == "float32" else f"mixed_{config.mixed_precision}"
+        )
+        self.train_source = self.eval_source = None
+        if config.mode != "eval":
+            self.train_source, train_examples = data_sources(config, "train")
+            train_examples = config.train_examples or train_examples
+            self.steps_per_epoch = config.steps_per_epoch or train_examples // config.batch_size
+            if self.steps_per_epoch < 1:
+                raise TrainingError(
+                    f"{train_examples} training examples make no full batch of {config.batch_size}; "
+                    f"lower --batch_size."
+                )
+        else:
+            self.steps_per_epoch = config.steps_per_epoch or 1
+        if config.mode != "train":
+            self.eval_source, self.eval_examples = data_sources(config, "validation")
+        self.total_steps = config.epochs * self.steps_per_epoch
+
+        with self.strategy.scope():
+            self.model = build_model(config)
+            self.optimizer, self.schedule = build_optimizer(config, self.steps_per_epoch, self.model)
+            self.ema = ExponentialMovingAverage(self.model.trainable_variables, config.ema_decay)
+            self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step",
+                                    aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+            self.loss_sum = tf.Variable(0.0, trainable=False, name="loss_sum",
+                                        synchronization=tf.VariableSynchronization.ON_READ,
+                                        aggregation=tf.VariableAggregation.SUM)
+            self.data_rng = tf.random.Generator.from_seed(config.seed)
+        self.checkpoint = tf.train.Checkpoint(
+            model_variables=list(self.model.variables),  # frozen tensors and RNG states too
+            optimizer=self.optimizer,
+            ema=self.ema,
+            step=self.step,
+            data_rng=self.data_rng,
+        )
+        self.manager = tf.train.CheckpointManager(
+            self.checkpoint, os.path.join(self.dir, "checkpoints"), max_to_keep=config.max_checkpoints
+        )
+        self.preempted = False
+
+    # --- checkpoints ----------------------------------------------------------------------
+
+    def restore(self):
+        path = self.manager.latest_checkpoint
+        if path:
+            self.checkpoint.restore(path).assert_existing_objects_matched()
+            logger.info("Resumed from %s at step %d.", path, int(self.step.numpy()))
+        return path
+
+    def save(self):
+        path = self.manager.save(checkpoint_number=int(self.step.numpy()))
+        logger.info("Saved checkpoint %s.", path)
+        return path
+
+    # --- steps ----------------------------------------------------------------------------
+
+    def _build_train_loop(self):
+        model, optimizer, strategy, config = self.model, self.optimizer, self.strategy, self.config
+        global_batch = float(config.batch_size)
+        scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+
+        @tf.function(jit_compile=config.jit_compile)
+        def gradients(images, targets):
+            with tf.GradientTape() as tape:
+                logits = tf.cast(model(images, training=True), tf.float32)
+                per_example = keras.losses.categorical_crossentropy(targets, logits, from_logits=True)
+                loss = tf.reduce_sum(per_example) / global_batch
+                scaled_loss = optimizer.scale_loss(loss) if scaled else loss
+            grads = tape.gradient(scaled_loss, model.trainable_variables)
+            return grads, loss
+
+        def replica_step(images, targets):
+            grads, loss = gradients(images, targets)
+            if config.grad_clip:
+                context = tf.distribute.get_replica_context()
+                grads = context.all_reduce(tf.distribute.ReduceOp.SUM, grads)
+                grads, _ = tf.clip_by_global_norm(grads, config.grad_clip)
+                # The optimizer sums the gradients over replicas again: hand it a share each.
+                grads = [g / strategy.num_replicas_in_sync for g in grads]
+            optimizer.apply_gradients(zip(grads, model.trainable_variables))
+            self.ema.update()
+            self.step.assign_add(1)
+            self.loss_sum.assign_add(loss)
+
+        @tf.function
+        def train_loop(iterator, steps):
+            for _ in tf.range(steps):
+                strategy.run(replica_step, args=next(iterator))
+
+        return train_loop
+
+    def _build_eval_step(self):
+        model = self.model
+
+        @tf.function
+        def eval_step(images, labels, mask):
+            def replica(images, labels, mask):
+                logits = tf.cast(model(images, training=False), tf.float32)
+                loss = keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
+                top5 = tf.math.in_top_k(labels, logits, k=min(5, logits.shape[-1]))
+                top1 = tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels)
+                return tf.stack([
+                    tf.reduce_sum(loss * mask),
+                    tf.reduce_sum(tf.cast(top1, tf.float32) * mask),
+                    tf.reduce_sum(tf.cast(top5, tf.float32) * mask),
+                    tf.reduce_sum(mask),
+                ])  # fmt: skip
+
+            sums = self.strategy.run(replica, args=(images, labels, mask))
+            return self.strategy.reduce(tf.distribute.ReduceOp.SUM, sums, axis=None)
+
+        return eval_step
+
+    # --- data -----------------------------------------------------------------------------
+
+    def _train_iterator(self):
+        config = self.config
+        seed = int(self.data_rng.uniform_full_int((), dtype=tf.int64).numpy() % (2**31))
+
+        def dataset_fn(context):
+            return data_lib.train_dataset(
+                self.train_source,
+                context.get_per_replica_batch_size(config.batch_size),
+                config.image_size,
+                config.num_classes,
+                config.aug,
+                label_offset=config.label_offset,
+                input_context=context,
+                seed=seed,
+            )
+
+        return iter(self.strategy.distribute_datasets_from_function(dataset_fn))
+
+    def _eval_dataset(self):
+        config = self.config
+
+        def dataset_fn(context):
+            return data_lib.eval_dataset(
+                self.eval_source,
+                context.get_per_replica_batch_size(self.eval_batch_size),
+                config.image_size,
+                config.num_classes,
+                crop_pct=config.crop_pct,
+                label_offset=config.label_offset,
+                input_context=context,
+            )
+
+        return self.strategy.distribute_datasets_from_function(dataset_fn)
+
+    # --- evaluation -----------------------------------------------------------------------
+
+    def evaluate(self, ema=False):
+        """top1, top5, loss over the validation set (of the EMA weights with `ema=True`)."""
+        eval_step = self._build_eval_step()
+        if ema:
+            self.ema.swap()
+        try:
+            totals = np.zeros(4)
+            for images, labels, mask in self._eval_dataset():
+                totals += np.asarray(eval_step(images, labels, mask))
+        except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as error:
+            raise TrainingError(_data_error_message(error)) from None
+        finally:
+            if ema:
+                self.ema.swap()
+        count = max(totals[3], 1.0)
+        return dict(loss=totals[0] / count, top1=totals[1] / count, top5=totals[2] / count,
+                    examples=int(totals[3]))
+
+    def evaluate_both(self):
+        raw, averaged = self.evaluate(), self.evaluate(ema=True)
+        results = dict(raw, step=int(self.step.numpy()))
+        results.update({f"ema_{k}": v for k, v in averaged.items() if k != "examples"})
+        return results
+
+    # --- the loop -------------------------------------------------------------------------
+
+    def train(self):
+        config = self.config
+        self.restore()
+        train_loop = self._build_train_loop()
+        iterator = self._train_iterator()
+        writer = tf.summary.create_file_writer(os.path.join(self.dir, "train"))
+        eval_writer = tf.summary.create_file_writer(os.path.join(self.dir, "eval"))
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        step = int(self.step.numpy())
+        start_step, start_time = step, time.time()
+        results = None
+        try:
+            while step < self.total_steps:
+                epoch_end = (step // self.steps_per_epoch + 1) * self.steps_per_epoch
+                steps = min(config.steps_per_loop, epoch_end - step)
+                tick = time.time()
+                try:
+                    train_loop(iterator, tf.constant(steps))
+                except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as error:
+                    raise TrainingError(_data_error_message(error)) from None
+                loss = float(self.loss_sum.read_value().numpy()) / steps
+                self.loss_sum.assign(0.0)
+                step = int(self.step.numpy())
+                if not math.isfinite(loss):
+                    raise TrainingError(
+                        f"The loss is {loss} at step {step}: training diverged. Stopped without "
+                        f"saving; the last good checkpoint in {self.manager.directory} is kept. "
+                        f"Lower --learning_rate, set --grad_clip, or use --mixed_precision=bfloat16."
+                    )
+                self._log(writer, step, steps, loss, time.time() - tick, start_step, start_time)
+                if self.preempted:
+                    self.save()
+                    raise Preempted(step)
+                if step % self.steps_per_epoch == 0:
+                    self.save()
+                    epoch = step // self.steps_per_epoch
+                    if config.mode == "train_and_eval" and (
+                        epoch % config.eval_every_epochs == 0 or step >= self.total_steps
+                    ):
+                        results = self.evaluate_both()
+                        self._log_eval(eval_writer, results)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+        return results
+
+    def _on_sigterm(self, signum, frame):
+        logger.warning("SIGTERM: saving a checkpoint after the current steps, then stopping.")
+        self.preempted = True
+
+    def _log(self, writer, step, steps, loss, seconds, start_step, start_time):
+        images_per_second = steps * self.config.batch_size / max(seconds, 1e-9)
+        lr = float(self.schedule(step))
+        done = step - start_step
+        eta = (time.time() - start_time) / max(done, 1) * (self.total_steps - step)
+        epoch = step / self.steps_per_epoch
+        logger.info(
+            "step %d/%d (epoch %.2f) loss %.4f lr %.3g %.1f images/s ETA %s",
+            step, self.total_steps, epoch, loss, lr, images_per_second, _duration(eta),
+        )  # fmt: skip
+        if self.chief:
+            with writer.as_default(step=step):
+                tf.summary.scalar("loss", loss)
+                tf.summary.scalar("learning_rate", lr)
+                tf.summary.scalar("images_per_second", images_per_second)
+
+    def _log_eval(self, writer, results):
+        logger.info(
+            "eval at step %d: top1 %.4f top5 %.4f loss %.4f | EMA top1 %.4f top5 %.4f loss %.4f",
+            results["step"], results["top1"], results["top5"], results["loss"],
+            results["ema_top1"], results["ema_top5"], results["ema_loss"],
+        )  # fmt: skip
+        if self.chief:
+            with writer.as_default(step=results["step"]):
+                for key in ("top1", "top5", "loss", "ema_top1", "ema_top5", "ema_loss"):
+                    tf.summary.scalar(key, results[key])
+
+    def write_results(self, results):
+        if self.chief and results is not None:
+            path = os.path.join(self.config.model_dir, "eval_results.json")
+            with tf.io.gfile.GFile(path, "w") as f:
+                json.dump(results, f, indent=2)
+            logger.info("Wrote %s.", path)
+
+    def run(self):
+        """Trains and/or evaluates as `--mode` says; returns the evaluation results."""
+        config = self.config
+        results = None
+        if config.mode != "eval":
+            results = self.train()
+        elif not self.restore() and not config.weights:
+            raise TrainingError(
+                f"--mode=eval found no checkpoint in {self.manager.directory} and no --weights; "
+                f"train first, or pass --weights."
+            )
+        if config.mode != "train" and results is None:
+            results = self.evaluate_both()
+            self._log_eval(tf.summary.create_file_writer(os.path.join(self.dir, "eval")), results)
+        self.write_results(results)
+        return results
+
+
+class Preempted(Exception):
+    """Raised after SIGTERM, once the checkpoint is saved."""
+
+    def __init__(self, step):
+        super().__init__(f"stopped by SIGTERM at step {step}; a checkpoint was saved, run the "
+                         f"same command again to resume.")
+        self.step = step
+
+
+def _duration(seconds):
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def _data_error_message(error):
+    text = getattr(error, "message", str(error))
+    if "label out of range" in text:
+        detail = text[text.index("label out of range") :].split("\n")[0]
+        return f"Bad data: {detail}."
+    return (
+        f"Bad data: a record could not be read or decoded ({type(error).__name__}: "
+        f"{text.splitlines()[0][:300]}). The TFRecords are corrupt or not in the ImageNet "
+        f"layout (image/encoded JPEG, image/class/label); rewrite them with "
+        f"training/build_tfrecords.py. Checkpoints already saved are kept."
+    )
