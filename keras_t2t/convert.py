@@ -22,28 +22,10 @@ def convert(src, dst, model=None, num_heads=None, check=True, seed=0):
 
     if not str(dst).endswith(weights_lib.KERAS_SUFFIX):
         raise ValueError(f"The output must end in {weights_lib.KERAS_SUFFIX}, received {dst!r}.")
-    weights_lib._check_path(src)
+    weights_lib.check_path(src)
     state_dict = weights_lib.read_official_checkpoint(src)
     found = weights_lib.infer_config(state_dict)
-    if model is None:
-        model = weights_lib.guess_variant(found)
-    if model is not None:
-        if model not in models.MODEL_CONFIGS:
-            raise ValueError(
-                f"Unknown T2T-ViT variant {model!r}. Known variants: "
-                f"{', '.join(models.list_models())}."
-            )
-        arch = dict(models.MODEL_CONFIGS[model])
-        if num_heads is not None:
-            arch["num_heads"] = num_heads
-    elif num_heads is not None:
-        arch = {k: found[k] for k in ("tokens_type", "embed_dim", "depth", "mlp_ratio")}
-        arch.update(num_heads=num_heads, token_dim=found["token_dim"], qkv_bias=found["qkv_bias"])
-    else:
-        raise ValueError(
-            f"{src!r} matches no official variant (found {found}). Pass --model NAME, or "
-            f"--num_heads N for a custom architecture (heads cannot be seen in the tensors)."
-        )
+    model, arch = weights_lib.resolve_architecture(found, model, num_heads, source=src)
     build = dict(
         arch,
         classes=found["classes"] or 1000,

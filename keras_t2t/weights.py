@@ -49,7 +49,7 @@ class WeightsState:
         return guess_variant(self.config) if self.config else None
 
 
-def _check_path(weights):
+def check_path(weights):
     if isinstance(weights, str) and weights.lower() in ("imagenet", "imagenet1k"):
         raise ValueError(
             "keras_t2t does not download weights. Download an official release file (e.g. "
@@ -71,7 +71,7 @@ def _check_path(weights):
 
 def read_weights(weights, config):
     """Reads `weights` (a path) into a `WeightsState` for a model of `config`."""
-    path = _check_path(weights)
+    path = check_path(weights)
     lower = path.lower()
     if lower.endswith(KERAS_SUFFIX):
         return read_keras_weights(path, config)
@@ -187,6 +187,35 @@ def guess_variant(config):
         if all(config.get(key) == row[key] for key in keys):
             return name
     return None
+
+
+def resolve_architecture(found, model=None, num_heads=None, source="the checkpoint"):
+    """(variant name or None, builder arguments) for a checkpoint of config `found`.
+
+    `model` names the variant (default: the official variant whose shapes match);
+    `num_heads` overrides the heads, and alone describes a custom architecture.
+    """
+    from keras_t2t.models import MODEL_CONFIGS, list_models
+
+    if model is None:
+        model = guess_variant(found)
+    if model is not None:
+        if model not in MODEL_CONFIGS:
+            raise ValueError(
+                f"Unknown T2T-ViT variant {model!r}. Known variants: {', '.join(list_models())}."
+            )
+        arch = dict(MODEL_CONFIGS[model])
+        if num_heads is not None:
+            arch["num_heads"] = num_heads
+        return model, arch
+    if num_heads is None:
+        raise ValueError(
+            f"{source} matches no official variant (found {found}). Pass --model NAME, or "
+            f"--num_heads N for a custom architecture (heads cannot be seen in the tensors)."
+        )
+    arch = {k: found[k] for k in ("tokens_type", "embed_dim", "depth", "mlp_ratio", "token_dim")}
+    arch.update(num_heads=num_heads, qkv_bias=found["qkv_bias"])
+    return None, arch
 
 
 def _keras_path(key):

@@ -145,7 +145,7 @@ def random_resized_crop(image, image_size, scale_min, seed=None):
     )
     crop = tf.slice(image, begin, size)
     resized = tf.image.resize(crop, (image_size, image_size), method="bicubic")
-    return tf.clip_by_value(resized, 0.0, 255.0)
+    return tf.ensure_shape(tf.clip_by_value(resized, 0.0, 255.0), (image_size, image_size, 3))
 
 
 class Augmenter:
@@ -209,6 +209,7 @@ class Augmenter:
 
 
 def _examples(source, input_context, shuffle, seed, num_classes, label_offset):
+    # Element order follows the dataset options (`deterministic`), set by the callers.
     """`(uint8 image, label)` pairs from a list of TFRecord files or a TFDS dataset."""
     if isinstance(source, tf.data.Dataset):  # TFDS: decoded images, zero-based labels
         dataset = source
@@ -236,18 +237,17 @@ def _examples(source, input_context, shuffle, seed, num_classes, label_offset):
         lambda f: tf.data.TFRecordDataset(f, buffer_size=8 << 20),
         cycle_length=min(16, len(files)),
         num_parallel_calls=AUTOTUNE,
-        deterministic=not shuffle,
     )
 
     def parse(serialized):
         encoded, label = parse_record(serialized, num_classes, label_offset)
         return decode(encoded), label
 
-    return dataset.map(parse, num_parallel_calls=AUTOTUNE, deterministic=not shuffle)
+    return dataset.map(parse, num_parallel_calls=AUTOTUNE)
 
 
 def train_dataset(source, batch_size, image_size, num_classes, aug, label_offset=1,
-                  input_context=None, seed=None, shuffle_buffer=10_000):
+                  input_context=None, seed=None, shuffle_buffer=10_000, deterministic=False):
     """Infinite training batches `(images [B, S, S, 3] float32, one-hot targets [B, C])`.
 
     `source` is a list of TFRecord files or a TFDS dataset (`tfds_dataset`). `batch_size` is
@@ -256,12 +256,12 @@ def train_dataset(source, batch_size, image_size, num_classes, aug, label_offset
     augmenter = Augmenter(aug, image_size, num_classes, seed=seed)
     dataset = _examples(source, input_context, True, seed, num_classes, label_offset)
     dataset = dataset.shuffle(shuffle_buffer, seed=seed).repeat()
-    dataset = dataset.map(augmenter.image, num_parallel_calls=AUTOTUNE, deterministic=False)
+    dataset = dataset.map(augmenter.image, num_parallel_calls=AUTOTUNE)
     dataset = dataset.batch(batch_size, drop_remainder=True)
     if augmenter.mixup is not None or augmenter.cutmix is not None:
         dataset = dataset.map(augmenter.batch, num_parallel_calls=AUTOTUNE)
     options = tf.data.Options()
-    options.deterministic = seed is not None
+    options.deterministic = deterministic
     return dataset.with_options(options).prefetch(AUTOTUNE)
 
 
@@ -275,13 +275,14 @@ def eval_dataset(source, batch_size, image_size, num_classes, crop_pct=0.9, labe
     dataset = dataset.map(
         lambda image, label: (eval_image(image, image_size, crop_pct), label, 1.0),
         num_parallel_calls=AUTOTUNE,
-        deterministic=True,
     )
     pad = tf.data.Dataset.from_tensors(
         (tf.zeros((image_size, image_size, 3)), tf.constant(0, tf.int32), 0.0)
     ).repeat(batch_size - 1)
     dataset = dataset.concatenate(pad).batch(batch_size, drop_remainder=True)
-    return dataset.prefetch(AUTOTUNE)
+    options = tf.data.Options()
+    options.deterministic = True
+    return dataset.with_options(options).prefetch(AUTOTUNE)
 
 
 def tfds_dataset(split, data_dir=None):

@@ -73,6 +73,7 @@ class Config:
     eval_every_epochs: int = 10
     jit_compile: bool = True
     seed: int = 0
+    deterministic_data: bool = False  # reproducible input order (slower); for tests
     max_checkpoints: int = 3
     aug: data_lib.Augmentation = dataclasses.field(default_factory=data_lib.Augmentation)
 
@@ -136,7 +137,9 @@ def make_strategy(config):
         tf.tpu.experimental.initialize_tpu_system(resolver)
         return tf.distribute.TPUStrategy(resolver)
     if config.strategy == "mirrored":
-        return tf.distribute.MirroredStrategy()
+        # All GPUs; without GPUs, every logical CPU device (one, unless configured otherwise).
+        devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
+        return tf.distribute.MirroredStrategy(devices=[d.name for d in devices])
     if config.strategy == "multi_worker":
         if "TF_CONFIG" not in os.environ:
             raise TrainingError(
@@ -167,7 +170,10 @@ def worker_dir(model_dir, strategy):
 
 
 def count_records(files):
-    return int(sum(1 for _ in tf.data.TFRecordDataset(files)))
+    try:
+        return int(sum(1 for _ in tf.data.TFRecordDataset(files)))
+    except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as error:
+        raise TrainingError(_data_error_message(error)) from None
 
 
 def data_sources(config, split):
@@ -279,6 +285,7 @@ class Trainer:
             with tf.io.gfile.GFile(os.path.join(config.model_dir, "config.json"), "w") as f:
                 f.write(config.to_json())
 
+        keras.utils.set_random_seed(config.seed)  # the same initial weights on every worker
         keras.mixed_precision.set_global_policy(
             "float32" if config.mixed_precision == "float32" else f"mixed_{config.mixed_precision}"
         )
@@ -371,28 +378,6 @@ class Trainer:
 
         return train_loop
 
-    def _build_eval_step(self):
-        model = self.model
-
-        @tf.function
-        def eval_step(images, labels, mask):
-            def replica(images, labels, mask):
-                logits = tf.cast(model(images, training=False), tf.float32)
-                loss = keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
-                top5 = tf.math.in_top_k(labels, logits, k=min(5, logits.shape[-1]))
-                top1 = tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels)
-                return tf.stack([
-                    tf.reduce_sum(loss * mask),
-                    tf.reduce_sum(tf.cast(top1, tf.float32) * mask),
-                    tf.reduce_sum(tf.cast(top5, tf.float32) * mask),
-                    tf.reduce_sum(mask),
-                ])  # fmt: skip
-
-            sums = self.strategy.run(replica, args=(images, labels, mask))
-            return self.strategy.reduce(tf.distribute.ReduceOp.SUM, sums, axis=None)
-
-        return eval_step
-
     # --- data -----------------------------------------------------------------------------
 
     def _train_iterator(self):
@@ -409,6 +394,7 @@ class Trainer:
                 label_offset=config.label_offset,
                 input_context=context,
                 seed=seed,
+                deterministic=config.deterministic_data,
             )
 
         return iter(self.strategy.distribute_datasets_from_function(dataset_fn))
@@ -433,21 +419,13 @@ class Trainer:
 
     def evaluate(self, ema=False):
         """top1, top5, loss over the validation set (of the EMA weights with `ema=True`)."""
-        eval_step = self._build_eval_step()
         if ema:
             self.ema.swap()
         try:
-            totals = np.zeros(4)
-            for images, labels, mask in self._eval_dataset():
-                totals += np.asarray(eval_step(images, labels, mask))
-        except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as error:
-            raise TrainingError(_data_error_message(error)) from None
+            return evaluate_model(self.model, self._eval_dataset(), self.strategy)
         finally:
             if ema:
                 self.ema.swap()
-        count = max(totals[3], 1.0)
-        return dict(loss=totals[0] / count, top1=totals[1] / count, top5=totals[2] / count,
-                    examples=int(totals[3]))
 
     def evaluate_both(self):
         raw, averaged = self.evaluate(), self.evaluate(ema=True)
@@ -556,6 +534,38 @@ class Trainer:
             self._log_eval(tf.summary.create_file_writer(os.path.join(self.dir, "eval")), results)
         self.write_results(results)
         return results
+
+
+def evaluate_model(model, dataset, strategy):
+    """top1, top5, mean loss and count over a distributed `(images, labels, mask)` dataset."""
+
+    @tf.function
+    def eval_step(images, labels, mask):
+        def replica(images, labels, mask):
+            logits = tf.cast(model(images, training=False), tf.float32)
+            loss = keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
+            top5 = tf.math.in_top_k(labels, logits, k=min(5, logits.shape[-1]))
+            top1 = tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels)
+            return tf.stack([
+                tf.reduce_sum(loss * mask),
+                tf.reduce_sum(tf.cast(top1, tf.float32) * mask),
+                tf.reduce_sum(tf.cast(top5, tf.float32) * mask),
+                tf.reduce_sum(mask),
+            ])  # fmt: skip
+
+        sums = strategy.run(replica, args=(images, labels, mask))
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, sums, axis=None)
+
+    totals = np.zeros(4)
+    try:
+        for images, labels, mask in dataset:
+            totals += np.asarray(eval_step(images, labels, mask))
+    except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as error:
+        raise TrainingError(_data_error_message(error)) from None
+    count = max(totals[3], 1.0)
+    return dict(
+        loss=totals[0] / count, top1=totals[1] / count, top5=totals[2] / count, examples=int(totals[3])
+    )
 
 
 class Preempted(Exception):
