@@ -280,12 +280,8 @@ def official_to_state(state_dict, source="state dict"):
 # --- Keras .weights.h5 ----------------------------------------------------------------------
 
 
-def read_keras_weights(path, config):
-    """Reads a `.weights.h5` written by a keras_t2t model of architecture `config`.
-
-    The file is loaded into a twin model of the file's own head and size, whose variables
-    then give the state; so it loads into models with another head or size too.
-    """
+def keras_weights_info(path):
+    """(position table shape, head kernel shape or None, has preprocessing) of a .weights.h5."""
     import h5py
 
     try:
@@ -293,13 +289,22 @@ def read_keras_weights(path, config):
             layers = f["layers"]
             pos_shape = layers["position_embedding/vars/0"].shape
             head_shape = layers["dense/vars/0"].shape if "dense" in layers else None
-            has_preprocessing = "rescaling" in layers
+            return pos_shape, head_shape, "rescaling" in layers
     except (OSError, KeyError) as error:
         raise ValueError(
             f"Could not read {path!r} as keras_t2t weights ({error}). Expected a .weights.h5 "
             f"saved from a keras_t2t model (`model.save_weights`) or written by "
             f"`python -m keras_t2t.convert`."
         ) from error
+
+
+def read_keras_weights(path, config):
+    """Reads a `.weights.h5` written by a keras_t2t model of architecture `config`.
+
+    The file is loaded into a twin model of the file's own head and size, whose variables
+    then give the state; so it loads into models with another head or size too.
+    """
+    pos_shape, head_shape, has_preprocessing = keras_weights_info(path)
     from keras_t2t.models import T2TViT
 
     tokens = pos_shape[1] - 1

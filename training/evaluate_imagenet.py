@@ -32,14 +32,18 @@ def build_model(weights, model=None, num_heads=None, image_size=None):
     if weights.lower().endswith(weights_lib.KERAS_SUFFIX):
         if model is None:
             raise ValueError("A .weights.h5 file does not say its variant: pass --model.")
-        found = {}
+        weights_lib.check_path(weights)
+        head = weights_lib.keras_weights_info(weights)[1]
+        found = dict(classes=head[1] if head else None)
     else:
         found = weights_lib.infer_config(weights_lib.read_official_checkpoint(weights))
+    if not found["classes"]:
+        raise ValueError(f"{weights!r} has no classification head to evaluate.")
     name, arch = weights_lib.resolve_architecture(found, model, num_heads, source=weights)
     shape = None if image_size is None else (image_size, image_size, 3)
     return keras_t2t.T2TViT(
-        **arch, weights=weights, input_shape=shape, classifier_activation=None,
-        name=name or "t2t_vit",
+        **arch, weights=weights, input_shape=shape, classes=found["classes"],
+        classifier_activation=None, name=name or "t2t_vit",
     )  # fmt: skip
 
 
