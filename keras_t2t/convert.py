@@ -82,8 +82,14 @@ def main(argv=None):
         f"{report['classes']} classes, {report['params']:,} parameters"
     )
     if "max_abs_diff_official" in report:
-        print(f"  max abs difference vs the official forward (torch): {report['max_abs_diff_official']:.3g}")
-        print(f"  max abs difference after reloading {report['dst']}: {report['max_abs_diff_reload']:.3g}")
+        print(
+            "  max abs difference vs the official forward (torch): "
+            f"{report['max_abs_diff_official']:.3g}"
+        )
+        print(
+            f"  max abs difference after reloading {report['dst']}: "
+            f"{report['max_abs_diff_reload']:.3g}"
+        )
     return 0
 
 

@@ -29,8 +29,17 @@ def _config_of(model):
     )
 
 
-def count_macs(tokens_type, embed_dim, depth, mlp_ratio, image_size=224, classes=1000,
-               token_dim=64, in_channels=3, **_):
+def count_macs(
+    tokens_type,
+    embed_dim,
+    depth,
+    mlp_ratio,
+    image_size=224,
+    classes=1000,
+    token_dim=64,
+    in_channels=3,
+    **_,
+):
     """Multiply-accumulates of one forward pass of one image."""
     side, channels, macs = image_size, in_channels, 0
     for stage, (kernel, stride, padding) in enumerate(SOFT_SPLITS):

@@ -181,8 +181,8 @@ class Mlp(keras.layers.Layer):
     def __init__(self, hidden_units, output_units=None, dropout_rate=0.0, **kwargs):
         super().__init__(**kwargs)
         self.hidden_units = _check_int("hidden_units", hidden_units)
-        self.output_units = None if output_units is None else _check_int(
-            "output_units", output_units
+        self.output_units = (
+            None if output_units is None else _check_int("output_units", output_units)
         )
         self.dropout_rate = _check_rate("dropout_rate", dropout_rate)
         self.fc1 = _dense(self.hidden_units, "fc1")
@@ -439,9 +439,7 @@ class MultiHeadSelfAttention(keras.layers.Layer):
     The softmax runs in float32 under mixed precision.
     """
 
-    def __init__(
-        self, num_heads, qkv_bias=False, qk_scale=None, dropout_rate=0.0, **kwargs
-    ):
+    def __init__(self, num_heads, qkv_bias=False, qk_scale=None, dropout_rate=0.0, **kwargs):
         super().__init__(**kwargs)
         self.num_heads = _check_int("num_heads", num_heads)
         self.qkv_bias = bool(qkv_bias)
@@ -454,9 +452,7 @@ class MultiHeadSelfAttention(keras.layers.Layer):
     def build(self, input_shape):
         dim = input_shape[-1]
         if dim % self.num_heads:
-            raise ValueError(
-                f"The width {dim} must be divisible by `num_heads`={self.num_heads}."
-            )
+            raise ValueError(f"The width {dim} must be divisible by `num_heads`={self.num_heads}.")
         self.head_dim = dim // self.num_heads
         self.scale = self.qk_scale or self.head_dim**-0.5
         self.qkv = _dense(3 * dim, "qkv", use_bias=self.qkv_bias)
@@ -557,7 +553,9 @@ class TransformerBlock(keras.layers.Layer):
         return input_shape
 
     def call(self, inputs, training=None):
-        x = inputs + self.drop_path(self.attn(self.norm1(inputs), training=training), training=training)
+        x = inputs + self.drop_path(
+            self.attn(self.norm1(inputs), training=training), training=training
+        )
         return x + self.drop_path(self.mlp(self.norm2(x), training=training), training=training)
 
     def get_config(self):

@@ -47,9 +47,7 @@ def _input_shape(input_shape, input_tensor, default_size):
         input_shape = (default_size, default_size, 3)
     input_shape = tuple(input_shape)
     if len(input_shape) != 3:
-        raise ValueError(
-            f"`input_shape` must be (height, width, 3), received {input_shape}."
-        )
+        raise ValueError(f"`input_shape` must be (height, width, 3), received {input_shape}.")
     height, width, channels = input_shape
     if channels != 3:
         raise ValueError(

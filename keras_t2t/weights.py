@@ -57,9 +57,7 @@ def check_path(weights):
             "and pass its path, or a .weights.h5 made by `python -m keras_t2t.convert`."
         )
     if not isinstance(weights, (str, os.PathLike)):
-        raise ValueError(
-            f"`weights` must be None or a path to a file, received {weights!r}."
-        )
+        raise ValueError(f"`weights` must be None or a path to a file, received {weights!r}.")
     path = os.fspath(weights)
     if not os.path.isfile(path):
         raise ValueError(
@@ -240,7 +238,9 @@ def _keras_path(key):
 
 def _patch_reader(key, in_channels, token_dim):
     """(channels, kernel) of the soft split whose vectors `key` reads, or None."""
-    match = re.match(r"tokens_to_token\.attention(\d)\.(norm1\.|kqv\.weight|attn\.qkv\.weight)", key)
+    match = re.match(
+        r"tokens_to_token\.attention(\d)\.(norm1\.|kqv\.weight|attn\.qkv\.weight)", key
+    )
     if match:
         stage = int(match.group(1))
         return (in_channels if stage == 1 else token_dim), KERNEL_SIDES[stage]

@@ -74,5 +74,10 @@ def test_evaluation_errors(golden, tmp_path, capsys):
     assert evaluate_imagenet.main(["--weights", golden["checkpoint"], "--data_dir", data_dir]) == 2
     assert "matches no official variant" in capsys.readouterr().err
     missing = str(tmp_path / "x.weights.h5")
-    assert evaluate_imagenet.main(["--weights", missing, "--data_dir", data_dir, "--model", "t2t_vit_7"]) == 2
+    assert (
+        evaluate_imagenet.main(
+            ["--weights", missing, "--data_dir", data_dir, "--model", "t2t_vit_7"]
+        )
+        == 2
+    )
     assert "does not exist" in capsys.readouterr().err

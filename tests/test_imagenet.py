@@ -8,8 +8,12 @@ from keras_t2t import imagenet
 def test_preprocess_input_uses_the_official_mean_and_std():
     x = np.stack([np.zeros((2, 2, 3)), np.full((2, 2, 3), 255.0)]).astype("float32")
     out = keras_t2t.preprocess_input(x)
-    np.testing.assert_allclose(out[0, 0, 0], [-0.485 / 0.229, -0.456 / 0.224, -0.406 / 0.225], rtol=1e-6)
-    np.testing.assert_allclose(out[1, 0, 0], [0.515 / 0.229, 0.544 / 0.224, 0.594 / 0.225], rtol=1e-6)
+    np.testing.assert_allclose(
+        out[0, 0, 0], [-0.485 / 0.229, -0.456 / 0.224, -0.406 / 0.225], rtol=1e-6
+    )
+    np.testing.assert_allclose(
+        out[1, 0, 0], [0.515 / 0.229, 0.544 / 0.224, 0.594 / 0.225], rtol=1e-6
+    )
     first = keras_t2t.preprocess_input(x.transpose(0, 3, 1, 2), data_format="channels_first")
     np.testing.assert_allclose(first.transpose(0, 2, 3, 1), out, rtol=1e-6)
 

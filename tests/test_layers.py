@@ -48,7 +48,9 @@ def test_patch_permutation_maps_torch_unfold_order():
     torch = pytest.importorskip("torch")
     x = np.random.default_rng(2).normal(size=(2, 12, 12, 4)).astype("float32")
     torch_patches = (
-        torch.nn.functional.unfold(torch.from_numpy(x.transpose(0, 3, 1, 2)), 3, stride=2, padding=1)
+        torch.nn.functional.unfold(
+            torch.from_numpy(x.transpose(0, 3, 1, 2)), 3, stride=2, padding=1
+        )
         .transpose(1, 2)
         .numpy()
     )
@@ -172,7 +174,11 @@ def test_class_token_and_position_embedding():
 
 
 LAYER_CASES = [
-    (layers.SoftSplit, dict(kernel_size=3, strides=2, padding=1, implementation="slices"), (2, 8, 8, 4)),
+    (
+        layers.SoftSplit,
+        dict(kernel_size=3, strides=2, padding=1, implementation="slices"),
+        (2, 8, 8, 4),
+    ),
     (layers.Restructure, {}, (2, 16, 4)),
     (layers.Mlp, dict(hidden_units=12, output_units=6, dropout_rate=0.1), (2, 5, 8)),
     (layers.TokenPerformer, dict(token_dim=16, kernel_ratio=0.5, dropout_rate=0.1), (2, 16, 27)),
@@ -187,7 +193,9 @@ LAYER_CASES = [
 ]
 
 
-@pytest.mark.parametrize("cls,kwargs,shape", LAYER_CASES, ids=lambda c: getattr(c, "__name__", None))
+@pytest.mark.parametrize(
+    "cls,kwargs,shape", LAYER_CASES, ids=lambda c: getattr(c, "__name__", None)
+)
 def test_layer_config_round_trip(cls, kwargs, shape):
     x = np.random.default_rng(6).normal(size=shape).astype("float32")
     layer = cls(**kwargs, name="under_test")

@@ -72,8 +72,12 @@ def test_builders_use_the_applications_signature():
 
 def test_variants_are_rows_of_one_table():
     assert set(keras_t2t.list_models()) >= {name for name, *_ in OFFICIAL.values()}
-    model = keras_t2t.create_model("T2T-ViT_t-14".replace("T2T-ViT_t-", "t2t_vit_t_"), classes=3,
-                                   input_shape=(32, 32, 3), drop_path_rate=0.1)
+    model = keras_t2t.create_model(
+        "T2T-ViT_t-14".replace("T2T-ViT_t-", "t2t_vit_t_"),
+        classes=3,
+        input_shape=(32, 32, 3),
+        drop_path_rate=0.1,
+    )
     assert model.name == "t2t_vit_t_14" and model.output_shape == (None, 3)
     rates = [model.get_layer(f"blocks_{i}").drop_path_rate for i in range(14)]
     np.testing.assert_allclose(rates, np.linspace(0, 0.1, 14), atol=1e-7)
@@ -121,7 +125,9 @@ def test_feature_maps_model():
     assert tuple(out["t2t_2"].shape) == (1, 12, 12, 64)
     assert tuple(out["tokens"].shape) == (1, 6, 6, 64)
     sequence = np.asarray(model(np.zeros((1, 96, 96, 3), "float32")))
-    np.testing.assert_allclose(np.asarray(out["tokens"]).reshape(1, 36, 64), sequence[:, 1:], atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(out["tokens"]).reshape(1, 36, 64), sequence[:, 1:], atol=1e-6
+    )
 
 
 def test_include_preprocessing_normalizes_inside():

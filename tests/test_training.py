@@ -54,7 +54,9 @@ def tiny_config(data_dir, model_dir, **overrides):
 
 
 def test_a_few_steps_with_xla_and_the_full_augmentation(tiny_records, tmp_path):
-    aug = data.Augmentation(randaugment_ops=2, mixup_alpha=0.8, cutmix_alpha=1.0, random_erasing=0.25)
+    aug = data.Augmentation(
+        randaugment_ops=2, mixup_alpha=0.8, cutmix_alpha=1.0, random_erasing=0.25
+    )
     config = trainer.Config(**tiny_config(tiny_records, tmp_path, jit_compile=True), aug=aug)
     results = trainer.Trainer(config).run()
     assert results["step"] == 6 and results["examples"] == 20
@@ -112,8 +114,14 @@ def _worker(config, out, env=None, timeout=300):
 
 
 def test_mirrored_over_two_devices_matches_one_device(tiny_records, tmp_path):
-    common = dict(mode="train", deterministic_data=True, seed=3, learning_rate=0.1,
-                  warmup_epochs=0, _no_dropout=True)
+    common = dict(
+        mode="train",
+        deterministic_data=True,
+        seed=3,
+        learning_rate=0.1,
+        warmup_epochs=0,
+        _no_dropout=True,
+    )
     one = _worker(tiny_config(tiny_records, tmp_path / "one", **common), tmp_path / "one.npz")
     two = _worker(
         tiny_config(tiny_records, tmp_path / "two", strategy="mirrored", _logical_cpus=2, **common),
@@ -156,11 +164,19 @@ def _free_ports(count):
 def test_two_multi_worker_processes_end_with_identical_weights(tiny_records, tmp_path):
     ports = _free_ports(2)
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
-    config = tiny_config(tiny_records, tmp_path / "run", strategy="multi_worker", seed=5,
-                         aug=dict(mixup_alpha=0.8, cutmix_alpha=1.0, randaugment_ops=2))
+    config = tiny_config(
+        tiny_records,
+        tmp_path / "run",
+        strategy="multi_worker",
+        seed=5,
+        aug=dict(mixup_alpha=0.8, cutmix_alpha=1.0, randaugment_ops=2),
+    )
     processes = []
     for index in range(2):
-        env = dict(ENV, TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}))
+        env = dict(
+            ENV,
+            TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}),
+        )
         processes.append(subprocess.Popen(
             [sys.executable, str(WORKER), json.dumps(config), str(tmp_path / f"w{index}.npz")],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -210,8 +226,13 @@ def _latest_step(model_dir):
 
 def test_kill_and_resume_continues_from_the_checkpoint(tiny_records, tmp_path):
     args = ["--epochs=40", "--mode=train_and_eval", "--eval_every_epochs=40"]
-    process = subprocess.Popen(_cli(args, tmp_path, tiny_records), env=ENV,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        _cli(args, tmp_path, tiny_records),
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         _wait_for_checkpoint(tmp_path, process)
         time.sleep(1.0)
@@ -221,8 +242,9 @@ def test_kill_and_resume_continues_from_the_checkpoint(tiny_records, tmp_path):
         process.kill()
     killed_at = _latest_step(tmp_path)
     assert killed_at % 4 == 0 and 0 < killed_at < 160
-    resumed = subprocess.run(_cli(args, tmp_path, tiny_records), env=ENV, capture_output=True,
-                             text=True, timeout=600)
+    resumed = subprocess.run(
+        _cli(args, tmp_path, tiny_records), env=ENV, capture_output=True, text=True, timeout=600
+    )
     log = resumed.stdout + resumed.stderr
     assert resumed.returncode == 0, log[-3000:]
     assert re.search(rf"Resumed from \S+ckpt-{killed_at} at step {killed_at}\.", log)
@@ -233,8 +255,13 @@ def test_kill_and_resume_continues_from_the_checkpoint(tiny_records, tmp_path):
 
 def test_sigterm_saves_and_stops(tiny_records, tmp_path):
     args = ["--epochs=200", "--mode=train"]
-    process = subprocess.Popen(_cli(args, tmp_path, tiny_records), env=ENV,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        _cli(args, tmp_path, tiny_records),
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         _wait_for_checkpoint(tmp_path, process)
         process.send_signal(signal.SIGTERM)
@@ -247,13 +274,23 @@ def test_sigterm_saves_and_stops(tiny_records, tmp_path):
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_records, tmp_path):
-    first = subprocess.run(_cli(["--epochs=1", "--warmup_epochs=0", "--mode=train"], tmp_path, tiny_records), env=ENV,
-                           capture_output=True, text=True, timeout=300)
+    first = subprocess.run(
+        _cli(["--epochs=1", "--warmup_epochs=0", "--mode=train"], tmp_path, tiny_records),
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert first.returncode == 0, first.stderr[-3000:]
     assert _latest_step(tmp_path) == 4
     diverging = ["--epochs=3", "--mode=train", "--learning_rate=1e30", "--warmup_epochs=0"]
-    second = subprocess.run(_cli(diverging, tmp_path, tiny_records), env=ENV,
-                            capture_output=True, text=True, timeout=300)
+    second = subprocess.run(
+        _cli(diverging, tmp_path, tiny_records),
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert second.returncode == 2
     assert "training diverged" in second.stderr and "last good checkpoint" in second.stderr
     assert "Traceback" not in second.stderr
@@ -261,8 +298,11 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_records, tmp_pat
 
 
 def _run_config(data_dir, model_dir, **overrides):
-    return trainer.Trainer(trainer.Config(**tiny_config(data_dir, model_dir, **overrides),
-                                          aug=data.Augmentation.none())).run()
+    return trainer.Trainer(
+        trainer.Config(
+            **tiny_config(data_dir, model_dir, **overrides), aug=data.Augmentation.none()
+        )
+    ).run()
 
 
 def test_no_matching_files(tmp_path):
@@ -300,7 +340,10 @@ def test_label_out_of_range(tmp_path):
         (dict(image_size=200), "--image_size must be a multiple of 16"),
         (dict(model="t2t_vit_15"), "Unknown --model"),
         (dict(mode="predict"), "--mode must be one of"),
-        (dict(grad_clip=1.0, mixed_precision="float16"), "--grad_clip with --mixed_precision=float16"),
+        (
+            dict(grad_clip=1.0, mixed_precision="float16"),
+            "--grad_clip with --mixed_precision=float16",
+        ),
     ],
 )
 def test_bad_flags(tmp_path, overrides, match):
@@ -309,8 +352,13 @@ def test_bad_flags(tmp_path, overrides, match):
 
 
 def test_cli_reports_errors_without_a_traceback(tmp_path):
-    result = subprocess.run(_cli(["--epochs=2"], tmp_path / "run", tmp_path), env=ENV,
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        _cli(["--epochs=2"], tmp_path / "run", tmp_path),
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2
     assert "error: No train TFRecords found" in result.stderr and "Traceback" not in result.stderr
 
@@ -354,21 +402,33 @@ def test_build_tfrecords_from_folders(tmp_path):
             (tmp_path / "photos" / name / f"{i}.{suffix}").write_bytes(encode(image).numpy())
     (tmp_path / "photos" / "dog" / "notes.txt").write_text("not an image")
     out = tmp_path / "records"
-    assert build_tfrecords.main(["--input_dir", str(tmp_path / "photos"), "--output_dir", str(out),
-                                 "--num_shards", "2"]) == 0
+    assert (
+        build_tfrecords.main(
+            ["--input_dir", str(tmp_path / "photos"), "--output_dir", str(out), "--num_shards", "2"]
+        )
+        == 0
+    )
     assert (out / "labels.txt").read_text().split() == ["cat", "dog"]
     records = data._examples(data.list_files(str(out), "train"), None, False, None, 2, 1)
     labels = sorted(int(label) for _, label in records)
     assert labels == [0, 0, 1, 1, 1]
-    assert build_tfrecords.main(["--input_dir", str(tmp_path / "nothing"), "--output_dir", str(out)]) == 2
+    assert (
+        build_tfrecords.main(["--input_dir", str(tmp_path / "nothing"), "--output_dir", str(out)])
+        == 2
+    )
 
 
 @pytest.mark.slow
 def test_embedded_default_learns(tmp_path):
     """The README's first command: digits, T2T-ViT-7, a few minutes on 2 cores, >= 95% top-1."""
     env = dict(ENV, KERAS_T2T_CACHE=str(tmp_path / "cache"))
-    result = subprocess.run([sys.executable, str(TRAIN), f"--model_dir={tmp_path / 'run'}"],
-                            env=env, capture_output=True, text=True, timeout=900)
+    result = subprocess.run(
+        [sys.executable, str(TRAIN), f"--model_dir={tmp_path / 'run'}"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((tmp_path / "run" / "eval_results.json").read_text())
     assert results["examples"] == 359  # the held-out 20% of the 1,797 digits

@@ -94,7 +94,9 @@ def test_head_dropped_without_top_or_with_other_classes(golden, caplog):
             np.testing.assert_array_equal(a, b)
     # The features are the official ones: the head applied to them gives the golden logits.
     head = torch.load(golden["checkpoint"], map_location="cpu", weights_only=True)["state_dict_ema"]
-    features = np.asarray(golden_model(golden, include_top=False, pooling="token")(golden["images"]))
+    features = np.asarray(
+        golden_model(golden, include_top=False, pooling="token")(golden["images"])
+    )
     logits = features @ head["head.weight"].numpy().T + head["head.bias"].numpy()
     assert np.abs(logits - golden["logits"]).max() <= TOLERANCE
 
@@ -102,7 +104,9 @@ def test_head_dropped_without_top_or_with_other_classes(golden, caplog):
 def test_position_table_interpolated_at_another_size(golden, caplog):
     with caplog.at_level(logging.WARNING, logger="keras_t2t"):
         model = golden_model(golden, input_shape=(96, 96, 3))
-    assert "Interpolating the position table" in caplog.text and "from 16 to 36 tokens" in caplog.text
+    assert (
+        "Interpolating the position table" in caplog.text and "from 16 to 36 tokens" in caplog.text
+    )
     table = model.get_layer("pos_embed").pos_embed.numpy()
     source = torch.load(golden["checkpoint"], map_location="cpu", weights_only=True)
     source = source["state_dict_ema"]["pos_embed"].numpy()
@@ -126,17 +130,30 @@ def test_wrong_variant_names_every_tensor_and_the_file_variant(golden):
     message = str(info.value)
     assert "missing from the file" in message and "unexpected in the file" in message
     assert "tokens_to_token.attention1" in message  # named as in the file
-    with pytest.raises(ValueError, match=r"of another shape.*blocks\.0\.mlp\.fc1\.weight: file \(128, 64\), model \(256, 64\)"):
-        keras_t2t.T2TViT(tokens_type=golden["tokens_type"], embed_dim=64, depth=2, num_heads=2,
-                         mlp_ratio=4.0, weights=golden["checkpoint"], classes=10)
+    with pytest.raises(
+        ValueError,
+        match=r"of another shape.*blocks\.0\.mlp\.fc1\.weight: file \(128, 64\), model \(256, 64\)",
+    ):
+        keras_t2t.T2TViT(
+            tokens_type=golden["tokens_type"],
+            embed_dim=64,
+            depth=2,
+            num_heads=2,
+            mlp_ratio=4.0,
+            weights=golden["checkpoint"],
+            classes=10,
+        )
 
 
 def test_real_variant_is_named_in_errors():
     model = keras_t2t.T2TViT7(input_shape=(32, 32, 3))
     state = {w.path: w.numpy() for w in model.weights}
     ws = weights_lib.WeightsState(
-        arrays=state, source="x", names={}, config=dict(tokens_type="performer", embed_dim=256,
-                                                        depth=7, mlp_ratio=2.0))
+        arrays=state,
+        source="x",
+        names={},
+        config=dict(tokens_type="performer", embed_dim=256, depth=7, mlp_ratio=2.0),
+    )
     assert ws.variant == "t2t_vit_7"
     with pytest.raises(ValueError, match="looks like 't2t_vit_7'"):
         weights_lib.assign_state(keras_t2t.T2TViT10(input_shape=(32, 32, 3)), ws)
@@ -223,8 +240,10 @@ def test_converter_infers_official_variant(tmp_path):
     model = keras_t2t.T2TViT7(input_shape=(32, 32, 3), classes=3)
     # Write an official-layout checkpoint from a Keras model, the inverse of the mapping.
     official = _to_official({w.path: w.numpy() for w in model.weights})
-    src = _save({"state_dict_ema": {k: torch.from_numpy(v) for k, v in official.items()}},
-                tmp_path / "71.7_T2T_ViT_7.pth.tar")
+    src = _save(
+        {"state_dict_ema": {k: torch.from_numpy(v) for k, v in official.items()}},
+        tmp_path / "71.7_T2T_ViT_7.pth.tar",
+    )
     report = convert.convert(src, str(tmp_path / "t7.weights.h5"))
     assert report["model"] == "t2t_vit_7" and report["image_size"] == 32 and report["classes"] == 3
     assert report["max_abs_diff_official"] <= TOLERANCE
@@ -248,14 +267,28 @@ def _to_official(keras_arrays):
 
 def _official_names(keras_arrays):
     depth = 1 + max(int(p.split("/")[0][7:]) for p in keras_arrays if p.startswith("blocks_"))
-    names = ["cls_token", "pos_embed", "norm.weight", "norm.bias", "head.weight", "head.bias",
-             "tokens_to_token.project.weight", "tokens_to_token.project.bias"]
+    names = [
+        "cls_token",
+        "pos_embed",
+        "norm.weight",
+        "norm.bias",
+        "head.weight",
+        "head.bias",
+        "tokens_to_token.project.weight",
+        "tokens_to_token.project.bias",
+    ]
     for a in (1, 2):
         p = f"tokens_to_token.attention{a}"
-        names += [f"{p}.w"] + [f"{p}.{m}.{t}" for m in ("kqv", "proj", "norm1", "norm2", "mlp.0",
-                                                        "mlp.2") for t in ("weight", "bias")]
+        names += [f"{p}.w"] + [
+            f"{p}.{m}.{t}"
+            for m in ("kqv", "proj", "norm1", "norm2", "mlp.0", "mlp.2")
+            for t in ("weight", "bias")
+        ]
     for i in range(depth):
         p = f"blocks.{i}"
-        names += [f"{p}.attn.qkv.weight"] + [f"{p}.{m}.{t}" for m in (
-            "attn.proj", "norm1", "norm2", "mlp.fc1", "mlp.fc2") for t in ("weight", "bias")]
+        names += [f"{p}.attn.qkv.weight"] + [
+            f"{p}.{m}.{t}"
+            for m in ("attn.proj", "norm1", "norm2", "mlp.fc1", "mlp.fc2")
+            for t in ("weight", "bias")
+        ]
     return names

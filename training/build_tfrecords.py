@@ -80,9 +80,7 @@ def folder_examples(input_dir, label_offset=1):
     """(classes, generator of serialized examples) from `input_dir/<class>/<image>`."""
     if not os.path.isdir(input_dir):
         raise ValueError(f"--input_dir {input_dir!r} is not a folder.")
-    classes = sorted(
-        d for d in os.listdir(input_dir) if os.path.isdir(os.path.join(input_dir, d))
-    )
+    classes = sorted(d for d in os.listdir(input_dir) if os.path.isdir(os.path.join(input_dir, d)))
     if not classes:
         raise ValueError(
             f"{input_dir!r} has no class subfolders; expected {input_dir}/<class>/<image>.jpg."

@@ -161,7 +161,10 @@ class Augmenter:
             keras.layers.RandAugment(
                 value_range=(0, 255),
                 num_ops=aug.randaugment_ops,
-                factor=(aug.randaugment_magnitude - 0.05, min(aug.randaugment_magnitude + 0.05, 1.0)),
+                factor=(
+                    aug.randaugment_magnitude - 0.05,
+                    min(aug.randaugment_magnitude + 0.05, 1.0),
+                ),
                 seed=seed,
             )
             if aug.randaugment_ops
@@ -174,7 +177,9 @@ class Augmenter:
             if aug.random_erasing
             else None
         )
-        self.mixup = keras.layers.MixUp(alpha=aug.mixup_alpha, seed=seed) if aug.mixup_alpha else None
+        self.mixup = (
+            keras.layers.MixUp(alpha=aug.mixup_alpha, seed=seed) if aug.mixup_alpha else None
+        )
         self.cutmix = (
             keras.layers.CutMix(factor=aug.cutmix_alpha, seed=seed) if aug.cutmix_alpha else None
         )
@@ -246,8 +251,18 @@ def _examples(source, input_context, shuffle, seed, num_classes, label_offset):
     return dataset.map(parse, num_parallel_calls=AUTOTUNE)
 
 
-def train_dataset(source, batch_size, image_size, num_classes, aug, label_offset=1,
-                  input_context=None, seed=None, shuffle_buffer=10_000, deterministic=False):
+def train_dataset(
+    source,
+    batch_size,
+    image_size,
+    num_classes,
+    aug,
+    label_offset=1,
+    input_context=None,
+    seed=None,
+    shuffle_buffer=10_000,
+    deterministic=False,
+):
     """Infinite training batches `(images [B, S, S, 3] float32, one-hot targets [B, C])`.
 
     `source` is a list of TFRecord files or a TFDS dataset (`tfds_dataset`). `batch_size` is
@@ -265,8 +280,9 @@ def train_dataset(source, batch_size, image_size, num_classes, aug, label_offset
     return dataset.with_options(options).prefetch(AUTOTUNE)
 
 
-def eval_dataset(source, batch_size, image_size, num_classes, crop_pct=0.9, label_offset=1,
-                 input_context=None):
+def eval_dataset(
+    source, batch_size, image_size, num_classes, crop_pct=0.9, label_offset=1, input_context=None
+):
     """Evaluation batches `(images, labels, mask)`: one pass over every record, in order.
 
     The last batch is padded to `batch_size` (static shapes for TPU); `mask` is 0 on padding.

@@ -47,8 +47,16 @@ def build_model(weights, model=None, num_heads=None, image_size=None):
     )  # fmt: skip
 
 
-def evaluate(weights, data_dir, model=None, num_heads=None, image_size=None, crop_pct=0.9,
-             batch_size=128, label_offset=1):
+def evaluate(
+    weights,
+    data_dir,
+    model=None,
+    num_heads=None,
+    image_size=None,
+    crop_pct=0.9,
+    batch_size=128,
+    label_offset=1,
+):
     """Returns dict(top1, top5, loss, examples) of `weights` on the validation TFRecords."""
     files = data_lib.list_files(data_dir, "validation")
     net = build_model(weights, model, num_heads, image_size)

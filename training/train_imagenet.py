@@ -25,8 +25,12 @@ from training import data as data_lib
 FLAGS = flags.FLAGS
 _D = data_lib.Augmentation()
 
-flags.DEFINE_string("data_dir", None, "ImageNet TFRecords (local or gs://); unset: the embedded digits.")
-flags.DEFINE_enum("data_source", "tfrecord", ["tfrecord", "tfds"], "TFRecords or TFDS imagenet2012.")
+flags.DEFINE_string(
+    "data_dir", None, "ImageNet TFRecords (local or gs://); unset: the embedded digits."
+)
+flags.DEFINE_enum(
+    "data_source", "tfrecord", ["tfrecord", "tfds"], "TFRecords or TFDS imagenet2012."
+)
 flags.DEFINE_string("model_dir", None, "Checkpoints, summaries, config.json, eval_results.json.")
 flags.DEFINE_string("model", "t2t_vit_14", "Variant, e.g. t2t_vit_7 ... t2t_vit_t_24.")
 flags.DEFINE_integer("image_size", 224, "Square input side, a multiple of 16.")
@@ -37,17 +41,25 @@ flags.DEFINE_integer("eval_batch_size", None, "Global evaluation batch size (def
 flags.DEFINE_integer("epochs", 310, "Epochs, cooldown included.")
 flags.DEFINE_integer("warmup_epochs", 5, "Linear warmup epochs from 1e-6.")
 flags.DEFINE_integer("cooldown_epochs", 10, "Epochs at --min_lr after the cosine.")
-flags.DEFINE_float("learning_rate", None, "Peak LR for batch 512, scaled linearly (default: recipe).")
+flags.DEFINE_float(
+    "learning_rate", None, "Peak LR for batch 512, scaled linearly (default: recipe)."
+)
 flags.DEFINE_float("min_lr", 1e-5, "LR at the end of the cosine and in the cooldown.")
 flags.DEFINE_float("weight_decay", None, "AdamW weight decay (default: recipe).")
 flags.DEFINE_float("grad_clip", None, "Clip gradients to this global norm.")
 flags.DEFINE_float("drop_path_rate", 0.1, "Stochastic depth.")
 flags.DEFINE_float("ema_decay", 0.99996, "EMA decay of the weights, per step.")
 flags.DEFINE_enum("mode", "train_and_eval", ["train", "eval", "train_and_eval"], "What to run.")
-flags.DEFINE_enum("strategy", "default", ["default", "mirrored", "multi_worker", "tpu"], "tf.distribute strategy.")
-flags.DEFINE_string("tpu", None, "TPU name or address (with --strategy=tpu; set alone, implies it).")
+flags.DEFINE_enum(
+    "strategy", "default", ["default", "mirrored", "multi_worker", "tpu"], "tf.distribute strategy."
+)
+flags.DEFINE_string(
+    "tpu", None, "TPU name or address (with --strategy=tpu; set alone, implies it)."
+)
 flags.DEFINE_string("weights", None, "Start from these weights (.pth.tar or .weights.h5).")
-flags.DEFINE_enum("mixed_precision", None, ["float32", "bfloat16", "float16"], "Default: bfloat16 on TPU.")
+flags.DEFINE_enum(
+    "mixed_precision", None, ["float32", "bfloat16", "float16"], "Default: bfloat16 on TPU."
+)
 flags.DEFINE_float("crop_pct", 0.9, "Evaluation crop fraction (resize to size / crop_pct).")
 flags.DEFINE_integer("steps_per_loop", 100, "Steps per tf.function call.")
 flags.DEFINE_integer("steps_per_epoch", None, "Override the steps of an epoch.")
@@ -57,7 +69,9 @@ flags.DEFINE_integer("seed", 0, "Random seed.")
 flags.DEFINE_float("crop_scale_min", _D.crop_scale_min, "Random resized crop: smallest area.")
 flags.DEFINE_bool("hflip", _D.hflip, "Random horizontal flip.")
 flags.DEFINE_integer("randaugment_ops", _D.randaugment_ops, "RandAugment ops per image (0: off).")
-flags.DEFINE_float("randaugment_magnitude", _D.randaugment_magnitude, "RandAugment strength in [0, 1].")
+flags.DEFINE_float(
+    "randaugment_magnitude", _D.randaugment_magnitude, "RandAugment strength in [0, 1]."
+)
 flags.DEFINE_float("mixup", _D.mixup_alpha, "Mixup alpha (0: off).")
 flags.DEFINE_float("cutmix", _D.cutmix_alpha, "CutMix alpha (0: off).")
 flags.DEFINE_float("label_smoothing", _D.label_smoothing, "Label smoothing.")
@@ -83,9 +97,13 @@ def config_from_flags():
         for name, value in EMBEDDED.items():
             if not FLAGS[name].present:
                 values[name] = value
-        cache = os.path.join(os.path.expanduser(os.environ.get("KERAS_T2T_CACHE", "~/.cache/keras_t2t")))
+        cache = os.path.join(
+            os.path.expanduser(os.environ.get("KERAS_T2T_CACHE", "~/.cache/keras_t2t"))
+        )
         values["data_dir"] = digits_tfrecords(cache, values["image_size"])
-        logging.info("No --data_dir: training on the embedded digits TFRecords in %s.", values["data_dir"])
+        logging.info(
+            "No --data_dir: training on the embedded digits TFRecords in %s.", values["data_dir"]
+        )
     if values["tpu"] and not FLAGS["strategy"].present:
         values["strategy"] = "tpu"
     if values["model_dir"] is None:

@@ -85,7 +85,10 @@ def recipe(model):
     """The paper's learning rate (batch 512) and weight decay for a variant."""
     small = model in ("t2t_vit_7", "t2t_vit_10", "t2t_vit_12")
     large = any(model.endswith(s) for s in ("_19", "_24"))
-    return dict(learning_rate=1e-3 if small else 5e-4, weight_decay=0.03 if small else (0.065 if large else 0.05))
+    return dict(
+        learning_rate=1e-3 if small else 5e-4,
+        weight_decay=0.03 if small else (0.065 if large else 0.05),
+    )
 
 
 def resolve(config):
@@ -93,7 +96,8 @@ def resolve(config):
     config = dataclasses.replace(config)
     if config.model not in keras_t2t.MODEL_CONFIGS:
         raise TrainingError(
-            f"Unknown --model {config.model!r}. Known variants: {', '.join(keras_t2t.list_models())}."
+            f"Unknown --model {config.model!r}. "
+            f"Known variants: {', '.join(keras_t2t.list_models())}."
         )
     defaults = recipe(config.model)
     if config.learning_rate is None:
@@ -102,22 +106,27 @@ def resolve(config):
         config.weight_decay = defaults["weight_decay"]
     if config.mixed_precision is None:
         config.mixed_precision = "bfloat16" if config.strategy == "tpu" else "float32"
+    for flag, value, allowed in (
+        ("--mode", config.mode, MODES),
+        ("--strategy", config.strategy, STRATEGIES),
+        ("--mixed_precision", config.mixed_precision, PRECISIONS),
+        ("--data_source", config.data_source, ("tfrecord", "tfds")),
+    ):
+        if value not in allowed:
+            raise TrainingError(f"{flag} must be one of {allowed}, received {value!r}.")
     checks = [
-        (config.mode in MODES, f"--mode must be one of {MODES}, received {config.mode!r}."),
-        (config.strategy in STRATEGIES, f"--strategy must be one of {STRATEGIES}, received {config.strategy!r}."),
-        (config.mixed_precision in PRECISIONS, f"--mixed_precision must be one of {PRECISIONS}, received {config.mixed_precision!r}."),
         (config.image_size >= 16 and config.image_size % 16 == 0,
-         f"--image_size must be a multiple of 16 (224, 384, 32, ...), received {config.image_size}."),
+         f"--image_size must be a multiple of 16 (224, 384, 32, ...), "
+         f"received {config.image_size}."),
         (config.batch_size >= 1, f"--batch_size must be >= 1, received {config.batch_size}."),
         (config.epochs >= 1, f"--epochs must be >= 1, received {config.epochs}."),
         (0 <= config.warmup_epochs < config.epochs,
          f"--warmup_epochs must be in [0, --epochs), received {config.warmup_epochs}."),
-        (config.steps_per_loop >= 1, f"--steps_per_loop must be >= 1, received {config.steps_per_loop}."),
+        (config.steps_per_loop >= 1,
+         f"--steps_per_loop must be >= 1, received {config.steps_per_loop}."),
         (not (config.grad_clip and config.mixed_precision == "float16"),
          "--grad_clip with --mixed_precision=float16 is not supported (the loss scale hides the "
          "gradient norm); use bfloat16, or no clipping."),
-        (config.data_source in ("tfrecord", "tfds"),
-         f"--data_source must be 'tfrecord' or 'tfds', received {config.data_source!r}."),
     ]  # fmt: skip
     for ok, message in checks:
         if not ok:
@@ -276,7 +285,8 @@ class Trainer:
         self.eval_batch_size = config.eval_batch_size or config.batch_size
         if self.eval_batch_size % replicas:
             raise TrainingError(
-                f"--eval_batch_size={self.eval_batch_size} is not divisible by the {replicas} replicas."
+                f"--eval_batch_size={self.eval_batch_size} is not divisible by the "
+                f"{replicas} replicas."
             )
         self.chief = is_chief(self.strategy)
         self.dir = worker_dir(config.model_dir, self.strategy)
@@ -296,7 +306,8 @@ class Trainer:
             self.steps_per_epoch = config.steps_per_epoch or train_examples // config.batch_size
             if self.steps_per_epoch < 1:
                 raise TrainingError(
-                    f"{train_examples} training examples make no full batch of {config.batch_size}; "
+                    f"{train_examples} training examples make no full batch of "
+                    f"{config.batch_size}; "
                     f"lower --batch_size."
                 )
         else:
@@ -307,13 +318,24 @@ class Trainer:
 
         with self.strategy.scope():
             self.model = build_model(config)
-            self.optimizer, self.schedule = build_optimizer(config, self.steps_per_epoch, self.model)
+            self.optimizer, self.schedule = build_optimizer(
+                config, self.steps_per_epoch, self.model
+            )
             self.ema = ExponentialMovingAverage(self.model.trainable_variables, config.ema_decay)
-            self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step",
-                                    aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
-            self.loss_sum = tf.Variable(0.0, trainable=False, name="loss_sum",
-                                        synchronization=tf.VariableSynchronization.ON_READ,
-                                        aggregation=tf.VariableAggregation.SUM)
+            self.step = tf.Variable(
+                0,
+                dtype=tf.int64,
+                trainable=False,
+                name="step",
+                aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+            )
+            self.loss_sum = tf.Variable(
+                0.0,
+                trainable=False,
+                name="loss_sum",
+                synchronization=tf.VariableSynchronization.ON_READ,
+                aggregation=tf.VariableAggregation.SUM,
+            )
             self.data_rng = tf.random.Generator.from_seed(config.seed)
         self.checkpoint = tf.train.Checkpoint(
             model_variables=list(self.model.variables),  # frozen tensors and RNG states too
@@ -323,7 +345,9 @@ class Trainer:
             data_rng=self.data_rng,
         )
         self.manager = tf.train.CheckpointManager(
-            self.checkpoint, os.path.join(self.dir, "checkpoints"), max_to_keep=config.max_checkpoints
+            self.checkpoint,
+            os.path.join(self.dir, "checkpoints"),
+            max_to_keep=config.max_checkpoints,
         )
         self.preempted = False
 
@@ -352,7 +376,9 @@ class Trainer:
         def gradients(images, targets):
             with tf.GradientTape() as tape:
                 logits = tf.cast(model(images, training=True), tf.float32)
-                per_example = keras.losses.categorical_crossentropy(targets, logits, from_logits=True)
+                per_example = keras.losses.categorical_crossentropy(
+                    targets, logits, from_logits=True
+                )
                 loss = tf.reduce_sum(per_example) / global_batch
                 scaled_loss = optimizer.scale_loss(loss) if scaled else loss
             grads = tape.gradient(scaled_loss, model.trainable_variables)
@@ -462,7 +488,8 @@ class Trainer:
                     raise TrainingError(
                         f"The loss is {loss} at step {step}: training diverged. Stopped without "
                         f"saving; the last good checkpoint in {self.manager.directory} is kept. "
-                        f"Lower --learning_rate, set --grad_clip, or use --mixed_precision=bfloat16."
+                        f"Lower --learning_rate, set --grad_clip, or use "
+                        f"--mixed_precision=bfloat16."
                     )
                 self._log(writer, step, steps, loss, time.time() - tick, start_step, start_time)
                 if self.preempted:
@@ -564,7 +591,10 @@ def evaluate_model(model, dataset, strategy):
         raise TrainingError(_data_error_message(error)) from None
     count = max(totals[3], 1.0)
     return dict(
-        loss=totals[0] / count, top1=totals[1] / count, top5=totals[2] / count, examples=int(totals[3])
+        loss=totals[0] / count,
+        top1=totals[1] / count,
+        top5=totals[2] / count,
+        examples=int(totals[3]),
     )
 
 
@@ -572,8 +602,10 @@ class Preempted(Exception):
     """Raised after SIGTERM, once the checkpoint is saved."""
 
     def __init__(self, step):
-        super().__init__(f"stopped by SIGTERM at step {step}; a checkpoint was saved, run the "
-                         f"same command again to resume.")
+        super().__init__(
+            f"stopped by SIGTERM at step {step}; a checkpoint was saved, run the "
+            f"same command again to resume."
+        )
         self.step = step
 
 
