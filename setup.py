@@ -26,7 +26,7 @@ setup(
         "torch": ["torch>=2.1"],
         "train": ["scikit-learn>=1.3", "tensorboard>=2.20"],
         "tfds": ["tensorflow-datasets>=4.9"],
-        "tflite": ["ai-edge-litert>=1.2"],
+        "tflite": ["ai-edge-litert>=2.0"],
         "serving": ["tensorflow-serving-api>=2.20"],
         "test": ["pytest>=8", "ruff>=0.6"],
     },

@@ -1,6 +1,9 @@
 """ImageNet preprocessing and decoding, as in the official T2T-ViT evaluation."""
 
+import math
+
 import numpy as np
+import tensorflow as tf
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -47,6 +50,30 @@ def preprocess_input(x, data_format=None):
     from keras import ops
 
     return (ops.cast(x, "float32") / 255.0 - mean) / std
+
+
+def resize_and_center_crop(image, image_size, crop_pct=CROP_PCT):
+    """The official evaluation preprocessing of one uint8 RGB image (a TF op, graph-safe).
+
+    Short side to int(size / crop_pct), bicubic; center crop to `image_size`; float32 in
+    [0, 255] (the models normalize inside).
+
+    Matches timm's `Resize(int(size / crop_pct), bicubic)` + `CenterCrop(size)` on PIL images:
+    the long side is truncated as torchvision does, the resized image is rounded to uint8 as
+    PIL returns it, and the crop offset is rounded.
+    """
+    scale_size = int(math.floor(image_size / crop_pct))
+    shape = tf.shape(image)
+    height, width = shape[0], shape[1]
+    short = tf.minimum(height, width)
+    new_h = tf.where(height == short, scale_size, height * scale_size // short)
+    new_w = tf.where(width == short, scale_size, width * scale_size // short)
+    resized = tf.image.resize(image, (new_h, new_w), method="bicubic", antialias=True)
+    resized = tf.clip_by_value(tf.round(resized), 0.0, 255.0)
+    top = tf.cast(tf.round(tf.cast(new_h - image_size, tf.float32) / 2.0), tf.int32)
+    left = tf.cast(tf.round(tf.cast(new_w - image_size, tf.float32) / 2.0), tf.int32)
+    crop = resized[top : top + image_size, left : left + image_size]
+    return tf.ensure_shape(crop, (image_size, image_size, 3))
 
 
 def decode_predictions(preds, top=5):

@@ -273,11 +273,17 @@ class TokenPerformer(keras.layers.Layer):
     def compute_output_shape(self, input_shape):
         return (*input_shape[:-1], self.token_dim)
 
+    # phi is computed scaled by FEATURE_SCALE, and the epsilon by FEATURE_SCALE**2: y is the
+    # same in float32, but the constant becomes 1e-4 instead of 1e-8, which survives a
+    # converter that stores constants in float16 (1e-8 flushes to 0 there, and in the
+    # epsilon-dominated regime that changes the output).
+    FEATURE_SCALE = 100.0
+
     def _feature_map(self, u):
-        # exp(u w^T - |u|^2 / 2) / sqrt(m), in float32.
+        # exp(u w^T - |u|^2 / 2) / sqrt(m), times FEATURE_SCALE, in float32.
         wtu = ops.matmul(u, ops.transpose(self.w))
         half_norm = 0.5 * ops.sum(u * u, axis=-1, keepdims=True)
-        return ops.exp(wtu - half_norm) / math.sqrt(self.num_features)
+        return ops.exp(wtu - half_norm) * (self.FEATURE_SCALE / math.sqrt(self.num_features))
 
     def call(self, inputs, training=None):
         k, q, v = ops.split(self.kqv(self.norm1(inputs)), 3, axis=-1)
@@ -286,7 +292,8 @@ class TokenPerformer(keras.layers.Layer):
         v32 = ops.cast(v, "float32")
         denominator = ops.matmul(qp, ops.sum(kp, axis=1)[:, :, None])  # (B, T, 1)
         kptv = ops.matmul(ops.transpose(kp, (0, 2, 1)), v32)  # (B, m, token_dim)
-        y = ops.matmul(qp, kptv) / (denominator + self.epsilon)  # (B, T, token_dim)
+        epsilon = self.epsilon * self.FEATURE_SCALE**2
+        y = ops.matmul(qp, kptv) / (denominator + epsilon)  # (B, T, token_dim)
         y = ops.cast(y, self.compute_dtype)
         x = v + self.proj_dropout(self.proj(y), training=training)
         return x + self.mlp(self.norm2(x), training=training)

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from keras_t2t.imagenet import resize_and_center_crop
 from training import build_tfrecords, data, trainer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -89,14 +90,14 @@ def test_training_batches_are_static_and_mixed(tiny_records):
 def test_evaluation_preprocessing_is_the_official_resize_and_crop():
     # torchvision's Resize(248) on 500x375 (w x h) gives 330x248: the long side truncated.
     image = tf.cast(tf.random.uniform((375, 500, 3), 0, 255, seed=1), tf.uint8)
-    crop = data.eval_image(image, 224, 0.9)
+    crop = resize_and_center_crop(image, 224, 0.9)
     assert crop.shape == (224, 224, 3)
     resized = tf.clip_by_value(
         tf.round(tf.image.resize(image, (248, 330), "bicubic", antialias=True)), 0, 255
     )
     top, left = round((248 - 224) / 2), round((330 - 224) / 2)
     np.testing.assert_array_equal(crop.numpy(), resized[top : top + 224, left : left + 224])
-    assert data.eval_image(image, 384, 1.0).shape == (384, 384, 3)
+    assert resize_and_center_crop(image, 384, 1.0).shape == (384, 384, 3)
 
 
 def test_eval_dataset_pads_the_last_batch(tiny_records):

@@ -12,9 +12,10 @@ one-hot (training) or integer (evaluation) class indices. Batches have static sh
 """
 
 import dataclasses
-import math
 
 import tensorflow as tf
+
+from keras_t2t.imagenet import resize_and_center_crop
 
 AUTOTUNE = tf.data.AUTOTUNE
 SPLITS = {"train": "train", "validation": "validation"}
@@ -108,27 +109,6 @@ def check_label(label, num_classes, label_offset=0):
 def decode(encoded):
     """JPEG or PNG bytes -> uint8 RGB (grayscale and CMYK are converted)."""
     return tf.io.decode_image(encoded, channels=3, expand_animations=False)
-
-
-def eval_image(image, image_size, crop_pct):
-    """The official evaluation: short side to int(size / crop_pct), bicubic; center crop.
-
-    Matches timm's `Resize(int(size / crop_pct), bicubic)` + `CenterCrop(size)` on PIL images:
-    the long side is truncated as torchvision does, the resized image is rounded to uint8 as
-    PIL returns it, and the crop offset is rounded.
-    """
-    scale_size = int(math.floor(image_size / crop_pct))
-    shape = tf.shape(image)
-    height, width = shape[0], shape[1]
-    short = tf.minimum(height, width)
-    new_h = tf.where(height == short, scale_size, height * scale_size // short)
-    new_w = tf.where(width == short, scale_size, width * scale_size // short)
-    resized = tf.image.resize(image, (new_h, new_w), method="bicubic", antialias=True)
-    resized = tf.clip_by_value(tf.round(resized), 0.0, 255.0)
-    top = tf.cast(tf.round(tf.cast(new_h - image_size, tf.float32) / 2.0), tf.int32)
-    left = tf.cast(tf.round(tf.cast(new_w - image_size, tf.float32) / 2.0), tf.int32)
-    crop = resized[top : top + image_size, left : left + image_size]
-    return tf.ensure_shape(crop, (image_size, image_size, 3))
 
 
 def random_resized_crop(image, image_size, scale_min, seed=None):
@@ -289,7 +269,7 @@ def eval_dataset(
     """
     dataset = _examples(source, input_context, False, None, num_classes, label_offset)
     dataset = dataset.map(
-        lambda image, label: (eval_image(image, image_size, crop_pct), label, 1.0),
+        lambda image, label: (resize_and_center_crop(image, image_size, crop_pct), label, 1.0),
         num_parallel_calls=AUTOTUNE,
     )
     pad = tf.data.Dataset.from_tensors(

@@ -80,9 +80,9 @@ flags.DEFINE_float("random_erasing", _D.random_erasing, "Random erasing probabil
 # The embedded default: T2T-ViT-7 on scikit-learn's digits at 32x32, no flips (they change
 # digits), light augmentation, a short schedule. Flags given on the command line still win.
 EMBEDDED = dict(
-    model="t2t_vit_7", image_size=32, num_classes=10, batch_size=64, epochs=40,
-    warmup_epochs=3, cooldown_epochs=0, learning_rate=4e-3, weight_decay=0.05,
-    drop_path_rate=0.0, ema_decay=0.99, steps_per_loop=100, eval_every_epochs=10,
+    model="t2t_vit_7", image_size=32, num_classes=10, batch_size=64, epochs=15,
+    warmup_epochs=2, cooldown_epochs=0, learning_rate=4e-3, weight_decay=0.05,
+    drop_path_rate=0.0, ema_decay=0.99, steps_per_loop=100, eval_every_epochs=5,
     crop_pct=1.0, crop_scale_min=0.7, hflip=False, randaugment_ops=0, mixup=0.0,
     cutmix=0.0, random_erasing=0.0, label_smoothing=0.1,
 )  # fmt: skip

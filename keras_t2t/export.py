@@ -1,0 +1,246 @@
+"""Export to SavedModel (TF Serving) and TFLite (builtin ops only).
+
+SavedModel signatures (both return the same named outputs, see `savedmodels/README.md`):
+- `serving_default`: `images`, uint8 `[batch, size, size, 3]` RGB in [0, 255];
+- `serving_bytes`: `image_bytes`, string `[batch]` of JPEG/PNG files (REST `{"b64": ...}`),
+  preprocessed as the official evaluation (short side to size / 0.9, bicubic; center crop).
+Outputs: `probabilities` float32 `[batch, classes]`, `classes` int32 `[batch]` (top-1),
+`scores` float32 `[batch]` (its probability).
+
+The SavedModel holds stock TensorFlow ops only and loads where neither keras nor keras_t2t
+can be imported. TFLite models take uint8 `[1, size, size, 3]` and return the probabilities;
+they are converted from a twin of the model whose soft splits are strided slices (the same
+values as `tf.image.extract_patches`, which has no TFLite builtin), with builtin ops only.
+"""
+
+import os
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from keras_t2t import layers as t2t_layers
+from keras_t2t.imagenet import IMAGENET_MEAN, IMAGENET_STD, resize_and_center_crop
+
+FORMATS = ("saved_model", "tflite")
+TFLITE_KINDS = ("float32", "float16", "dynamic_int8", "int8")
+OUTPUTS = ("probabilities", "classes", "scores")
+WARMUP_FILE = "tf_serving_warmup_requests"
+
+
+def check_model(model):
+    """Raises a ValueError unless `model` is a keras_t2t classifier."""
+    try:
+        t2t = model.get_layer("tokens_to_token")
+        model.get_layer("predictions")
+    except (ValueError, AttributeError):
+        raise ValueError(
+            "Export needs a keras_t2t classifier (built with include_top=True); received "
+            f"{getattr(model, 'name', model)!r}."
+        ) from None
+    if not isinstance(t2t, t2t_layers.T2TModule):
+        raise ValueError(f"{model.name!r} is not a keras_t2t model.")
+    return model
+
+
+def image_size(model):
+    return int(model.input_shape[1])
+
+
+def with_soft_split(model, implementation):
+    """A twin of `model` (same weights) whose soft splits use `implementation`."""
+    config = model.get_config()
+    for layer in config["layers"]:
+        if layer["class_name"].endswith("T2TModule"):
+            layer["config"]["soft_split_implementation"] = implementation
+    twin = keras.Model.from_config(config)
+    twin.set_weights(model.get_weights())
+    return twin
+
+
+def serving_fn(model):
+    """uint8 images -> dict of the named outputs, whatever the model's head and preprocessing."""
+    has_preprocessing = any(layer.name == "preprocessing" for layer in model.layers)
+    activation = model.get_layer("predictions").activation
+    softmax_head = getattr(activation, "__name__", "") == "softmax"
+    mean = tf.constant(IMAGENET_MEAN, tf.float32) * 255.0
+    std = tf.constant(IMAGENET_STD, tf.float32) * 255.0
+
+    def serve(images):
+        x = tf.cast(images, tf.float32)
+        if not has_preprocessing:
+            x = (x - mean) / std
+        outputs = tf.cast(model(x, training=False), tf.float32)
+        probabilities = outputs if softmax_head else tf.nn.softmax(outputs, axis=-1)
+        return {
+            "probabilities": probabilities,
+            "classes": tf.argmax(probabilities, axis=-1, output_type=tf.int32),
+            "scores": tf.reduce_max(probabilities, axis=-1),
+        }
+
+    return serve
+
+
+def decode_images(image_bytes, size, crop_pct=0.9):
+    """string `[batch]` of JPEG/PNG -> float32 `[batch, size, size, 3]` in [0, 255]."""
+
+    def one(data):
+        image = tf.io.decode_image(data, channels=3, expand_animations=False)
+        return resize_and_center_crop(image, size, crop_pct)
+
+    return tf.map_fn(
+        one, image_bytes, fn_output_signature=tf.TensorSpec((size, size, 3), tf.float32)
+    )
+
+
+def export_saved_model(model, export_dir, name=None, version=1, warmup_images=None):
+    """Writes `export_dir/<name>/<version>/` for TF Serving; returns that path.
+
+    `warmup_images` (uint8 `[n, size, size, 3]`) become `assets.extra/` warmup requests.
+    """
+    check_model(model)
+    name = name or model.name
+    path = os.path.join(export_dir, name, str(int(version)))
+    size = image_size(model)
+    serve = serving_fn(model)
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint(
+        "serving_default",
+        serve,
+        input_signature=[tf.TensorSpec([None, size, size, 3], tf.uint8, name="images")],
+    )
+    archive.add_endpoint(
+        "serving_bytes",
+        lambda image_bytes: serve(
+            tf.cast(tf.clip_by_value(tf.round(decode_images(image_bytes, size)), 0, 255), tf.uint8)
+        ),
+        input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")],
+    )
+    archive.write_out(path, verbose=False)
+    if warmup_images is not None:
+        write_warmup_requests(path, name, warmup_images)
+    return path
+
+
+# --- TF Serving warmup requests (PredictionLog records, encoded without tensorflow-serving-api) --
+
+
+def _varint(value):
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _field(number, payload):
+    """A length-delimited protobuf field (wire type 2)."""
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def predict_log_record(model_name, signature_name, inputs):
+    """A serialized `tensorflow.serving.PredictionLog` holding one PredictRequest."""
+    model_spec = _field(1, model_name.encode()) + _field(3, signature_name.encode())
+    request = _field(1, model_spec)
+    for key, value in inputs.items():
+        entry = _field(1, key.encode()) + _field(2, tf.make_tensor_proto(value).SerializeToString())
+        request += _field(2, entry)
+    predict_log = _field(1, request)
+    return _field(6, predict_log)
+
+
+def write_warmup_requests(saved_model_path, model_name, images):
+    """Writes `assets.extra/tf_serving_warmup_requests` with one request per image."""
+    folder = os.path.join(saved_model_path, "assets.extra")
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, WARMUP_FILE)
+    with tf.io.TFRecordWriter(path) as writer:
+        for image in np.asarray(images, np.uint8):
+            writer.write(predict_log_record(model_name, "serving_default", {"images": image[None]}))
+    return path
+
+
+# --- TFLite -----------------------------------------------------------------------------------
+
+
+def tflite_models(model, representative_images=None, kinds=TFLITE_KINDS):
+    """`{kind: flatbuffer bytes}` for float32, float16, dynamic-range int8 and full int8.
+
+    Full int8 quantizes weights and activations with `representative_images` (uint8
+    `[n, size, size, 3]`, a few dozen real images); ops without an int8 kernel stay float.
+    """
+    check_model(model)
+    for kind in kinds:
+        if kind not in TFLITE_KINDS:
+            raise ValueError(f"Unknown TFLite kind {kind!r}; choose from {TFLITE_KINDS}.")
+    if "int8" in kinds and representative_images is None:
+        raise ValueError("Full int8 quantization needs representative_images.")
+    twin = with_soft_split(model, "slices")
+    size = image_size(model)
+    serve = serving_fn(twin)
+    function = tf.function(
+        lambda images: serve(images)["probabilities"],
+        input_signature=[tf.TensorSpec([1, size, size, 3], tf.uint8, name="images")],
+    )
+    # Weights become constants: no READ_VARIABLE ops, and full int8 can calibrate.
+    from tensorflow.python.framework.convert_to_constants import (
+        convert_variables_to_constants_v2,
+    )
+
+    concrete = convert_variables_to_constants_v2(function.get_concrete_function())
+    models = {}
+    for kind in kinds:
+        converter = tf.lite.TFLiteConverter.from_concrete_functions([concrete])
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+        if kind != "float32":
+            converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        if kind == "float16":
+            converter.target_spec.supported_types = [tf.float16]
+        if kind == "int8":
+            converter.representative_dataset = _representative(representative_images)
+        models[kind] = converter.convert()
+    return models
+
+
+def _representative(images):
+    samples = np.asarray(images, np.uint8)
+
+    def generate():
+        for image in samples:
+            yield [image[None]]
+
+    return generate
+
+
+def tflite_op_names(flatbuffer):
+    """The operator names of a TFLite model (Flex or custom ops would show here)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_content=flatbuffer)
+    return sorted({op["op_name"] for op in interpreter._get_ops_details()})
+
+
+def export(model, output_dir, formats=FORMATS, version=1, representative_images=None, name=None):
+    """Writes the chosen formats under `output_dir`; returns `{artifact: path}`."""
+    for fmt in formats:
+        if fmt not in FORMATS:
+            raise ValueError(f"Unknown export format {fmt!r}; choose from {', '.join(FORMATS)}.")
+    check_model(model)
+    name = name or model.name
+    written = {}
+    if "saved_model" in formats:
+        warmup = None if representative_images is None else representative_images[:4]
+        written["saved_model"] = export_saved_model(model, output_dir, name, version, warmup)
+    if "tflite" in formats:
+        kinds = TFLITE_KINDS if representative_images is not None else TFLITE_KINDS[:3]
+        folder = os.path.join(output_dir, f"{name}_tflite")
+        os.makedirs(folder, exist_ok=True)
+        for kind, flatbuffer in tflite_models(model, representative_images, kinds).items():
+            path = os.path.join(folder, f"{name}_{kind}.tflite")
+            with open(path, "wb") as f:
+                f.write(flatbuffer)
+            written[f"tflite_{kind}"] = path
+    return written

@@ -1,0 +1,94 @@
+"""Exports a T2T-ViT to a TF Serving SavedModel and to TFLite (builtin ops only).
+
+    python savedmodels/export.py --model=t2t_vit_14 --weights=81.5_T2T_ViT_14.pth.tar \
+        --output=exports --format=saved_model,tflite --representative_data=photos/
+
+Writes `exports/t2t_vit_14/1/` (SavedModel, TF Serving layout, warmup requests in
+`assets.extra/`) and `exports/t2t_vit_14_tflite/t2t_vit_14_{float32,float16,dynamic_int8,
+int8}.tflite`; the full int8 model needs --representative_data (a folder of JPEG/PNG images).
+Without --weights the weights are random, for trying the path. See savedmodels/README.md.
+"""
+
+import argparse
+import os
+import sys
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np
+
+
+def representative_images(folder, size, limit=64):
+    """Up to `limit` images under `folder`, preprocessed as the evaluation, uint8."""
+    import tensorflow as tf
+
+    from keras_t2t.imagenet import resize_and_center_crop
+
+    paths = sorted(
+        os.path.join(root, name)
+        for root, _, names in os.walk(folder)
+        for name in names
+        if name.lower().endswith((".jpg", ".jpeg", ".png"))
+    )[:limit]
+    if not paths:
+        raise ValueError(f"--representative_data {folder!r} holds no .jpg/.jpeg/.png images.")
+    images = []
+    for path in paths:
+        try:
+            image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+        except tf.errors.InvalidArgumentError:
+            raise ValueError(f"{path!r} is not a readable image.") from None
+        images.append(resize_and_center_crop(image, size).numpy().astype(np.uint8))
+    return np.stack(images)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="variant, e.g. t2t_vit_14")
+    parser.add_argument("--weights", help=".pth.tar / .pth / .weights.h5 (default: random)")
+    parser.add_argument("--output", required=True, help="output folder")
+    parser.add_argument("--format", default="saved_model,tflite", help="saved_model,tflite")
+    parser.add_argument("--image_size", type=int, help="default: 224, or the size of --weights")
+    parser.add_argument("--classes", type=int, default=1000)
+    parser.add_argument("--version", type=int, default=1, help="SavedModel version folder")
+    parser.add_argument("--representative_data", help="images for the full int8 TFLite model")
+    args = parser.parse_args(argv)
+
+    import keras_t2t
+    from keras_t2t import export
+
+    formats = [f.strip() for f in args.format.split(",") if f.strip()]
+    try:
+        for fmt in formats:
+            if fmt not in export.FORMATS:
+                raise ValueError(
+                    f"Unknown --format {fmt!r}; choose from {', '.join(export.FORMATS)}."
+                )
+        shape = None if args.image_size is None else (args.image_size, args.image_size, 3)
+        model = keras_t2t.create_model(
+            args.model, weights=args.weights, input_shape=shape, classes=args.classes
+        )
+        samples = None
+        if args.representative_data:
+            samples = representative_images(args.representative_data, model.input_shape[1])
+        elif "tflite" in formats:
+            print("note: no --representative_data, so no full int8 TFLite model")
+        if args.weights is None:
+            print("note: no --weights, exporting random weights")
+        written = export.export(model, args.output, formats, args.version, samples)
+    except (ValueError, ImportError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    for artifact, path in written.items():
+        size = (
+            sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
+            if os.path.isdir(path)
+            else os.path.getsize(path)
+        )
+        print(f"{artifact:20s} {size / 2**20:8.2f} MiB  {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
