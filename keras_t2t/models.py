@@ -89,7 +89,7 @@ def T2TViT(
     include_preprocessing=True,
     drop_path_rate=0.0,
     dropout_rate=0.0,
-    soft_split_implementation="patches",
+    soft_split_implementation="auto",
 ):
     """Builds a T2T-ViT of any configuration; the variant builders call this.
 
@@ -102,8 +102,9 @@ def T2TViT(
         include_top, weights, input_tensor, input_shape, pooling, classes,
         classifier_activation, name: as in `keras.applications`; see `T2TViT14`.
         include_preprocessing, drop_path_rate, dropout_rate: see `T2TViT14`.
-        soft_split_implementation: `"patches"` (`tf.image.extract_patches`) or `"slices"`
-            (strided slices: the same values, TFLite builtins only).
+        soft_split_implementation: `"auto"` (default: strided slices under XLA, else
+            `tf.image.extract_patches`), `"patches"` or `"slices"` (strided slices: the same
+            values, TFLite builtins only).
 
     Returns:
         A functional `keras.Model`.
@@ -174,7 +175,7 @@ def T2TViT(
             drop_path_rate=rate,
             name=f"blocks_{i}",
         )(x)
-    x = keras.layers.LayerNormalization(epsilon=t2t_layers.LAYER_NORM_EPSILON, name="norm")(x)
+    x = t2t_layers.LayerNorm(epsilon=t2t_layers.LAYER_NORM_EPSILON, name="norm")(x)
 
     if include_top:
         x = _pool(x, "token")

@@ -241,3 +241,38 @@ def test_t2t_module_feature_maps():
     tokens, (map1, map2) = t2t(np.zeros((1, 64, 64, 3), "float32"), return_feature_maps=True)
     assert tuple(tokens.shape) == (1, 16, 32)
     assert tuple(map1.shape) == (1, 16, 16, 64) and tuple(map2.shape) == (1, 8, 8, 64)
+
+
+def test_layer_norm_matches_keras():
+    x = np.random.default_rng(8).normal(size=(2, 7, 147)).astype("float32") * 3 + 1
+    ours, reference = layers.LayerNorm(epsilon=1e-5), keras.layers.LayerNormalization(epsilon=1e-5)
+    ours.build(x.shape)
+    reference.build(x.shape)
+    weights = [np.random.default_rng(9).normal(size=(147,)).astype("float32") for _ in range(2)]
+    ours.set_weights(weights)
+    reference.set_weights(weights)
+    np.testing.assert_allclose(np.asarray(ours(x)), np.asarray(reference(x)), atol=1e-5)
+    assert [w.path for w in ours.weights] == ["layer_norm/gamma", "layer_norm/beta"]
+
+
+def _graph_ops(fn, *args):
+
+    graph = fn.get_concrete_function(*args).graph
+    ops_ = {op.type for op in graph.get_operations()}
+    for function in graph.as_graph_def().library.function:
+        ops_ |= {node.op for node in function.node_def}
+    return ops_
+
+
+def test_auto_soft_split_uses_slices_under_xla_only():
+    import tensorflow as tf
+
+    split = layers.SoftSplit(3, 2, 1)
+    spec = tf.TensorSpec((1, 8, 8, 4))
+    assert "ExtractImagePatches" in _graph_ops(tf.function(lambda t: split(t)), spec)
+    xla_ops = _graph_ops(tf.function(lambda t: split(t), jit_compile=True), spec)
+    assert "ExtractImagePatches" not in xla_ops and "StridedSlice" in xla_ops
+    x = np.random.default_rng(10).normal(size=(2, 8, 8, 4)).astype("float32")
+    np.testing.assert_array_equal(
+        np.asarray(tf.function(split, jit_compile=True)(x)), np.asarray(split(x))
+    )

@@ -1,0 +1,291 @@
+"""Throughput and memory of T2T-ViT on this machine, against its measured matmul peak.
+
+    python benchmarks/benchmark.py                         # T2T-ViT-14 at 224, the full run
+    python benchmarks/benchmark.py --models=t2t_vit_7,t2t_vit_14,t2t_vit_t_14 --output=bench.json
+    python benchmarks/benchmark.py --short                 # seconds; what CI runs
+
+Prints, and writes to --output as JSON:
+- the peak matmul throughput of TensorFlow here, float32 and bfloat16 (GFLOP/s);
+- each model's FLOPs per image (`keras_t2t.count_flops`, 2 per multiply-add);
+- images/s for inference at each batch size in float32 and bfloat16 through `model.predict`,
+  a `tf.function` and XLA, the TFLite float32 model with XNNPACK, and a training step (forward,
+  backward, AdamW), each also as a percentage of the matching peak;
+- a profile of the forward pass split into the T2T module, attention, MLP and the rest;
+- the peak memory (resident set) of a training step, in a fresh process.
+"""
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import keras_t2t  # noqa: E402
+
+
+def timed(fn, min_time, min_runs=3, warmup=1):
+    """Median seconds of one call of `fn` (after `warmup` calls), over >= min_runs calls and
+    >= min_time seconds."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    start = time.perf_counter()
+    while len(times) < min_runs or time.perf_counter() - start < min_time:
+        tick = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - tick)
+    return float(np.median(times))
+
+
+def peak_matmul(dtype, size, min_time):
+    """GFLOP/s of a square matmul chain in TensorFlow (the machine's practical peak)."""
+    a = tf.cast(tf.random.normal((size, size)), dtype)
+    b = tf.cast(tf.random.normal((size, size)) / size**0.5, dtype)
+
+    @tf.function
+    def chain(x):
+        for _ in range(4):
+            x = tf.matmul(x, b)
+        return x
+
+    seconds = timed(lambda: chain(a).numpy(), min_time)
+    return 4 * 2 * size**3 / seconds / 1e9
+
+
+def build(name, image_size, policy, **kwargs):
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        return keras_t2t.create_model(
+            name, input_shape=(image_size, image_size, 3), classifier_activation=None, **kwargs
+        )
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+def inference_paths(model, images, min_time):
+    """images/s of `model` on `images` through predict, tf.function and XLA."""
+    batch = images.shape[0]
+    function = tf.function(lambda x: model(x, training=False))
+    xla = tf.function(lambda x: model(x, training=False), jit_compile=True)
+    tensor = tf.constant(images)
+    results = {}
+    results["predict"] = batch / timed(
+        lambda: model.predict(images, batch_size=batch, verbose=0), min_time
+    )
+    results["tf_function"] = batch / timed(lambda: function(tensor).numpy(), min_time)
+    results["xla"] = batch / timed(lambda: xla(tensor).numpy(), min_time)
+    return results
+
+
+def tflite_throughput(model, image, min_time, threads):
+    from ai_edge_litert.interpreter import Interpreter
+
+    from keras_t2t import export
+
+    flatbuffer = export.tflite_models(model, kinds=("float32",))["float32"]
+    interpreter = Interpreter(model_content=flatbuffer, num_threads=threads)
+    interpreter.allocate_tensors()
+    inp = interpreter.get_input_details()[0]
+    interpreter.set_tensor(inp["index"], image[None].astype(np.uint8))
+    return 1.0 / timed(interpreter.invoke, min_time)
+
+
+def train_step_throughput(model, batch, min_time, jit_compile=True):
+    optimizer = keras.optimizers.AdamW(1e-4, weight_decay=0.05)
+    optimizer.build(model.trainable_variables)
+    classes = model.output_shape[-1]
+    size = model.input_shape[1]
+    images = tf.random.uniform((batch, size, size, 3), 0, 255)
+    labels = tf.one_hot(tf.random.uniform((batch,), 0, classes, tf.int32), classes)
+
+    @tf.function(jit_compile=jit_compile)
+    def step(x, y):
+        with tf.GradientTape() as tape:
+            logits = tf.cast(model(x, training=True), tf.float32)
+            loss = tf.reduce_mean(
+                keras.losses.categorical_crossentropy(y, logits, from_logits=True)
+            )
+        grads = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        return loss
+
+    return batch / timed(lambda: step(images, labels).numpy(), min_time)
+
+
+def profile(model, images, min_time):
+    """ms per batch of the forward pass, split into T2T module, attention, MLP and the rest."""
+    tensor = tf.constant(images)
+    t2t_model = keras.Model(
+        model.input, keras.tree.flatten(model.get_layer("tokens_to_token").output)[0]
+    )
+    blocks = [layer for layer in model.layers if layer.name.startswith("blocks_")]
+    tokens = keras.Model(model.input, model.get_layer("pos_drop").output)(tensor)
+    block = blocks[0]
+    normed = block.norm1(tokens)
+
+    def ms(fn):
+        compiled = tf.function(fn, jit_compile=True)
+        return 1000 * timed(lambda: compiled().numpy(), min_time)
+
+    total = ms(lambda: model(tensor, training=False))
+    t2t = ms(lambda: t2t_model(tensor, training=False))
+    attention = len(blocks) * ms(lambda: block.attn(normed))
+    mlp = len(blocks) * ms(lambda: block.mlp(normed))
+    rest = max(total - t2t - attention - mlp, 0.0)
+    return dict(total_ms=total, t2t_module_ms=t2t, attention_ms=attention, mlp_ms=mlp, rest_ms=rest)
+
+
+def memory_of_training_step(name, image_size, batch):
+    """Peak resident memory (GiB) of a process that builds `name` and runs training steps."""
+    code = (
+        "import sys, resource; sys.path.insert(0, sys.argv[1]);"
+        "from benchmarks.benchmark import build, train_step_throughput;"
+        "m = build(sys.argv[2], int(sys.argv[3]), 'float32');"
+        "train_step_throughput(m, int(sys.argv[4]), 0.0);"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run(
+        [sys.executable, "-c", code, root, name, str(image_size), str(batch)],
+        capture_output=True, text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
+    )  # fmt: skip
+    if result.returncode != 0:
+        return dict(error=result.stderr.strip().splitlines()[-1] if result.stderr else "failed")
+    return dict(peak_rss_gib=int(result.stdout.split()[-1]) / 2**20)
+
+
+def run(args):
+    report = dict(
+        machine=dict(
+            processor=platform.processor() or platform.machine(),
+            cores=os.cpu_count(),
+            tensorflow=tf.__version__,
+            keras=keras.__version__,
+        ),
+        settings=vars(args),
+    )
+    print(f"TensorFlow {tf.__version__}, Keras {keras.__version__}, {os.cpu_count()} cores")
+    size = 1024 if args.short else 4096
+    peaks = {
+        "float32": peak_matmul(tf.float32, size, args.min_time),
+        "bfloat16": peak_matmul(tf.bfloat16, size, args.min_time),
+    }
+    report["peak_gflops"] = peaks
+    print(f"peak matmul ({size}x{size}): float32 {peaks['float32']:.0f} GFLOP/s, "
+          f"bfloat16 {peaks['bfloat16']:.0f} GFLOP/s")  # fmt: skip
+    report["models"] = {}
+    for name in args.models:
+        flops = keras_t2t.count_flops(name, args.image_size)
+        entry = dict(image_size=args.image_size, gflops_per_image=flops / 1e9, inference={})
+        report["models"][name] = entry
+        print(f"\n{name} at {args.image_size}: {flops / 1e9:.2f} GFLOP per image "
+              f"({flops / 2e9:.2f} GMACs)")  # fmt: skip
+
+        def pct(images_per_second, policy, flops=flops):
+            return 100 * images_per_second * flops / 1e9 / peaks[policy]
+
+        for policy, dtype in (("float32", "float32"), ("mixed_bfloat16", "bfloat16")):
+            model = build(name, args.image_size, policy)
+            for batch in args.batch_sizes:
+                images = (
+                    np.random.default_rng(0)
+                    .uniform(0, 255, (batch, args.image_size, args.image_size, 3))
+                    .astype("float32")
+                )
+                paths = inference_paths(model, images, args.min_time)
+                for path, ips in paths.items():
+                    key = f"{dtype}/{path}/batch_{batch}"
+                    entry["inference"][key] = dict(
+                        images_per_second=ips, pct_of_peak=pct(ips, dtype)
+                    )
+                    print(
+                        f"  inference {key:28s} {ips:8.1f} images/s {pct(ips, dtype):5.1f}% of peak"
+                    )
+            if dtype == "float32" and not args.skip_tflite:
+                image = np.random.default_rng(1).uniform(0, 255, (args.image_size,) * 2 + (3,))
+                ips = tflite_throughput(model, image, args.min_time, os.cpu_count())
+                entry["inference"]["float32/tflite_xnnpack/batch_1"] = dict(
+                    images_per_second=ips, pct_of_peak=pct(ips, "float32")
+                )
+                print(f"  inference {'float32/tflite_xnnpack/batch_1':28s} {ips:8.1f} images/s "
+                      f"{pct(ips, 'float32'):5.1f}% of peak")  # fmt: skip
+            if dtype == "float32" and not args.skip_profile:
+                batch = max(args.batch_sizes)
+                images = (
+                    np.random.default_rng(0)
+                    .uniform(0, 255, (batch, args.image_size, args.image_size, 3))
+                    .astype("float32")
+                )
+                entry["profile_float32_xla"] = split = profile(model, images, args.min_time)
+                total = split["total_ms"]
+                print(f"  profile (XLA, batch {batch}): total {total:.1f} ms = " + ", ".join(
+                    f"{k[:-3]} {v:.1f} ms ({100 * v / total:.0f}%)"
+                    for k, v in split.items() if k != "total_ms"
+                ))  # fmt: skip
+            # Training: 3 FLOPs-equivalents of the forward pass (forward + backward).
+            ips = train_step_throughput(model, args.train_batch, args.min_time)
+            train_pct = 3 * pct(ips, dtype)
+            entry[f"train_step_{dtype}_batch_{args.train_batch}"] = dict(
+                images_per_second=ips, pct_of_peak=train_pct
+            )
+            print(f"  training step {dtype} batch {args.train_batch}: {ips:.1f} images/s "
+                  f"{train_pct:.1f}% of peak (3x forward FLOPs)")  # fmt: skip
+            del model
+            keras.backend.clear_session()
+        if not args.skip_memory:
+            for side in args.memory_sizes:
+                memory = memory_of_training_step(name, side, args.memory_batch)
+                entry[f"train_memory_{side}_batch_{args.memory_batch}"] = memory
+                print(f"  training step memory at {side}, batch {args.memory_batch}: "
+                      + (f"{memory['peak_rss_gib']:.2f} GiB peak RSS" if "peak_rss_gib" in memory
+                         else memory["error"]))  # fmt: skip
+    report["peak_rss_gib_this_process"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return report
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default="t2t_vit_14", help="comma-separated variants")
+    parser.add_argument("--image_size", type=int, default=224)
+    parser.add_argument("--batch_sizes", default="1,8,32")
+    parser.add_argument("--train_batch", type=int, default=32)
+    parser.add_argument("--memory_batch", type=int, default=64)
+    parser.add_argument("--memory_sizes", default="224,384")
+    parser.add_argument("--min_time", type=float, default=3.0, help="seconds per measurement")
+    parser.add_argument("--skip_tflite", action="store_true")
+    parser.add_argument("--skip_profile", action="store_true")
+    parser.add_argument("--skip_memory", action="store_true")
+    parser.add_argument("--short", action="store_true", help="a quick run of every path (CI)")
+    parser.add_argument("--output", help="write the figures to this JSON file")
+    args = parser.parse_args(argv)
+    if args.short:
+        args.models, args.image_size, args.batch_sizes = "t2t_vit_7", 32, "1,2"
+        args.train_batch, args.memory_batch, args.memory_sizes = 2, 2, "32"
+        args.min_time = 0.0
+    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    args.batch_sizes = [int(b) for b in str(args.batch_sizes).split(",")]
+    args.memory_sizes = [int(s) for s in str(args.memory_sizes).split(",")]
+    for name in args.models:
+        if name not in keras_t2t.MODEL_CONFIGS:
+            parser.error(f"unknown model {name!r}; known: {', '.join(keras_t2t.list_models())}")
+    report = run(args)
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(report, f, indent=2)
+        print(f"\nwrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""The benchmark's short mode runs every path, so that it cannot rot (figures are not judged
+here: speed targets live in the benchmark's output, not in tests)."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_benchmark_short_mode(tmp_path):
+    out = tmp_path / "bench.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "benchmark.py"), "--short", f"--output={out}"],
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(ROOT)),
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert set(report["peak_gflops"]) == {"float32", "bfloat16"}
+    entry = report["models"]["t2t_vit_7"]
+    assert entry["gflops_per_image"] > 0
+    paths = {key.split("/")[1] for key in entry["inference"]}
+    assert paths == {"predict", "tf_function", "xla", "tflite_xnnpack"}
+    assert {key.split("/")[0] for key in entry["inference"]} == {"float32", "bfloat16"}
+    for figures in entry["inference"].values():
+        assert figures["images_per_second"] > 0 and figures["pct_of_peak"] > 0
+    assert set(entry["profile_float32_xla"]) == {
+        "total_ms", "t2t_module_ms", "attention_ms", "mlp_ms", "rest_ms",
+    }  # fmt: skip
+    assert entry["train_step_float32_batch_2"]["images_per_second"] > 0
+    assert entry["train_step_bfloat16_batch_2"]["images_per_second"] > 0
+    assert entry["train_memory_32_batch_2"]["peak_rss_gib"] > 0
+    assert "% of peak" in result.stdout
+
+
+def test_benchmark_rejects_unknown_model():
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "benchmark.py"), "--models=t2t_vit_15"],
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(ROOT)),
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 2 and "unknown model 't2t_vit_15'" in result.stderr
