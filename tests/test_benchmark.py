@@ -35,7 +35,8 @@ def test_benchmark_short_mode(tmp_path):
     }  # fmt: skip
     assert entry["train_step_float32_batch_2"]["images_per_second"] > 0
     assert entry["train_step_bfloat16_batch_2"]["images_per_second"] > 0
-    assert entry["train_memory_32_batch_2"]["peak_rss_gib"] > 0
+    assert entry["train_memory_model_32_batch_2"]["peak_rss_gib"] > 0
+    assert entry["train_memory_t2t_32_batch_2"]["peak_rss_gib"] > 0
     assert "% of peak" in result.stdout
 
 
