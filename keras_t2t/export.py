@@ -81,45 +81,169 @@ def serving_fn(model):
     return serve
 
 
-def decode_images(image_bytes, size, crop_pct=0.9):
-    """string `[batch]` of JPEG/PNG -> float32 `[batch, size, size, 3]` in [0, 255]."""
+DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096  # about 16 megapixels
+IMAGE_FORMATS = "JPEG, PNG, GIF, BMP or WebP"
+_HEADER_BYTES = 32
+
+
+def declared_pixels(data):
+    """Width x height that an image file declares in its header, int64; -1 for another format.
+
+    Reads the first bytes only (JPEG: its frame header), in stock TF ops, so that a huge image
+    can be refused before it is decoded. Formats: JPEG, PNG, GIF, BMP, WebP (VP8, VP8L, VP8X),
+    those that `tf.io.decode_image` reads.
+    """
+    padded = tf.strings.join([data, b"\0" * _HEADER_BYTES])
+    head = tf.io.decode_raw(tf.strings.substr(padded, 0, _HEADER_BYTES), tf.uint8)
+    head = tf.cast(head, tf.int64)
+
+    def little(offset, count):
+        return sum(head[offset + i] * (1 << (8 * i)) for i in range(count))
+
+    def big(offset, count):
+        return sum(head[offset + i] * (1 << (8 * (count - 1 - i))) for i in range(count))
+
+    def starts(offset, signature):
+        return tf.reduce_all(tf.equal(head[offset : offset + len(signature)], list(signature)))
+
+    def signed32(value):
+        return tf.abs(tf.where(value >= 1 << 31, value - (1 << 32), value))
+
+    vp8l = little(21, 4)
+    candidates = [  # (is this format, its declared pixels)
+        (starts(0, b"\x89PNG\r\n\x1a\n"), big(16, 4) * big(20, 4)),
+        (starts(0, b"GIF8"), little(6, 2) * little(8, 2)),
+        (starts(0, b"BM"), signed32(little(18, 4)) * signed32(little(22, 4))),
+        (
+            starts(0, b"RIFF") & starts(8, b"WEBPVP8X"),
+            (little(24, 3) + 1) * (little(27, 3) + 1),
+        ),
+        (
+            starts(0, b"RIFF") & starts(8, b"WEBPVP8L"),
+            (vp8l % (1 << 14) + 1) * ((vp8l // (1 << 14)) % (1 << 14) + 1),
+        ),
+        (
+            starts(0, b"RIFF") & starts(8, b"WEBPVP8 "),
+            (little(26, 2) % (1 << 14)) * (little(28, 2) % (1 << 14)),
+        ),
+    ]
+    pixels = tf.constant(-1, tf.int64)
+    for is_format, count in reversed(candidates):
+        pixels = tf.where(is_format, count, pixels)
+    return tf.cond(
+        starts(0, b"\xff\xd8\xff"),
+        lambda: tf.reduce_prod(tf.cast(tf.io.extract_jpeg_shape(data)[:2], tf.int64)),
+        lambda: pixels,
+    )
+
+
+def decode_images(image_bytes, size, crop_pct=0.9, max_pixels=DEFAULT_MAX_IMAGE_PIXELS):
+    """string `[batch]` of image files -> float32 `[batch, size, size, 3]` in [0, 255].
+
+    Each file's header is read first: a format other than JPEG, PNG, GIF, BMP and WebP, or an
+    image of more than `max_pixels` pixels, is refused (InvalidArgument) before decoding, so a
+    small file that declares a huge image cannot take the server's memory.
+    """
 
     def one(data):
-        image = tf.io.decode_image(data, channels=3, expand_animations=False)
-        return resize_and_center_crop(image, size, crop_pct)
+        pixels = declared_pixels(data)
+        checks = [
+            tf.debugging.Assert(
+                pixels >= 0, [f"Unknown image file format: send {IMAGE_FORMATS} files."]
+            ),
+            tf.debugging.Assert(
+                pixels <= max_pixels,
+                [
+                    "The image is too large: its header declares",
+                    pixels,
+                    f"pixels, more than the limit of {max_pixels} set at export "
+                    f"(--max_image_pixels). Resize it before sending.",
+                ],
+            ),
+        ]
+        with tf.control_dependencies(checks):
+            data = tf.identity(data)
+        image = tf.cond(  # TF's WebP decoder gives RGBA files 4 channels, whatever is asked
+            tf.strings.substr(data, 8, 4) == "WEBP",
+            lambda: tf.io.decode_image(data, expand_animations=False)[..., :3],
+            lambda: tf.io.decode_image(data, channels=3, expand_animations=False),
+        )
+        return resize_and_center_crop(tf.ensure_shape(image, [None, None, 3]), size, crop_pct)
 
     return tf.map_fn(
         one, image_bytes, fn_output_signature=tf.TensorSpec((size, size, 3), tf.float32)
     )
 
 
-def export_saved_model(model, export_dir, name=None, version=1, warmup_images=None):
+def check_version(version):
+    if isinstance(version, bool) or not isinstance(version, (int, np.integer)) or version < 1:
+        raise ValueError(
+            f"The SavedModel version must be an integer >= 1 (TF Serving loads numbered "
+            f"folders), received {version!r}."
+        )
+    return int(version)
+
+
+def export_saved_model(
+    model,
+    export_dir,
+    name=None,
+    version=1,
+    warmup_images=None,
+    overwrite=False,
+    max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS,
+):
     """Writes `export_dir/<name>/<version>/` for TF Serving; returns that path.
 
     `warmup_images` (uint8 `[n, size, size, 3]`) become `assets.extra/` warmup requests.
+    An existing version folder is refused unless `overwrite`, and then replaced whole. The
+    folder is written under a temporary name and renamed when complete, so TF Serving, which
+    loads numbered folders as they appear, never sees a half-written model.
+    `max_image_pixels` bounds the images `serving_bytes` decodes.
     """
     check_model(model)
+    version = check_version(version)
+    max_image_pixels = t2t_layers._check_int("max_image_pixels", max_image_pixels)
     name = name or model.name
-    path = os.path.join(export_dir, name, str(int(version)))
+    path = os.path.join(export_dir, name, str(version))
+    if tf.io.gfile.exists(path) and not overwrite:
+        raise ValueError(
+            f"{path} already exists. TF Serving would replay its warmup requests against the "
+            f"new model, so it is not written into; pass overwrite=True (--overwrite) to "
+            f"replace it, or choose another version."
+        )
     size = image_size(model)
     serve = serving_fn(model)
+
+    def serve_pixels(images):
+        # The layers refuse another size too; this says so in the signature's own words.
+        return serve(tf.ensure_shape(images, [None, size, size, 3]))
+
+    def serve_bytes(image_bytes):
+        images = decode_images(image_bytes, size, max_pixels=max_image_pixels)
+        return serve(tf.cast(tf.clip_by_value(tf.round(images), 0, 255), tf.uint8))
+
     archive = keras.export.ExportArchive()
     archive.track(model)
     archive.add_endpoint(
         "serving_default",
-        serve,
+        serve_pixels,
         input_signature=[tf.TensorSpec([None, size, size, 3], tf.uint8, name="images")],
     )
     archive.add_endpoint(
         "serving_bytes",
-        lambda image_bytes: serve(
-            tf.cast(tf.clip_by_value(tf.round(decode_images(image_bytes, size)), 0, 255), tf.uint8)
-        ),
+        serve_bytes,
         input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")],
     )
-    archive.write_out(path, verbose=False)
+    staging = os.path.join(export_dir, name, f".{version}.partial")
+    if tf.io.gfile.exists(staging):
+        tf.io.gfile.rmtree(staging)
+    archive.write_out(staging, verbose=False)
     if warmup_images is not None:
-        write_warmup_requests(path, name, warmup_images)
+        write_warmup_requests(staging, name, warmup_images)
+    if tf.io.gfile.exists(path):
+        tf.io.gfile.rmtree(path)
+    tf.io.gfile.rename(staging, path)
     return path
 
 
@@ -200,9 +324,27 @@ def tflite_models(model, representative_images=None, kinds=TFLITE_KINDS):
         if kind == "float16":
             converter.target_spec.supported_types = [tf.float16]
         if kind == "int8":
-            converter.representative_dataset = _representative(representative_images)
-        models[kind] = converter.convert()
+            models[kind] = _full_int8(converter, representative_images)
+        else:
+            models[kind] = converter.convert()
     return models
+
+
+def _full_int8(converter, representative_images):
+    """Full int8, with every DIV kept in float32.
+
+    The performer divides by `phi(q) . sum(phi(k)) + eps`; quantized to int8, small
+    denominators round to the zero point, and TFLite's int8 DIV then fails on the input
+    ("data[i] != zero_point"). The quantizer's deny list keeps those divisions in float (a
+    dequantize before, a quantize after); every other op stays int8.
+    """
+    dataset = _representative(representative_images)
+    converter.representative_dataset = dataset
+    options = tf.lite.experimental.QuantizationDebugOptions(denylisted_ops=["DIV"])
+    debugger = tf.lite.experimental.QuantizationDebugger(
+        converter=converter, debug_dataset=dataset, debug_options=options
+    )
+    return debugger.get_nondebug_quantized_model()
 
 
 def _representative(images):
@@ -223,17 +365,33 @@ def tflite_op_names(flatbuffer):
     return sorted({op["op_name"] for op in interpreter._get_ops_details()})
 
 
-def export(model, output_dir, formats=FORMATS, version=1, representative_images=None, name=None):
-    """Writes the chosen formats under `output_dir`; returns `{artifact: path}`."""
+def export(
+    model,
+    output_dir,
+    formats=FORMATS,
+    version=1,
+    representative_images=None,
+    name=None,
+    overwrite=False,
+    max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS,
+):
+    """Writes the chosen formats under `output_dir`; returns `{artifact: path}`.
+
+    See `export_saved_model` for `version`, `overwrite` and `max_image_pixels`.
+    """
     for fmt in formats:
         if fmt not in FORMATS:
             raise ValueError(f"Unknown export format {fmt!r}; choose from {', '.join(FORMATS)}.")
     check_model(model)
+    if "saved_model" in formats:
+        check_version(version)
     name = name or model.name
     written = {}
     if "saved_model" in formats:
         warmup = None if representative_images is None else representative_images[:4]
-        written["saved_model"] = export_saved_model(model, output_dir, name, version, warmup)
+        written["saved_model"] = export_saved_model(
+            model, output_dir, name, version, warmup, overwrite, max_image_pixels
+        )
     if "tflite" in formats:
         kinds = TFLITE_KINDS if representative_images is not None else TFLITE_KINDS[:3]
         folder = os.path.join(output_dir, f"{name}_tflite")

@@ -161,15 +161,21 @@ class SoftSplit(keras.layers.Layer):
                 x, sizes=[1, k, k, 1], strides=[1, s, s, 1], rates=[1, 1, 1, 1], padding="VALID"
             )
         else:
+            # Each slice ends k - 1 - i rows before the end of the padded map, not at an index
+            # computed from the static size: on a larger map than the graph was built for, the
+            # slices grow with it (and the reshape below refuses it) instead of silently
+            # reading the top-left corner.
+            def window(offset):
+                end = offset - (k - 1)
+                return slice(offset, end if end < 0 else None, s)
+
             patches = ops.concatenate(
-                [
-                    x[:, i : i + s * (out_h - 1) + 1 : s, j : j + s * (out_w - 1) + 1 : s, :]
-                    for i in range(k)
-                    for j in range(k)
-                ],
-                axis=-1,
+                [x[:, window(i), window(j), :] for i in range(k) for j in range(k)], axis=-1
             )
-        return ops.reshape(patches, (-1, out_h * out_w, k * k * channels))
+        # The batch is given, not inferred (-1): an image larger than the graph's static size
+        # (an exported graph receives any size) makes more patches, which a -1 would fold into
+        # extra rows of the batch, a wrong answer; this way the reshape refuses them.
+        return ops.reshape(patches, (ops.shape(inputs)[0], out_h * out_w, k * k * channels))
 
     def get_config(self):
         config = super().get_config()
@@ -203,7 +209,7 @@ class Restructure(keras.layers.Layer):
 
     def call(self, inputs):
         side = self._side(inputs.shape[1])
-        return ops.reshape(inputs, (-1, side, side, inputs.shape[2]))
+        return ops.reshape(inputs, (ops.shape(inputs)[0], side, side, inputs.shape[2]))
 
 
 @_register

@@ -43,6 +43,11 @@ def representative_images(folder, size, limit=64):
     return np.stack(images)
 
 
+def _reason(error):
+    text = getattr(error, "message", None) or getattr(error, "strerror", None) or str(error)
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="variant, e.g. t2t_vit_14")
@@ -51,15 +56,28 @@ def main(argv=None):
     parser.add_argument("--format", default="saved_model,tflite", help="saved_model,tflite")
     parser.add_argument("--image_size", type=int, help="default: 224, or the size of --weights")
     parser.add_argument("--classes", type=int, default=1000)
-    parser.add_argument("--version", type=int, default=1, help="SavedModel version folder")
+    parser.add_argument("--version", type=int, default=1, help="SavedModel version folder (>= 1)")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an existing SavedModel version folder"
+    )
+    parser.add_argument(
+        "--max_image_pixels",
+        type=int,
+        default=None,
+        help="serving_bytes refuses images whose header declares more pixels (default: 4096^2)",
+    )
     parser.add_argument("--representative_data", help="images for the full int8 TFLite model")
     args = parser.parse_args(argv)
+
+    import tensorflow as tf
 
     import keras_t2t
     from keras_t2t import export
 
     formats = [f.strip() for f in args.format.split(",") if f.strip()]
     try:
+        if "saved_model" in formats:
+            export.check_version(args.version)
         for fmt in formats:
             if fmt not in export.FORMATS:
                 raise ValueError(
@@ -76,9 +94,20 @@ def main(argv=None):
             print("note: no --representative_data, so no full int8 TFLite model")
         if args.weights is None:
             print("note: no --weights, exporting random weights")
-        written = export.export(model, args.output, formats, args.version, samples)
+        written = export.export(
+            model,
+            args.output,
+            formats,
+            args.version,
+            samples,
+            overwrite=args.overwrite,
+            max_image_pixels=args.max_image_pixels or export.DEFAULT_MAX_IMAGE_PIXELS,
+        )
     except (ValueError, ImportError) as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except (OSError, tf.errors.OpError) as error:  # a folder that cannot be written
+        print(f"error: cannot write to --output {args.output!r}: {_reason(error)}", file=sys.stderr)
         return 2
     for artifact, path in written.items():
         size = (

@@ -6,7 +6,9 @@ import pathlib
 import re
 import subprocess
 import sys
+import time
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -89,6 +91,171 @@ def test_serving_rejects_wrong_dtype_and_shape(exported, call):
     errors = (TypeError, ValueError, tf.errors.InvalidArgumentError)
     with pytest.raises(errors, match=r"uint8|shape|\(None, 64, 64, 3\)"):
         call(loaded.signatures)
+
+
+SIDES = [(128, 128), (96, 96), (80, 80), (32, 32), (48, 48), (16, 16), (64, 96), (96, 64), (64, 80)]
+REFUSED = (TypeError, ValueError, tf.errors.InvalidArgumentError)
+
+
+@pytest.mark.parametrize("height,width", SIDES, ids=[f"{h}x{w}" for h, w in SIDES])
+def test_serving_default_refuses_every_other_size(exported, height, width):
+    # Larger sides used to give (height / 64) * (width / 64) rows per image.
+    loaded = tf.saved_model.load(exported["written"]["saved_model"])
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"64, 64, 3|\[\?,64,64,3\]"):
+        loaded.signatures["serving_default"](images=tf.zeros((2, height, width, 3), tf.uint8))
+
+
+@pytest.mark.parametrize("implementation", ["patches", "slices"])
+def test_the_layers_refuse_another_size_in_a_bare_graph(exported, tmp_path, implementation):
+    """The cause is fixed in SoftSplit: a graph with no signature check refuses too."""
+    model = export.with_soft_split(exported["model"], implementation)
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint(
+        "serve", model.__call__, input_signature=[tf.TensorSpec([None, 64, 64, 3], tf.float32)]
+    )
+    archive.write_out(str(tmp_path / "bare"), verbose=False)
+    function = tf.saved_model.load(str(tmp_path / "bare")).signatures["serve"]
+    (key,) = function.structured_outputs
+    assert function(tf.zeros((3, 64, 64, 3)))[key].shape == (3, 10)
+    for height, width in SIDES:
+        if (height, width) == (64, 64):
+            continue
+        with pytest.raises(tf.errors.InvalidArgumentError):
+            rows = function(tf.zeros((1, height, width, 3)))[key].shape[0]
+            pytest.fail(f"{height}x{width} gave {rows} rows")
+
+
+def test_tflite_models_refuse_a_resized_input(exported):
+    pytest.importorskip("ai_edge_litert")
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    for kind in export.TFLITE_KINDS:
+        path = exported["written"][f"tflite_{kind}"]
+        for resolver in (OpResolverType.AUTO, OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES):
+            for shape in [(1, 128, 128, 3), (1, 32, 32, 3), (1, 64, 96, 3), (1, 80, 64, 3)]:
+                interpreter = Interpreter(model_path=path, experimental_op_resolver_type=resolver)
+                index = interpreter.get_input_details()[0]["index"]
+                interpreter.resize_tensor_input(index, shape)
+                with pytest.raises(RuntimeError, match="(?i)reshape"):
+                    interpreter.allocate_tensors()
+                    interpreter.set_tensor(index, np.zeros(shape, np.uint8))
+                    interpreter.invoke()
+                    output = interpreter.get_output_details()[0]["index"]
+                    pytest.fail(f"{kind} {shape}: {interpreter.get_tensor(output).shape}")
+
+
+def _fuzz_bytes(rng, valid):
+    """Random byte strings: noise, valid headers with noise, truncated and mutated images."""
+    kind = rng.integers(6)
+    if kind == 0:
+        return rng.bytes(int(rng.integers(0, 300)))
+    if kind == 1:
+        magic = [b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF89a", b"BM", b"RIFF\0\0\0\0WEBPVP8L"]
+        return magic[rng.integers(len(magic))] + rng.bytes(int(rng.integers(0, 200)))
+    data = valid[rng.integers(len(valid))]
+    if kind == 2:
+        return data[: int(rng.integers(0, len(data)))]
+    if kind == 3:
+        mutated = bytearray(data)
+        for _ in range(int(rng.integers(1, 8))):
+            mutated[rng.integers(len(mutated))] = rng.integers(256)
+        return bytes(mutated)
+    return data
+
+
+def test_fuzz_every_signature(exported):
+    """Random shapes, dtypes and byte strings: the right shape or a refusal, nothing else."""
+    loaded = tf.saved_model.load(exported["written"]["saved_model"])
+    pixels, files = loaded.signatures["serving_default"], loaded.signatures["serving_bytes"]
+    rng = np.random.default_rng(12)
+    valid = [tf.io.encode_jpeg(p).numpy() for p in photo_crops(size=48, count=2)]
+    valid += [tf.io.encode_png(p).numpy() for p in photo_crops(size=40, count=2)]
+    answered = refused = 0
+    for trial in range(60):
+        rank = int(rng.integers(0, 6))
+        shape = tuple(int(rng.choice([0, 1, 2, 3, 5, 64, 70])) for _ in range(rank))
+        if trial % 3 == 0:
+            shape = (int(rng.integers(0, 4)), *(int(rng.choice([32, 64, 65, 96])) for _ in "hw"), 3)
+        dtype = rng.choice([np.uint8, np.uint8, np.float32, np.int32, np.int8, np.uint16])
+        images = rng.integers(0, 256, shape).astype(dtype)
+        batch = int(rng.integers(0, 4))
+        blobs = [_fuzz_bytes(rng, valid) for _ in range(batch)]
+        for signature, argument, expected_rows in (
+            (pixels, dict(images=tf.constant(images)), shape[0] if rank else None),
+            (files, dict(image_bytes=tf.constant(blobs, tf.string)), batch),
+        ):
+            try:
+                out = signature(**argument)
+            except REFUSED:
+                refused += 1
+                continue
+            answered += 1
+            probabilities = out["probabilities"].numpy()
+            assert probabilities.shape == (expected_rows, 10), (shape, dtype, probabilities.shape)
+            assert out["classes"].shape == (expected_rows,)
+            assert np.all(np.isfinite(probabilities))
+    assert answered >= 10 and refused >= 10, (answered, refused)
+
+
+def _encode(image, fmt, **options):
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+def test_declared_pixels_match_what_the_decoder_makes():
+    image_module = pytest.importorskip("PIL.Image")
+    rgb = image_module.fromarray(np.random.default_rng(0).integers(0, 255, (37, 53, 3), np.uint8))
+    rgba = rgb.convert("RGBA")
+    rgba.putalpha(128)  # a real alpha channel: WebP writes the extended (VP8X) header
+    files = {
+        "jpeg": _encode(rgb, "JPEG"),
+        "png": _encode(rgb, "PNG"),
+        "gif": _encode(rgb, "GIF"),
+        "bmp": _encode(rgb, "BMP"),
+        "webp_vp8": _encode(rgb, "WEBP"),
+        "webp_vp8l": _encode(rgb, "WEBP", lossless=True),
+        "webp_vp8x": _encode(rgba, "WEBP"),
+    }
+    assert files["webp_vp8x"][12:16] == b"VP8X" and files["webp_vp8l"][12:16] == b"VP8L"
+    for name, data in files.items():
+        decoded = tf.io.decode_image(data, expand_animations=False)
+        assert int(export.declared_pixels(tf.constant(data))) == 37 * 53, name
+        assert decoded.shape[:2] == (37, 53), name
+        decoded = export.decode_images(tf.constant([data]), 32, crop_pct=1.0)
+        assert decoded.shape == (1, 32, 32, 3), name
+    for data in (b"", b"GIF", b"not an image", _encode(rgb, "TIFF")):
+        assert int(export.declared_pixels(tf.constant(data))) == -1
+
+
+def test_serving_bytes_refuses_huge_images_before_decoding(exported):
+    image_module = pytest.importorskip("PIL.Image")
+    loaded = tf.saved_model.load(exported["written"]["saved_model"])
+    huge = {
+        "png": _encode(image_module.new("1", (12000, 12000)), "PNG"),
+        "jpeg": _encode(image_module.new("L", (12000, 12000)), "JPEG"),
+        "gif": _encode(image_module.new("L", (5000, 4000)), "GIF"),
+        "webp": _encode(image_module.new("RGB", (5000, 4000)), "WEBP"),
+    }
+    for name, data in huge.items():
+        start = time.perf_counter()
+        with pytest.raises(tf.errors.InvalidArgumentError, match="too large.*16777216"):
+            loaded.signatures["serving_bytes"](image_bytes=tf.constant([data]))
+        assert time.perf_counter() - start < 3.0, name  # refused from the header alone
+
+
+def test_max_image_pixels_is_set_at_export(tmp_path):
+    model = tiny_model(input_shape=(32, 32, 3))
+    path = export.export_saved_model(model, str(tmp_path), max_image_pixels=40 * 40)
+    serve = tf.saved_model.load(path).signatures["serving_bytes"]
+    small = tf.io.encode_png(np.zeros((40, 40, 3), np.uint8)).numpy()
+    large = tf.io.encode_png(np.zeros((40, 41, 3), np.uint8)).numpy()
+    assert serve(image_bytes=tf.constant([small]))["probabilities"].shape == (1, 10)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"\[1640\] .*limit of 1600"):
+        serve(image_bytes=tf.constant([large]))
 
 
 def test_corrupt_image_bytes_give_an_error(exported):
@@ -263,3 +430,72 @@ def test_export_cli_errors(tmp_path, args, match):
     result = _cli(*args, f"--output={tmp_path}")
     assert result.returncode == 2
     assert re.search(match, result.stderr) and "Traceback" not in result.stderr
+
+
+def test_an_existing_version_is_refused_unless_overwrite(tmp_path):
+    model, images = tiny_model(input_shape=(32, 32, 3)), photo_crops(size=32, count=4)
+    path = pathlib.Path(export.export_saved_model(model, str(tmp_path), "m", 1, images))
+    assert (path / "assets.extra" / export.WARMUP_FILE).exists()
+    with pytest.raises(ValueError, match=r"m/1 already exists.*overwrite"):
+        export.export_saved_model(model, str(tmp_path), "m", 1)
+    assert (path / "assets.extra" / export.WARMUP_FILE).exists()  # untouched
+    export.export_saved_model(model, str(tmp_path), "m", 1, overwrite=True)
+    assert not (path / "assets.extra").exists()  # replaced whole: no stale warmup requests
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["1"]  # no staging left
+    for version in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="version must be an integer >= 1"):
+            export.export(model, str(tmp_path), formats=("saved_model",), version=version)
+
+
+@pytest.fixture(scope="module")
+def digits_model():
+    """T2T-ViT-7 trained for a few epochs on scikit-learn's digits (32x32), and held-out images."""
+    datasets = pytest.importorskip("sklearn.datasets")
+    digits = datasets.load_digits()
+    images = (digits.images * (255.0 / 16.0))[..., None]
+    images = tf.image.grayscale_to_rgb(tf.image.resize(images, (32, 32), method="bilinear"))
+    images = np.clip(np.round(images.numpy()), 0, 255).astype(np.uint8)
+    labels = digits.target
+    keras.utils.set_random_seed(0)
+    import keras_t2t
+
+    model = keras_t2t.T2TViT7(input_shape=(32, 32, 3), classes=10)
+    model.compile(
+        optimizer=keras.optimizers.AdamW(2e-3, weight_decay=0.05),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    model.fit(images[:1400], labels[:1400], batch_size=50, epochs=4, verbose=0)
+    return model, images[:64], images[1400:], labels[1400:]
+
+
+@pytest.mark.slow
+def test_full_int8_runs_and_agrees_with_float32_on_a_trained_model(digits_model):
+    pytest.importorskip("ai_edge_litert")
+    from ai_edge_litert.interpreter import Interpreter
+
+    model, calibration, held_out, labels = digits_model
+    expected = model.predict(held_out.astype("float32"), verbose=0)
+    assert np.mean(expected.argmax(-1) == labels) >= 0.6  # it has learned something
+    flatbuffer = export.tflite_models(model, calibration, kinds=("int8",))["int8"]
+    interpreter = Interpreter(model_content=flatbuffer)
+    interpreter.allocate_tensors()
+    inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+
+    def run(image):
+        interpreter.set_tensor(inp["index"], image[None])
+        interpreter.invoke()
+        return interpreter.get_tensor(out["index"])[0]
+
+    predictions = np.stack([run(image) for image in held_out])
+    agreement = np.mean(predictions.argmax(-1) == expected.argmax(-1))
+    print(f"int8 agrees with float32 on {agreement:.3f} of {len(held_out)} held-out digits")
+    assert agreement >= 0.9
+    rng = np.random.default_rng(0)
+    others = np.concatenate([
+        photo_crops(size=32, count=8),
+        rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8),
+        np.stack([np.full((32, 32, 3), v, np.uint8) for v in (0, 128, 255)]),
+    ])  # fmt: skip
+    for image in others:  # real photos, noise and constant images run too
+        assert np.all(np.isfinite(run(image)))
