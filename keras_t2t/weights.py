@@ -280,35 +280,97 @@ def official_to_state(state_dict, source="state dict"):
 # --- Keras .weights.h5 ----------------------------------------------------------------------
 
 
-def keras_weights_info(path):
-    """(position table shape, head kernel shape or None, has preprocessing) of a .weights.h5."""
+POS_DATASET = "layers/position_embedding/vars/0"
+HEAD_DATASET = "layers/dense/vars/0"
+
+
+def keras_weights_info(path, embed_dim=None):
+    """(position table shape, head kernel shape or None, has preprocessing) of a .weights.h5.
+
+    Reads the file's metadata only, and checks it before any tensor is read: every tensor is
+    a numeric array stored whole in the file (as Keras writes them: not chunked, compressed or
+    left unallocated), so that no declared shape can make the loader allocate more than the
+    file holds; the position table is `(1, 1 + n * n, embed_dim)` and the head
+    `(embed_dim, classes)`.
+    """
     import h5py
 
+    datasets = {}
     try:
         with h5py.File(path, "r") as f:
-            layers = f["layers"]
-            pos_shape = layers["position_embedding/vars/0"].shape
-            head_shape = layers["dense/vars/0"].shape if "dense" in layers else None
-            return pos_shape, head_shape, "rescaling" in layers
-    except (OSError, KeyError) as error:
+            f.visititems(
+                lambda name, item: datasets.__setitem__(name, _dataset_info(item))
+                if isinstance(item, h5py.Dataset)
+                else None
+            )
+            has_preprocessing = "rescaling" in f.get("layers", {})
+    except OSError as error:
         raise ValueError(
             f"Could not read {path!r} as keras_t2t weights ({error}). Expected a .weights.h5 "
             f"saved from a keras_t2t model (`model.save_weights`) or written by "
             f"`python -m keras_t2t.convert`."
         ) from error
+    if POS_DATASET not in datasets:
+        raise ValueError(
+            f"{path!r} holds no keras_t2t position table ({POS_DATASET}). Expected a .weights.h5 "
+            f"saved from a keras_t2t model (`model.save_weights`) or written by "
+            f"`python -m keras_t2t.convert`."
+        )
+    for name, (shape, numeric, stored_whole) in datasets.items():
+        if not numeric or not stored_whole:
+            raise ValueError(
+                f"{path!r} is not a weights file this loader accepts: its tensor {name} "
+                f"(declared shape {shape}) is "
+                f"{'not numeric' if not numeric else 'not stored whole in the file'}. Keras "
+                f"writes every tensor as a plain array; the file was altered or crafted."
+            )
+    pos_shape = datasets[POS_DATASET][0]
+    tokens = pos_shape[1] - 1 if len(pos_shape) == 3 else -1
+    if (
+        len(pos_shape) != 3
+        or pos_shape[0] != 1
+        or tokens < 1
+        or math.isqrt(tokens) ** 2 != tokens
+        or (embed_dim is not None and pos_shape[2] != embed_dim)
+    ):
+        raise ValueError(
+            f"The position table in {path!r} has shape {pos_shape}; a model of width "
+            f"{embed_dim or 'D'} needs (1, 1 + n * n, {embed_dim or 'D'})."
+        )
+    head_shape = datasets[HEAD_DATASET][0] if HEAD_DATASET in datasets else None
+    if head_shape is not None and (
+        len(head_shape) != 2 or (embed_dim is not None and head_shape[0] != embed_dim)
+    ):
+        raise ValueError(
+            f"The head in {path!r} has shape {head_shape}; a model of width "
+            f"{embed_dim or 'D'} needs ({embed_dim or 'D'}, classes)."
+        )
+    return pos_shape, head_shape, has_preprocessing, datasets
+
+
+def _dataset_info(dataset):
+    """(declared shape, numeric, stored whole) of an h5py dataset, from its metadata."""
+    shape = tuple(int(d) for d in dataset.shape)
+    numeric = dataset.dtype.kind in "fiub"
+    declared = int(np.prod(shape, dtype=np.int64)) * dataset.dtype.itemsize if numeric else -1
+    whole = dataset.chunks is None and dataset.id.get_storage_size() == declared
+    return shape, numeric, whole
 
 
 def read_keras_weights(path, config):
     """Reads a `.weights.h5` written by a keras_t2t model of architecture `config`.
 
-    The file is loaded into a twin model of the file's own head and size, whose variables
-    then give the state; so it loads into models with another head or size too.
+    The file's metadata is checked first (`keras_weights_info`); it is then loaded into a
+    twin model of the file's own head and size, whose variables give the state, so it loads
+    into models with another head or size too. The twin is checked tensor by tensor against
+    the file's declared shapes before any tensor is read.
     """
-    pos_shape, head_shape, has_preprocessing = keras_weights_info(path)
+    pos_shape, head_shape, has_preprocessing, datasets = keras_weights_info(
+        path, config.get("embed_dim")
+    )
     from keras_t2t.models import T2TViT
 
-    tokens = pos_shape[1] - 1
-    side = math.isqrt(tokens)
+    side = math.isqrt(pos_shape[1] - 1)
     twin = T2TViT(
         **config,
         include_top=head_shape is not None,
@@ -317,6 +379,16 @@ def read_keras_weights(path, config):
         include_preprocessing=has_preprocessing,
         pooling=None,
     )
+    expected = sorted(tuple(v.shape) for v in twin.weights)
+    declared = sorted(shape for shape, _, _ in datasets.values())
+    if expected != declared:
+        extra = [s for s in set(declared) if declared.count(s) > expected.count(s)]
+        lacking = [s for s in set(expected) if expected.count(s) > declared.count(s)]
+        raise ValueError(
+            f"The weights in {path!r} do not fit a model of architecture {config}: the file "
+            f"declares {len(declared)} tensors, the model has {len(expected)}; shapes only "
+            f"in the file: {sorted(extra)[:8]}, only in the model: {sorted(lacking)[:8]}."
+        )
     try:
         twin.load_weights(path)
     except ValueError as error:

@@ -207,6 +207,58 @@ def test_corrupt_weights_h5(tmp_path):
         keras_t2t.T2TViT7(weights=str(path))
 
 
+def _rewrite_dataset(path, name, **create):
+    import h5py
+
+    with h5py.File(path, "r+") as f:
+        del f[name]
+        f.create_dataset(name, **create)
+
+
+@pytest.mark.parametrize(
+    "name,create,match",
+    [
+        # A 1 MB file that declares a 16 GiB position table, never written: loading it used to
+        # allocate the whole table (filled with zeros) before any check.
+        (
+            "layers/position_embedding/vars/0",
+            dict(shape=(1, 16777217, 64), dtype="float32"),
+            r"position_embedding/vars/0 \(declared shape \(1, 16777217, 64\)\) is not stored whole",
+        ),
+        (  # the same as a compression bomb
+            "layers/dense/vars/0",
+            dict(shape=(64, 2**28), dtype="float32", chunks=(64, 2**16), compression="gzip"),
+            "not stored whole",
+        ),
+        (
+            "layers/position_embedding/vars/0",
+            dict(data=np.zeros((1, 17, 32), "float32")),
+            r"position table .* has shape \(1, 17, 32\); a model of width 64",
+        ),
+        (
+            "layers/position_embedding/vars/0",
+            dict(data=np.zeros((1, 16, 64), "float32")),
+            r"has shape \(1, 16, 64\)",
+        ),
+        ("layers/dense/vars/0", dict(data=np.zeros((32, 10), "float32")), r"head .* \(32, 10\)"),
+        ("layers/class_token/vars/0", dict(data=np.array([b"x"])), "not numeric"),
+        (
+            "layers/class_token/vars/0",
+            dict(data=np.zeros((1, 2, 64), "float32")),
+            r"shapes only in the file: \[\(1, 2, 64\)\], only in the model: \[\(1, 1, 64\)\]",
+        ),
+    ],
+    ids=["unallocated_huge", "compressed_huge", "pos_width", "pos_not_square", "head", "dtype",
+         "other_shape"],
+)  # fmt: skip
+def test_crafted_weights_h5_is_refused_before_reading(tmp_path, name, create, match):
+    path = str(tmp_path / "crafted.weights.h5")
+    tiny_model(input_shape=(32, 32, 3)).save_weights(path)
+    _rewrite_dataset(path, name, **create)
+    with pytest.raises(ValueError, match=match):
+        tiny_model(input_shape=(32, 32, 3), weights=path)
+
+
 def test_weights_h5_into_other_head_and_size(tmp_path, caplog):
     source = tiny_model(input_shape=(32, 32, 3))
     path = str(tmp_path / "fine_tuned.weights.h5")
