@@ -296,13 +296,14 @@ def keras_weights_info(path, embed_dim=None):
     import h5py
 
     datasets = {}
+
+    def collect(name, item):
+        if isinstance(item, h5py.Dataset):
+            datasets[name] = _dataset_info(item)
+
     try:
         with h5py.File(path, "r") as f:
-            f.visititems(
-                lambda name, item: datasets.__setitem__(name, _dataset_info(item))
-                if isinstance(item, h5py.Dataset)
-                else None
-            )
+            f.visititems(collect)
             has_preprocessing = "rescaling" in f.get("layers", {})
     except OSError as error:
         raise ValueError(
