@@ -34,8 +34,12 @@ def convert(src, dst, model=None, num_heads=None, check=True, seed=0):
         name=model or "t2t_vit",
     )
     keras_model = models.T2TViT(**build, weights=src)
-    os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
-    keras_model.save_weights(dst)
+    folder = os.path.dirname(os.path.abspath(dst))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        keras_model.save_weights(dst)
+    except OSError as error:
+        raise ValueError(f"Cannot write {dst!r}: {error.strerror or error}.") from None
     report = dict(
         src=src,
         dst=dst,

@@ -59,11 +59,15 @@ def _input_shape(input_shape, input_tensor, default_size):
             f"Resize or crop the images to a square side such as 224 or 384."
         )
     if height < PATCH_FACTOR or height % PATCH_FACTOR:
+        below = height // PATCH_FACTOR * PATCH_FACTOR
+        nearest = (
+            f"The nearest allowed sides are {below} and {below + PATCH_FACTOR}."
+            if below >= PATCH_FACTOR
+            else f"The smallest allowed side is {PATCH_FACTOR}."
+        )
         raise ValueError(
             f"The image side must be a multiple of {PATCH_FACTOR} (224, 384, 32, ...), "
-            f"received {height}. The nearest allowed sides are "
-            f"{max(PATCH_FACTOR, height // PATCH_FACTOR * PATCH_FACTOR)} and "
-            f"{(height // PATCH_FACTOR + 1) * PATCH_FACTOR}."
+            f"received {height}. {nearest}"
         )
     return input_shape
 
@@ -116,6 +120,8 @@ def T2TViT(
             f"returns the whole token sequence."
         )
     t2t_layers._check_int("classes", classes)
+    t2t_layers._check_rate("drop_path_rate", drop_path_rate)  # before it is spread over blocks
+    t2t_layers._check_rate("dropout_rate", dropout_rate)
     state = None
     default_size = DEFAULT_IMAGE_SIZE
     if weights is not None:

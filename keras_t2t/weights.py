@@ -59,6 +59,11 @@ def check_path(weights):
     if not isinstance(weights, (str, os.PathLike)):
         raise ValueError(f"`weights` must be None or a path to a file, received {weights!r}.")
     path = os.fspath(weights)
+    if os.path.isdir(path):
+        raise ValueError(
+            f"`weights` is a folder, {path!r}; pass a file: an official checkpoint "
+            f"(.pth.tar / .pth) or a Keras .weights.h5."
+        )
     if not os.path.isfile(path):
         raise ValueError(
             f"The weights file {path!r} does not exist. Pass None for random weights, or the "
@@ -449,12 +454,14 @@ def assign_state(model, state):
             )
             arrays = {p: a for p, a in arrays.items() if p not in head}
         elif tuple(variables[HEAD_KERNEL].shape) != arrays[HEAD_KERNEL].shape:
+            file_shape, model_shape = arrays[HEAD_KERNEL].shape, tuple(variables[HEAD_KERNEL].shape)
             logger.warning(
-                "The head in %s is not loaded: it has %s classes, the model %s. The new head "
-                "keeps its random initialization.",
+                "The head in %s is not loaded: %s. The new head keeps its random "
+                "initialization.",
                 state.source,
-                arrays[HEAD_KERNEL].shape[1],
-                variables[HEAD_KERNEL].shape[1],
+                f"it has {file_shape[1]} classes, the model {model_shape[1]}"
+                if file_shape[1] != model_shape[1]
+                else f"its kernel is {file_shape}, the model's {model_shape}",
             )
             arrays = {p: a for p, a in arrays.items() if p not in head}
             variables = {p: v for p, v in variables.items() if not p.startswith("head/")}

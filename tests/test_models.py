@@ -2,6 +2,7 @@
 mixed precision and XLA."""
 
 import inspect
+import pathlib
 
 import keras
 import numpy as np
@@ -157,6 +158,11 @@ def test_input_tensor():
         (dict(classes=0), "`classes` must be an integer >= 1"),
         (dict(weights="/nonexistent/t2t.pth.tar"), "does not exist"),
         (dict(weights="imagenet"), "does not download"),
+        (dict(input_shape=(8, 8, 3)), r"received 8\. The smallest allowed side is 16\.$"),
+        (dict(input_shape=(-5, -5, 3)), r"received -5\. The smallest allowed side is 16\.$"),
+        (dict(drop_path_rate=1.5), r"`drop_path_rate` must be a float in \[0, 1\), received 1\.5"),
+        (dict(dropout_rate=-0.1), r"`dropout_rate` must be a float in \[0, 1\), received -0\.1"),
+        (dict(weights=str(pathlib.Path(__file__).parent)), r"`weights` is a folder, .*pass a file"),
     ],
 )
 def test_bad_arguments_raise_clear_errors(kwargs, match):

@@ -5,6 +5,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -345,6 +346,12 @@ def test_label_out_of_range(tmp_path):
             dict(grad_clip=1.0, mixed_precision="float16"),
             "--grad_clip with --mixed_precision=float16",
         ),
+        (dict(learning_rate=1e41), "--learning_rate must be a positive number below 1e38"),
+        (dict(learning_rate=0.0), "--learning_rate must be a positive number"),
+        (dict(ema_decay=1.5), r"--ema_decay must be in \[0, 1\)"),
+        (dict(drop_path_rate=1.0), r"--drop_path_rate must be in \[0, 1\)"),
+        (dict(grad_clip=-1.0), "--grad_clip must be a positive number"),
+        (dict(weight_decay=-0.1), "--weight_decay must be >= 0"),
     ],
 )
 def test_bad_flags(tmp_path, overrides, match):
@@ -434,3 +441,120 @@ def test_embedded_default_learns(tmp_path):
     results = json.loads((tmp_path / "run" / "eval_results.json").read_text())
     assert results["examples"] == 359  # the held-out 20% of the 1,797 digits
     assert results["top1"] >= 0.95 and results["ema_top1"] >= 0.95
+
+
+# --- reliability: corrupt checkpoints, another model, messages ------------------------------
+
+
+def _corrupt(checkpoints, how):
+    data = checkpoints / "ckpt-6.data-00000-of-00001"
+    if how == "truncated":
+        data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    elif how == "flipped_byte":
+        content = bytearray(data.read_bytes())
+        content[len(content) // 3] ^= 0xFF
+        data.write_bytes(bytes(content))
+    elif how == "truncated_index":
+        index = checkpoints / "ckpt-6.index"
+        index.write_bytes(index.read_bytes()[:40])
+    elif how == "deleted_by_hand":  # the state file still names them
+        for file in checkpoints.glob("ckpt-6.*"):
+            file.unlink()
+    elif how == "garbage_state_file":
+        data.write_bytes(b"")
+        (checkpoints / "checkpoint").write_text("garbage {{{")
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(tiny_records, tmp_path_factory):
+    """A model_dir of a finished 2-epoch run: ckpt-3 and ckpt-6."""
+    folder = tmp_path_factory.mktemp("two_checkpoints")
+    _run_config(tiny_records, folder, mode="train")
+    return folder
+
+
+@pytest.mark.parametrize(
+    "how", ["truncated", "flipped_byte", "truncated_index", "deleted_by_hand", "garbage_state_file"]
+)
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous(
+    tiny_records, two_checkpoints, tmp_path, how, caplog
+):
+    shutil.copytree(two_checkpoints, tmp_path, dirs_exist_ok=True)
+    checkpoints = tmp_path / "checkpoints"
+    before = {p.name: p.read_bytes() for p in checkpoints.glob("ckpt-6.*")}
+    _corrupt(checkpoints, how)
+    corrupted = {p.name: p.read_bytes() for p in checkpoints.glob("ckpt-6.*")}
+    caplog.set_level("INFO", logger="keras_t2t.training")
+    _run_config(tiny_records, tmp_path, mode="train", epochs=3)
+    assert re.search(
+        r"Resumed from \S+ckpt-3 at step 3 \(the 1 newer could not be read\)", caplog.text
+    )
+    if how == "deleted_by_hand":
+        assert re.search(r"names \S+ckpt-6, whose files are missing", caplog.text)
+    else:
+        assert re.search(
+            r"checkpoint \S+ckpt-6 cannot be read .* kept as \S+corrupt-ckpt-6", caplog.text
+        )
+        kept = {p.name[8:]: p.read_bytes() for p in checkpoints.glob("corrupt-ckpt-6.*")}
+        assert kept == corrupted and kept != before  # renamed aside, never deleted or overwritten
+    assert _latest_step(tmp_path) == 9  # it trained to the end
+    assert sorted(p.name for p in checkpoints.glob("ckpt-*.index")) == [
+        "ckpt-3.index", "ckpt-6.index", "ckpt-9.index",
+    ]  # fmt: skip
+
+
+def test_no_readable_checkpoint_starts_anew(tiny_records, two_checkpoints, tmp_path, caplog):
+    shutil.copytree(two_checkpoints, tmp_path, dirs_exist_ok=True)
+    for name in ("ckpt-3", "ckpt-6"):
+        (tmp_path / "checkpoints" / f"{name}.data-00000-of-00001").write_bytes(b"")
+    caplog.set_level("INFO", logger="keras_t2t.training")
+    _run_config(tiny_records, tmp_path, mode="train", epochs=1, warmup_epochs=0)
+    assert "could be read: starting from scratch" in caplog.text
+    assert _latest_step(tmp_path) == 3
+    for name in ("corrupt-ckpt-3.index", "corrupt-ckpt-6.index", "corrupt-checkpoint"):
+        assert (tmp_path / "checkpoints" / name).exists()
+
+
+def test_another_model_in_the_same_model_dir_is_refused_first(
+    tiny_records, two_checkpoints, tmp_path
+):
+    shutil.copytree(two_checkpoints, tmp_path, dirs_exist_ok=True)
+    record = (tmp_path / "config.json").read_text()
+    with pytest.raises(
+        trainer.TrainingError,
+        match=r"checkpoints of another model \(--model=t2t_vit_7\); this run asks for "
+        r"--model=t2t_vit_10\. Use another --model_dir",
+    ):
+        _run_config(tiny_records, tmp_path, mode="train", model="t2t_vit_10")
+    with pytest.raises(trainer.TrainingError, match=r"--num_classes=4.*--num_classes=5"):
+        _run_config(tiny_records, tmp_path, mode="train", num_classes=5)
+    assert (tmp_path / "config.json").read_text() == record  # the run's record is kept
+
+
+def test_a_checkpoint_that_does_not_fit_is_not_taken_for_corrupt(
+    tiny_records, two_checkpoints, tmp_path
+):
+    shutil.copytree(two_checkpoints, tmp_path, dirs_exist_ok=True)
+    (tmp_path / "config.json").unlink()  # no record to compare with: the restore tells
+    with pytest.raises(trainer.TrainingError, match=r"ckpt-6 does not fit this run"):
+        _run_config(tiny_records, tmp_path, mode="train", image_size=48)
+    assert (tmp_path / "checkpoints" / "ckpt-6.index").exists()
+    assert not list((tmp_path / "checkpoints").glob("corrupt-*"))
+
+
+def test_missing_tensorboard_is_reported_at_start(tiny_records, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorboard", None)
+    with pytest.raises(trainer.TrainingError, match=r"tensorboard.*pip install keras-t2t\[train\]"):
+        _run_config(tiny_records, tmp_path)
+    assert not (tmp_path / "config.json").exists()
+
+
+def test_a_model_dir_that_cannot_be_created(tiny_records, tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(trainer.TrainingError, match=r"Cannot create --model_dir .*file/run"):
+        _run_config(tiny_records, tmp_path / "file" / "run")
+
+
+def test_nan_without_any_checkpoint_says_so(tiny_records, tmp_path):
+    with pytest.raises(trainer.TrainingError, match="diverged.*no checkpoint had been saved yet"):
+        _run_config(tiny_records, tmp_path, mode="train", learning_rate=1e30, warmup_epochs=0)

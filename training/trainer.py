@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import re
 import signal
 import time
 
@@ -81,6 +82,11 @@ class Config:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 
 
+def _positive(value):
+    """A positive number that float32 holds (1e41 would overflow the schedule's tensors)."""
+    return isinstance(value, (int, float)) and 0 < value < 1e38
+
+
 def recipe(model):
     """The paper's learning rate (batch 512) and weight decay for a variant."""
     small = model in ("t2t_vit_7", "t2t_vit_10", "t2t_vit_12")
@@ -124,6 +130,19 @@ def resolve(config):
          f"--warmup_epochs must be in [0, --epochs), received {config.warmup_epochs}."),
         (config.steps_per_loop >= 1,
          f"--steps_per_loop must be >= 1, received {config.steps_per_loop}."),
+        (_positive(config.learning_rate),
+         f"--learning_rate must be a positive number below 1e38, received "
+         f"{config.learning_rate}."),
+        (_positive(config.min_lr) and _positive(config.warmup_lr),
+         f"--min_lr and the warmup LR must be positive numbers below 1e38, received "
+         f"{config.min_lr} and {config.warmup_lr}."),
+        (config.weight_decay >= 0 and _positive(config.weight_decay + 1),
+         f"--weight_decay must be >= 0, received {config.weight_decay}."),
+        (config.grad_clip is None or _positive(config.grad_clip),
+         f"--grad_clip must be a positive number, received {config.grad_clip}."),
+        (0 <= config.ema_decay < 1, f"--ema_decay must be in [0, 1), received {config.ema_decay}."),
+        (0 <= config.drop_path_rate < 1,
+         f"--drop_path_rate must be in [0, 1), received {config.drop_path_rate}."),
         (not (config.grad_clip and config.mixed_precision == "float16"),
          "--grad_clip with --mixed_precision=float16 is not supported (the loss scale hides the "
          "gradient norm); use bfloat16, or no clipping."),
@@ -288,9 +307,18 @@ class Trainer:
                 f"--eval_batch_size={self.eval_batch_size} is not divisible by the "
                 f"{replicas} replicas."
             )
+        _check_tensorboard()
         self.chief = is_chief(self.strategy)
         self.dir = worker_dir(config.model_dir, self.strategy)
-        tf.io.gfile.makedirs(self.dir)
+        try:
+            tf.io.gfile.makedirs(self.dir)
+        except tf.errors.OpError as error:
+            raise TrainingError(
+                f"Cannot create --model_dir {config.model_dir!r}: {_first_line(error)}"
+            ) from None
+        checkpoint_dir = os.path.join(self.dir, "checkpoints")
+        # Before anything is written: a model_dir of another model is refused, its record kept.
+        check_compatible(config, checkpoint_dir)
         if self.chief:
             with tf.io.gfile.GFile(os.path.join(config.model_dir, "config.json"), "w") as f:
                 f.write(config.to_json())
@@ -344,21 +372,71 @@ class Trainer:
             step=self.step,
             data_rng=self.data_rng,
         )
-        self.manager = tf.train.CheckpointManager(
-            self.checkpoint,
-            os.path.join(self.dir, "checkpoints"),
-            max_to_keep=config.max_checkpoints,
-        )
+        self.manager = self._checkpoint_manager(checkpoint_dir)
         self.preempted = False
 
     # --- checkpoints ----------------------------------------------------------------------
 
+    def _checkpoint_manager(self, directory):
+        return tf.train.CheckpointManager(
+            self.checkpoint, directory, max_to_keep=self.config.max_checkpoints
+        )
+
     def restore(self):
-        path = self.manager.latest_checkpoint
-        if path:
-            self.checkpoint.restore(path).assert_existing_objects_matched()
-            logger.info("Resumed from %s at step %d.", path, int(self.step.numpy()))
-        return path
+        """Restores the newest checkpoint that can be read; returns its path, or None.
+
+        A checkpoint that cannot be read (truncated, a flipped byte, files missing) is not
+        deleted: its files are renamed `corrupt-ckpt-N.*`, with a warning that names it, and
+        the next newest is tried. Checkpoints are found on disk as well as in the `checkpoint`
+        state file, so a state file that names missing files, or none, is handled too. A
+        checkpoint that reads but does not fit the model stops the run with a message.
+        """
+        directory = self.manager.directory
+        candidates = list_checkpoints(directory)
+        restored = None
+        for path in candidates:
+            if not tf.io.gfile.exists(path + ".index"):
+                logger.warning(
+                    "The checkpoint state in %s names %s, whose files are missing; skipping it.",
+                    directory, path,
+                )  # fmt: skip
+                continue
+            # Every tensor is read (and its checksum checked) before anything is restored: a
+            # restore that fails halfway leaves deferred restorations in the live objects.
+            try:
+                verify_checkpoint(path)
+            except (tf.errors.OpError, IndexError, OSError, ValueError) as error:
+                kept = quarantine_checkpoint(path)
+                logger.warning(
+                    "The checkpoint %s cannot be read (%s: %s); its files are kept as %s. "
+                    "Trying the previous one.",
+                    path, type(error).__name__, _first_line(error), kept,
+                )  # fmt: skip
+                continue
+            try:
+                self.checkpoint.restore(path).assert_existing_objects_matched()
+            except (ValueError, AssertionError) as error:
+                raise TrainingError(
+                    f"The checkpoint {path} does not fit this run ({_first_line(error)}). It "
+                    f"was written by another model, image size, number of classes or "
+                    f"--mixed_precision=float16; use another --model_dir, or the same flags."
+                ) from None
+            restored = path
+            break
+        if candidates and restored != self.manager.latest_checkpoint:
+            rewrite_checkpoint_state(directory, restored)
+            self.manager = self._checkpoint_manager(directory)
+        if restored:
+            skipped = candidates.index(restored)
+            logger.info(
+                "Resumed from %s at step %d%s.",
+                restored,
+                int(self.step.numpy()),
+                f" (the {skipped} newer could not be read)" if skipped else "",
+            )
+        elif candidates:
+            logger.warning("No checkpoint in %s could be read: starting from scratch.", directory)
+        return restored
 
     def save(self):
         path = self.manager.save(checkpoint_number=int(self.step.numpy()))
@@ -485,10 +563,15 @@ class Trainer:
                 self.loss_sum.assign(0.0)
                 step = int(self.step.numpy())
                 if not math.isfinite(loss):
+                    latest = self.manager.latest_checkpoint
+                    kept = (
+                        f"the last good checkpoint, {latest}, is kept"
+                        if latest
+                        else "no checkpoint had been saved yet"
+                    )
                     raise TrainingError(
                         f"The loss is {loss} at step {step}: training diverged. Stopped without "
-                        f"saving; the last good checkpoint in {self.manager.directory} is kept. "
-                        f"Lower --learning_rate, set --grad_clip, or use "
+                        f"saving; {kept}. Lower --learning_rate, set --grad_clip, or use "
                         f"--mixed_precision=bfloat16."
                     )
                 self._log(writer, step, steps, loss, time.time() - tick, start_step, start_time)
@@ -607,6 +690,101 @@ class Preempted(Exception):
             f"same command again to resume."
         )
         self.step = step
+
+
+# --- run directory ----------------------------------------------------------------------------
+
+# Config fields that fix the shapes of what a checkpoint holds.
+IDENTITY_FIELDS = ("model", "image_size", "num_classes")
+_CHECKPOINT_INDEX = re.compile(r"^ckpt-(\d+)\.index$")
+
+
+def list_checkpoints(directory):
+    """Checkpoint prefixes in `directory`, newest first: those on disk and those the state
+    file names (even if their files are missing)."""
+    numbers = {}
+    if tf.io.gfile.isdir(directory):
+        for name in tf.io.gfile.listdir(directory):
+            match = _CHECKPOINT_INDEX.match(name)
+            if match:
+                numbers[os.path.join(directory, f"ckpt-{match.group(1)}")] = int(match.group(1))
+    state = tf.train.get_checkpoint_state(directory)
+    for path in getattr(state, "all_model_checkpoint_paths", []) or []:
+        path = path if os.path.isabs(path) or "://" in path else os.path.join(directory, path)
+        match = re.search(r"ckpt-(\d+)$", path)
+        numbers.setdefault(path, int(match.group(1)) if match else -1)
+    return sorted(numbers, key=numbers.get, reverse=True)
+
+
+def verify_checkpoint(path):
+    """Reads every tensor of checkpoint `path`; raises what a truncated or altered file gives."""
+    reader = tf.train.load_checkpoint(path)
+    for name in reader.get_variable_to_shape_map():
+        reader.get_tensor(name)
+
+
+def quarantine_checkpoint(path):
+    """Renames the files of checkpoint `path` to `corrupt-<name>.*` (never deletes them)."""
+    folder, name = os.path.split(path)
+    for file in tf.io.gfile.glob(path + ".*"):
+        suffix = os.path.basename(file)[len(name) :]
+        tf.io.gfile.rename(file, os.path.join(folder, f"corrupt-{name}{suffix}"), overwrite=True)
+    return os.path.join(folder, f"corrupt-{name}.*")
+
+
+def rewrite_checkpoint_state(directory, latest):
+    """Makes the `checkpoint` state file list the readable checkpoints on disk, `latest` last,
+    so that the manager neither saves over nor counts those that were skipped. With none
+    left, the old state file is kept aside as `corrupt-checkpoint`."""
+    state = os.path.join(directory, "checkpoint")
+    if latest is None:
+        if tf.io.gfile.exists(state):
+            tf.io.gfile.rename(state, os.path.join(directory, "corrupt-checkpoint"), True)
+        return
+    older = [
+        p for p in list_checkpoints(directory) if p != latest and tf.io.gfile.exists(p + ".index")
+    ]
+    tf.compat.v1.train.update_checkpoint_state(
+        directory, latest, all_model_checkpoint_paths=[*older[::-1], latest]
+    )
+
+
+def check_compatible(config, checkpoint_dir):
+    """Refuses a run whose model differs from the one that wrote the checkpoints."""
+    previous_path = os.path.join(config.model_dir, "config.json")
+    if not list_checkpoints(checkpoint_dir) or not tf.io.gfile.exists(previous_path):
+        return
+    try:
+        with tf.io.gfile.GFile(previous_path) as f:
+            previous = json.load(f)
+    except (ValueError, tf.errors.OpError):
+        return  # an unreadable record: the restore itself checks the shapes
+    ours = dataclasses.asdict(config)
+    differ = [k for k in IDENTITY_FIELDS if k in previous and previous[k] != ours[k]]
+    if differ:
+        was = ", ".join(f"--{k}={previous[k]}" for k in differ)
+        now = ", ".join(f"--{k}={ours[k]}" for k in differ)
+        raise TrainingError(
+            f"--model_dir {config.model_dir} holds checkpoints of another model ({was}); this "
+            f"run asks for {now}. Use another --model_dir to start anew, or the same flags to "
+            f"resume; nothing in {config.model_dir} was changed."
+        )
+
+
+def _check_tensorboard():
+    """The summaries need tensorboard (the `train` extra): say so now, not at the first log."""
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        raise TrainingError(
+            "Training writes TensorBoard summaries and needs the tensorboard package: "
+            "pip install keras-t2t[train] (or pip install tensorboard)."
+        ) from None
+
+
+def _first_line(error):
+    text = getattr(error, "message", None) or str(error) or type(error).__name__
+    return text.strip().splitlines()[0][:300]
 
 
 def _duration(seconds):
