@@ -456,8 +456,7 @@ def assign_state(model, state):
         elif tuple(variables[HEAD_KERNEL].shape) != arrays[HEAD_KERNEL].shape:
             file_shape, model_shape = arrays[HEAD_KERNEL].shape, tuple(variables[HEAD_KERNEL].shape)
             logger.warning(
-                "The head in %s is not loaded: %s. The new head keeps its random "
-                "initialization.",
+                "The head in %s is not loaded: %s. The new head keeps its random initialization.",
                 state.source,
                 f"it has {file_shape[1]} classes, the model {model_shape[1]}"
                 if file_shape[1] != model_shape[1]

@@ -317,7 +317,9 @@ def test_corrupt_records(tmp_path):
     folder.mkdir()
     (folder / "train-00000-of-00001").write_bytes(b"this is not a TFRecord file at all" * 10)
     build_tfrecords.write_shards(_random_examples(8, 4, 0), str(folder), "validation", 1)
-    with pytest.raises(trainer.TrainingError, match="Bad data: a record could not be read"):
+    with pytest.raises(
+        data.DataError, match=r"damaged: \S+train-00000-of-00001: the file ends inside record 0"
+    ):
         _run_config(str(folder), tmp_path / "run")
 
 

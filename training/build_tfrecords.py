@@ -12,16 +12,20 @@ JPEG, `image/class/label`, `image/class/text`, `image/format`, `image/filename`,
 `image/height`, `image/width`), so `train_imagenet.py --data_dir` reads them as ImageNet.
 """
 
+import json
 import os
 import shutil
 import sys
 import tempfile
+import time
 
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np
 import tensorflow as tf
+
+from training import data as data_lib
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 
@@ -51,33 +55,82 @@ def make_example(jpeg, label, text, filename, height, width):
     ).SerializeToString()
 
 
-def write_shards(examples, output_dir, split, num_shards):
-    """Writes serialized examples round-robin into `num_shards` files; returns their paths."""
+def write_shards(examples, output_dir, split, num_shards, classes=None):
+    """Writes serialized examples round-robin into `num_shards` files; returns their paths.
+
+    All or nothing: the shards and their manifest (`manifest-<split>.json`: records and bytes
+    of every shard, and the classes) are written into a staging folder inside `output_dir`;
+    only when every example is written do they replace the split's old shards and manifest.
+    A failure (a bad image, a full disk, an interrupt) leaves `output_dir` as it was.
+    """
     if num_shards < 1:
         raise ValueError(f"--num_shards must be >= 1, received {num_shards}.")
-    tf.io.gfile.makedirs(output_dir)
-    paths = [
-        os.path.join(output_dir, f"{split}-{i:05d}-of-{num_shards:05d}") for i in range(num_shards)
-    ]
-    writers = [tf.io.TFRecordWriter(p) for p in paths]
-    count = 0
     try:
-        for count, example in enumerate(examples, start=1):
-            writers[(count - 1) % num_shards].write(example)
+        tf.io.gfile.makedirs(output_dir)
+    except tf.errors.OpError as error:
+        raise ValueError(f"Cannot create --output_dir {output_dir!r}: {error.message}") from None
+    staging = os.path.join(output_dir, f".{split}-partial-{os.getpid()}-{time.time_ns()}")
+    tf.io.gfile.makedirs(staging)
+    names = [f"{split}-{i:05d}-of-{num_shards:05d}" for i in range(num_shards)]
+    counts = [0] * num_shards
+    try:
+        writers = [tf.io.TFRecordWriter(os.path.join(staging, name)) for name in names]
+        try:
+            for index, example in enumerate(examples):
+                writers[index % num_shards].write(example)
+                counts[index % num_shards] += 1
+        finally:
+            for writer in writers:
+                writer.close()
+        if not sum(counts):
+            raise ValueError(f"No examples to write for split {split!r}.")
+        manifest = dict(
+            split=split,
+            num_shards=num_shards,
+            records=sum(counts),
+            classes=None if classes is None else list(classes),
+            shards={
+                name: dict(
+                    records=count, bytes=tf.io.gfile.stat(os.path.join(staging, name)).length
+                )
+                for name, count in zip(names, counts)
+            },
+        )
+        manifest_name = data_lib.MANIFEST.format(split=split)
+        with tf.io.gfile.GFile(os.path.join(staging, manifest_name), "w") as f:
+            json.dump(manifest, f, indent=1)
+        # Only now is the old data of this split replaced (other splits are left alone).
+        old = tf.io.gfile.glob(os.path.join(output_dir, f"{split}-*-of-*"))
+        for path in old + tf.io.gfile.glob(os.path.join(output_dir, manifest_name)):
+            tf.io.gfile.remove(path)
+        for name in [*names, manifest_name]:
+            tf.io.gfile.rename(os.path.join(staging, name), os.path.join(output_dir, name))
     finally:
-        for writer in writers:
-            writer.close()
-    if count == 0:
-        raise ValueError(f"No examples to write for split {split!r}.")
-    return paths
+        tf.io.gfile.rmtree(staging)
+    return [os.path.join(output_dir, name) for name in names]
 
 
 def to_jpeg(image_uint8, quality=95):
     return tf.io.encode_jpeg(image_uint8, quality=quality).numpy()
 
 
+def _utf8(path, what):
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(
+            f"The {what} {os.fsencode(path)!r} has a name that is not UTF-8, which the "
+            f"records cannot hold; rename it."
+        ) from None
+    return path
+
+
 def folder_examples(input_dir, label_offset=1):
-    """(classes, generator of serialized examples) from `input_dir/<class>/<image>`."""
+    """(classes, generator of serialized examples) from `input_dir/<class>/<image>`.
+
+    Warns about class folders without images and about images in nested folders (which are
+    not read); refuses names that are not UTF-8 and files that are not readable images.
+    """
     if not os.path.isdir(input_dir):
         raise ValueError(f"--input_dir {input_dir!r} is not a folder.")
     classes = sorted(d for d in os.listdir(input_dir) if os.path.isdir(os.path.join(input_dir, d)))
@@ -85,6 +138,18 @@ def folder_examples(input_dir, label_offset=1):
         raise ValueError(
             f"{input_dir!r} has no class subfolders; expected {input_dir}/<class>/<image>.jpg."
         )
+    for name in classes:
+        folder = _utf8(os.path.join(input_dir, name), "class folder")
+        entries = os.listdir(folder)
+        if not any(e.lower().endswith(IMAGE_EXTENSIONS) for e in entries):
+            print(f"warning: the class folder {folder} holds no images", file=sys.stderr)
+        nested = [e for e in entries if os.path.isdir(os.path.join(folder, e))]
+        if nested:
+            print(
+                f"warning: {folder} has subfolders ({', '.join(sorted(nested)[:5])}) whose "
+                f"images are not read: only {input_dir}/<class>/<image> is",
+                file=sys.stderr,
+            )
 
     def generate():
         for index, name in enumerate(classes):
@@ -92,12 +157,16 @@ def folder_examples(input_dir, label_offset=1):
             for filename in sorted(os.listdir(folder)):
                 if not filename.lower().endswith(IMAGE_EXTENSIONS):
                     continue
-                path = os.path.join(folder, filename)
-                data = open(path, "rb").read()
+                path = _utf8(os.path.join(folder, filename), "file")
+                with open(path, "rb") as f:
+                    data = f.read()
                 try:
                     image = tf.io.decode_image(data, channels=3, expand_animations=False)
                 except tf.errors.InvalidArgumentError as error:
-                    raise ValueError(f"{path!r} is not a readable image: {error.message}") from None
+                    raise ValueError(
+                        f"{path!r} is not a readable image: {error.message}. Nothing was "
+                        f"written; remove or replace the file and run again."
+                    ) from None
                 is_jpeg = data[:3] == b"\xff\xd8\xff"
                 jpeg = data if is_jpeg and image.shape[-1] == 3 else to_jpeg(image)
                 yield make_example(
@@ -109,8 +178,8 @@ def folder_examples(input_dir, label_offset=1):
 
 def build_from_folder(input_dir, output_dir, split="train", num_shards=8, label_offset=1):
     classes, examples = folder_examples(input_dir, label_offset)
-    paths = write_shards(examples, output_dir, split, num_shards)
-    with open(os.path.join(output_dir, "labels.txt"), "w") as f:
+    paths = write_shards(examples, output_dir, split, num_shards, classes)
+    with tf.io.gfile.GFile(os.path.join(output_dir, "labels.txt"), "w") as f:
         f.write("\n".join(classes) + "\n")
     return classes, paths
 
@@ -152,8 +221,9 @@ def digits_tfrecords(cache_dir, image_size=32, num_shards=2):
     os.makedirs(cache_dir, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix="digits_", dir=cache_dir)
     train, validation = digits_examples(image_size)
-    write_shards(train, tmp, "train", num_shards)
-    write_shards(validation, tmp, "validation", num_shards)
+    classes = [str(d) for d in range(10)]
+    write_shards(train, tmp, "train", num_shards, classes)
+    write_shards(validation, tmp, "validation", num_shards, classes)
     with open(os.path.join(tmp, "labels.txt"), "w") as f:
         f.write("\n".join(str(d) for d in range(10)) + "\n")
     open(os.path.join(tmp, "COMPLETE"), "w").close()
@@ -180,6 +250,10 @@ def main(argv=None):
         )
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except (OSError, tf.errors.OpError) as error:
+        reason = getattr(error, "message", None) or getattr(error, "strerror", None) or error
+        print(f"error: cannot write to {args.output_dir!r}: {reason}", file=sys.stderr)
         return 2
     print(f"wrote {len(paths)} {args.split} shards of {len(classes)} classes to {args.output_dir}")
     return 0

@@ -11,7 +11,14 @@ leave the pipeline as float32 RGB in [0, 255] (the models normalize inside), lab
 one-hot (training) or integer (evaluation) class indices. Batches have static shapes.
 """
 
+import concurrent.futures
 import dataclasses
+import json
+import logging
+import os
+import struct
+import sys
+import time
 
 import tensorflow as tf
 
@@ -19,6 +26,11 @@ from keras_t2t.imagenet import resize_and_center_crop
 
 AUTOTUNE = tf.data.AUTOTUNE
 SPLITS = {"train": "train", "validation": "validation"}
+# The standard ImageNet TFRecords (the TPU converter's): shards and records per split.
+IMAGENET_LAYOUT = {"train": (1024, 1_281_167), "validation": (128, 50_000)}
+MANIFEST = "manifest-{split}.json"
+
+logger = logging.getLogger("keras_t2t.training")
 
 
 class DataError(ValueError):
@@ -193,9 +205,16 @@ class Augmenter:
         return data["images"], data["labels"]
 
 
-def _examples(source, input_context, shuffle, seed, num_classes, label_offset):
+def _examples(
+    source, input_context, shuffle, seed, num_classes, label_offset, skip_bad_records=None
+):
     # Element order follows the dataset options (`deterministic`), set by the callers.
-    """`(uint8 image, label)` pairs from a list of TFRecord files or a TFDS dataset."""
+    """`(uint8 image, label)` pairs from a list of TFRecord files or a TFDS dataset.
+
+    `skip_bad_records`: None fails on the first bad record (the fast path); a dict
+    `{shard: records}` (from `check_shards`) skips records that cannot be read, parsed or
+    decoded, and logs each with its shard, index and image/filename (`checked_records`).
+    """
     if isinstance(source, tf.data.Dataset):  # TFDS: decoded images, zero-based labels
         dataset = source
         if input_context is not None and input_context.num_input_pipelines > 1:
@@ -218,6 +237,15 @@ def _examples(source, input_context, shuffle, seed, num_classes, label_offset):
         dataset = dataset.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
     if shuffle:
         dataset = dataset.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
+    if skip_bad_records is not None:
+        checked = count_bad(checked_records(dataset, skip_bad_records, min(16, len(files))))
+        return checked.filter(_log_bad_record).map(
+            lambda image, label, *_: (
+                image,
+                check_label(label - label_offset, num_classes, label_offset),
+            ),
+            num_parallel_calls=AUTOTUNE,
+        )
     dataset = dataset.interleave(
         lambda f: tf.data.TFRecordDataset(f, buffer_size=8 << 20),
         cycle_length=min(16, len(files)),
@@ -242,14 +270,18 @@ def train_dataset(
     seed=None,
     shuffle_buffer=10_000,
     deterministic=False,
+    skip_bad_records=None,
 ):
     """Infinite training batches `(images [B, S, S, 3] float32, one-hot targets [B, C])`.
 
     `source` is a list of TFRecord files or a TFDS dataset (`tfds_dataset`). `batch_size` is
     per input pipeline (the per-replica batch times the replicas this pipeline feeds).
+    `skip_bad_records`: see `_examples`.
     """
     augmenter = Augmenter(aug, image_size, num_classes, seed=seed)
-    dataset = _examples(source, input_context, True, seed, num_classes, label_offset)
+    dataset = _examples(
+        source, input_context, True, seed, num_classes, label_offset, skip_bad_records
+    )
     dataset = dataset.shuffle(shuffle_buffer, seed=seed).repeat()
     dataset = dataset.map(augmenter.image, num_parallel_calls=AUTOTUNE)
     dataset = dataset.batch(batch_size, drop_remainder=True)
@@ -261,13 +293,22 @@ def train_dataset(
 
 
 def eval_dataset(
-    source, batch_size, image_size, num_classes, crop_pct=0.9, label_offset=1, input_context=None
+    source,
+    batch_size,
+    image_size,
+    num_classes,
+    crop_pct=0.9,
+    label_offset=1,
+    input_context=None,
+    skip_bad_records=None,
 ):
     """Evaluation batches `(images, labels, mask)`: one pass over every record, in order.
 
     The last batch is padded to `batch_size` (static shapes for TPU); `mask` is 0 on padding.
     """
-    dataset = _examples(source, input_context, False, None, num_classes, label_offset)
+    dataset = _examples(
+        source, input_context, False, None, num_classes, label_offset, skip_bad_records
+    )
     dataset = dataset.map(
         lambda image, label: (resize_and_center_crop(image, image_size, crop_pct), label, 1.0),
         num_parallel_calls=AUTOTUNE,
@@ -290,3 +331,276 @@ def tfds_dataset(split, data_dir=None):
             "--data_source=tfds needs tensorflow-datasets: pip install keras-t2t[tfds]"
         ) from error
     return tfds.load("imagenet2012", split=split, data_dir=data_dir, as_supervised=True)
+
+
+# --- shard checks -------------------------------------------------------------------------------
+
+
+def _stat(path):
+    stat = tf.io.gfile.stat(path)
+    return stat.length, stat.mtime_nsec
+
+
+def walk_records(path):
+    """(records, problem or None) of one TFRecord file, from its record headers alone.
+
+    Each record is `length (8 bytes) | crc (4) | data (length) | crc (4)`: the walk reads the
+    lengths and seeks past the data, so a file that ends inside a record is found without
+    reading the images. (A file cut exactly at a record boundary looks whole: the manifest
+    of build_tfrecords.py, or the ImageNet totals, find those.)
+    """
+    size = _stat(path)[0]
+    opener = open if "://" not in path else tf.io.gfile.GFile
+    offset = count = 0
+    with opener(path, "rb") as f:
+        while offset < size:
+            f.seek(offset)
+            header = f.read(8)
+            end = offset + 16 + struct.unpack("<Q", header)[0] if len(header) == 8 else size + 1
+            if end > size:
+                return count, (
+                    f"the file ends inside record {count} (byte {offset} of {size}): it was "
+                    f"truncated or overwritten"
+                )
+            count, offset = count + 1, end
+    return count, None
+
+
+def read_manifest(folder, split):
+    path = os.path.join(folder, MANIFEST.format(split=split))
+    if not tf.io.gfile.exists(path):
+        return None
+    try:
+        with tf.io.gfile.GFile(path) as f:
+            manifest = json.load(f)
+        manifest["shards"].items()
+    except (ValueError, KeyError, AttributeError, tf.errors.OpError) as error:
+        raise DataError(f"{path} is not a readable manifest ({error}); rebuild the data.") from None
+    return manifest
+
+
+def _verify_manifest(files, manifest, split, num_classes):
+    folder = os.path.dirname(files[0])
+    listed = set(manifest["shards"])
+    found = {os.path.basename(f) for f in files}
+    where = f"{folder}/{MANIFEST.format(split=split)}"
+    problems = []
+    extra, missing = sorted(found - listed), sorted(listed - found)
+    if extra:
+        problems.append(
+            f"{len(extra)} {split} shards are not in it ({', '.join(extra[:5])}): left over "
+            f"from another build?"
+        )
+    if missing:
+        problems.append(f"{len(missing)} listed shards are missing ({', '.join(missing[:5])})")
+    for name in sorted(found & listed):
+        size = _stat(os.path.join(folder, name))[0]
+        if size != manifest["shards"][name]["bytes"]:
+            problems.append(
+                f"{name} is {size} bytes, the manifest says {manifest['shards'][name]['bytes']} "
+                f"({manifest['shards'][name]['records']} records): truncated or altered"
+            )
+    if problems:
+        raise DataError(
+            f"The {split} TFRecords do not match {where}: {'; '.join(problems)}. Rebuild them "
+            f"with training/build_tfrecords.py, or copy them again."
+        )
+    classes = manifest.get("classes")
+    if classes and num_classes is not None and num_classes < len(classes):
+        raise DataError(
+            f"{where} lists {len(classes)} classes, more than --num_classes={num_classes}; "
+            f"set --num_classes={len(classes)}."
+        )
+    return {os.path.join(folder, n): int(manifest["shards"][n]["records"]) for n in sorted(found)}
+
+
+def check_shards(files, split, num_classes=None, skip_bad_records=False, cache=None):
+    """`{file: records}` for the TFRecord files of `split`, checked before training.
+
+    With a manifest (written by build_tfrecords.py beside the shards): every shard it lists
+    must be there, with its size, and no other shard of the split. Without one: every file's
+    record headers are walked (`walk_records`; in parallel, and cached in the JSON file
+    `cache`, keyed by size and modification time, so a restart does not walk again); a file
+    that ends inside a record is named, an error unless `skip_bad_records` (then its readable
+    records are used). For the standard ImageNet layout (1,024 train or 128 validation shards
+    and 1,000 classes), the total must be ImageNet's: 1,281,167 or 50,000.
+    """
+    manifest = read_manifest(os.path.dirname(files[0]), split)
+    if manifest is not None:
+        return _verify_manifest(files, manifest, split, num_classes)
+    cached = {}
+    if cache and tf.io.gfile.exists(cache):
+        try:
+            with tf.io.gfile.GFile(cache) as f:
+                cached = json.load(f)
+        except (ValueError, tf.errors.OpError):
+            cached = {}
+    start = time.time()
+
+    def walk(path):
+        key = list(_stat(path))
+        hit = cached.get(path)
+        if hit and hit[:2] == key:
+            return path, key + hit[2:]
+        return path, key + list(walk_records(path))
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        walked = dict(pool.map(walk, files))
+    if cache and walked != {p: cached.get(p) for p in walked}:
+        try:
+            with tf.io.gfile.GFile(cache, "w") as f:
+                json.dump(walked, f)
+        except tf.errors.OpError:
+            pass  # a cache only
+    counts = {path: entry[2] for path, entry in walked.items()}
+    logger.info(
+        "%d %s records in %d files (headers checked in %.1f s).",
+        sum(counts.values()), split, len(files), time.time() - start,
+    )  # fmt: skip
+    damaged = {path: entry[3] for path, entry in walked.items() if entry[3]}
+    if damaged:
+        listing = "; ".join(f"{path}: {problem}" for path, problem in sorted(damaged.items())[:5])
+        if not skip_bad_records:
+            raise DataError(
+                f"{len(damaged)} {split} TFRecord file(s) are damaged: {listing}. Copy or "
+                f"rebuild them, or pass --skip_bad_records to train on the readable records."
+            )
+        logger.warning("--skip_bad_records: reading only the readable records of %s.", listing)
+    shards, total = IMAGENET_LAYOUT.get(split, (None, None))
+    if len(files) == shards and num_classes == 1000 and sum(counts.values()) != total:
+        typical = sorted(counts.values())[len(counts) // 2]
+        odd = [
+            f"{os.path.basename(p)} ({n})"
+            for p, n in sorted(counts.items())
+            if abs(n - typical) > 1
+        ]
+        message = (
+            f"The {shards} {split} shards look like ImageNet's, but hold {sum(counts.values()):,} "
+            f"records instead of {total:,}; shards whose count differs from the typical "
+            f"{typical}: {', '.join(odd[:10]) or 'none'}. Some files are incomplete: copy them "
+            f"again."
+        )
+        if not skip_bad_records:
+            raise DataError(message)
+        logger.warning("--skip_bad_records: %s", message)
+    return counts
+
+
+# --- bad records: found by name ------------------------------------------------------------------
+
+_FILENAME = {"image/filename": tf.io.FixedLenFeature([], tf.string, default_value="")}
+UNREADABLE = (
+    "cannot be read (the file is corrupt or truncated there; a TFRecord reader cannot go on "
+    "past it, so the rest of this file is left out too)"
+)
+UNDECODABLE = "cannot be parsed or decoded"
+
+
+def checked_records(files, expected, cycle_length=16):
+    """`(image, label, ok, shard, index, filename, problem)` for every record of `files`.
+
+    A record that cannot be read, parsed or decoded comes out with `ok` False (and an empty
+    image) instead of stopping the pipeline, named by its shard, its index in the shard and,
+    where it parses, its `image/filename`. `expected` (`{shard: records}`, from
+    `check_shards`) tells where a shard's reader stopped early. `label` is the raw
+    `image/class/label`. Each record is tried in a small dataset of its own, which costs
+    about half the speed of the plain pipeline on small images: used for --skip_bad_records
+    and to find the bad record after a run stopped on one.
+    """
+    table = tf.lookup.StaticHashTable(
+        tf.lookup.KeyValueTensorInitializer(
+            tf.constant(list(expected), tf.string), tf.constant(list(expected.values()), tf.int64)
+        ),
+        default_value=-1,
+    )
+    if not isinstance(files, tf.data.Dataset):
+        files = tf.data.Dataset.from_tensor_slices(list(files))
+    empty_image = tf.zeros((0, 0, 3), tf.uint8)
+
+    def per_shard(shard):
+        records = tf.data.TFRecordDataset(shard).ignore_errors().enumerate()
+        end = tf.data.Dataset.from_tensors((tf.constant(-1, tf.int64), tf.constant("")))
+
+        def count(read, element):  # the end marker carries the number of records read
+            index, record = element
+            read = tf.where(index >= 0, index + 1, read)
+            return read, (shard, index, record, read)
+
+        return records.concatenate(end).scan(tf.constant(0, tf.int64), count)
+
+    def decoded(data):
+        example = tf.io.parse_single_example(data, FEATURES)
+        label = tf.cast(example["image/class/label"], tf.int32)
+        return decode(example["image/encoded"]), label
+
+    def attempt(shard, index, record, read):
+        one = tf.data.Dataset.from_tensors(record)
+        is_record = index >= 0
+        good = one.filter(lambda _: is_record).map(decoded).ignore_errors()
+        name = one.map(lambda data: tf.io.parse_single_example(data, _FILENAME)["image/filename"])
+        name = name.ignore_errors().concatenate(tf.data.Dataset.from_tensors("")).take(1)
+        bad = name.filter(lambda _: is_record)
+        cut = tf.data.Dataset.from_tensors(read).filter(
+            lambda n: tf.logical_not(is_record) & (n < table.lookup(shard))
+        )
+        return (
+            good.map(lambda image, label: (image, label, True, shard, index, "", ""))
+            .concatenate(bad.map(lambda n: (empty_image, 0, False, shard, index, n, UNDECODABLE)))
+            .take(1)
+            .concatenate(cut.map(lambda n: (empty_image, 0, False, shard, n, "", UNREADABLE)))
+        )
+
+    stream = files.interleave(per_shard, cycle_length=cycle_length, num_parallel_calls=AUTOTUNE)
+    return stream.interleave(
+        attempt, cycle_length=cycle_length, block_length=1, num_parallel_calls=AUTOTUNE
+    )
+
+
+def _log_bad_record(image, label, ok, shard, index, filename, problem, skipped):
+    """Filter predicate: keeps the good records, logs each bad one (stderr) by name and count."""
+    del image, label
+
+    def report():
+        name = tf.where(filename == "", "", tf.strings.join([" (image/filename ", filename, ")"]))
+        printed = tf.print(
+            "--skip_bad_records: skipped record", index, "of", tf.strings.join([shard, name]),
+            "-", problem, "-", skipped, "skipped so far", output_stream=sys.stderr,
+        )  # fmt: skip
+        with tf.control_dependencies([printed]):
+            return tf.constant(False)
+
+    return tf.cond(ok, lambda: tf.constant(True), report)
+
+
+def count_bad(dataset):
+    """Appends the running count of bad records (`ok` False) to each element."""
+
+    def count(skipped, element):
+        skipped += tf.cast(tf.logical_not(element[2]), tf.int64)
+        return skipped, (*element, skipped)
+
+    return dataset.scan(tf.constant(0, tf.int64), count)
+
+
+def find_bad_record(files, expected, time_limit=300.0):
+    """`(shard, index, filename, problem)` of the first bad record found, or None.
+
+    Reads, parses and decodes every record (`checked_records`) until one fails, for at most
+    `time_limit` seconds. Called after a run stopped on a bad record, to name it.
+    """
+    import threading
+
+    found = []
+
+    def scan():
+        dataset = checked_records(files, expected).filter(lambda *e: tf.logical_not(e[2]))
+        for _, _, _, shard, index, filename, problem in dataset.take(1):
+            found.append(
+                (shard.numpy().decode(), int(index), filename.numpy().decode("utf-8", "replace"),
+                 problem.numpy().decode())
+            )  # fmt: skip
+
+    thread = threading.Thread(target=scan, daemon=True)
+    thread.start()
+    thread.join(time_limit)
+    return found[0] if found else None

@@ -61,11 +61,15 @@ def evaluate(
     files = data_lib.list_files(data_dir, "validation")
     net = build_model(weights, model, num_heads, image_size)
     size, classes = net.input_shape[1], net.output_shape[-1]
+    data_lib.check_shards(files, "validation", classes)
     strategy = tf.distribute.get_strategy()
     dataset = data_lib.eval_dataset(
         files, batch_size, size, classes, crop_pct=crop_pct, label_offset=label_offset
     )
-    return trainer.evaluate_model(net, dataset, strategy)
+    try:
+        return trainer.evaluate_model(net, dataset, strategy)
+    except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as error:
+        raise trainer.TrainingError(trainer._data_error_message(error)) from None
 
 
 def main(argv=None):

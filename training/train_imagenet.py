@@ -66,6 +66,12 @@ flags.DEFINE_integer("steps_per_epoch", None, "Override the steps of an epoch.")
 flags.DEFINE_integer("eval_every_epochs", 10, "Evaluate every N epochs (and at the end).")
 flags.DEFINE_bool("jit_compile", True, "Compile the forward and backward pass with XLA.")
 flags.DEFINE_integer("seed", 0, "Random seed.")
+flags.DEFINE_bool(
+    "skip_bad_records",
+    False,
+    "Skip records that cannot be read or decoded (each is logged with its file and counted) "
+    "instead of stopping. Slower input pipeline.",
+)
 flags.DEFINE_float("crop_scale_min", _D.crop_scale_min, "Random resized crop: smallest area.")
 flags.DEFINE_bool("hflip", _D.hflip, "Random horizontal flip.")
 flags.DEFINE_integer("randaugment_ops", _D.randaugment_ops, "RandAugment ops per image (0: off).")
@@ -126,7 +132,8 @@ _OUR_FLAGS = {
     "batch_size", "eval_batch_size", "epochs", "warmup_epochs", "cooldown_epochs",
     "learning_rate", "min_lr", "weight_decay", "grad_clip", "drop_path_rate", "ema_decay", "mode",
     "strategy", "tpu", "weights", "mixed_precision", "crop_pct", "steps_per_loop",
-    "steps_per_epoch", "eval_every_epochs", "jit_compile", "seed", "crop_scale_min", "hflip",
+    "steps_per_epoch", "eval_every_epochs", "jit_compile", "seed", "skip_bad_records",
+    "crop_scale_min", "hflip",
     "randaugment_ops", "randaugment_magnitude", "mixup", "cutmix", "label_smoothing",
     "random_erasing",
 }  # fmt: skip

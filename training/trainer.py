@@ -76,6 +76,7 @@ class Config:
     seed: int = 0
     deterministic_data: bool = False  # reproducible input order (slower); for tests
     max_checkpoints: int = 3
+    skip_bad_records: bool = False  # skip (and log) unreadable records instead of stopping
     aug: data_lib.Augmentation = dataclasses.field(default_factory=data_lib.Augmentation)
 
     def to_json(self):
@@ -197,21 +198,20 @@ def worker_dir(model_dir, strategy):
 # --- data -----------------------------------------------------------------------------------
 
 
-def count_records(files):
-    try:
-        return int(sum(1 for _ in tf.data.TFRecordDataset(files)))
-    except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as error:
-        raise TrainingError(_data_error_message(error)) from None
+def data_sources(config, split, cache=None):
+    """(source, examples, `{shard: records}` or None) of `split`, checked before training.
 
-
-def data_sources(config, split):
+    TFRecords are checked by `data.check_shards` (the manifest of build_tfrecords.py, or
+    every record header; `cache` keeps the counts between restarts); TFDS needs no check.
+    """
     if config.data_source == "tfds":
         tfds_split = {"train": "train", "validation": "validation"}[split]
-        return data_lib.tfds_dataset(tfds_split, config.data_dir), IMAGENET_SIZES[split]
+        return data_lib.tfds_dataset(tfds_split, config.data_dir), IMAGENET_SIZES[split], None
     files = data_lib.list_files(config.data_dir, split)
-    if config.num_classes == 1000 and len(files) >= 128:
-        return files, IMAGENET_SIZES[split]
-    return files, count_records(files)
+    counts = data_lib.check_shards(
+        files, split, config.num_classes, config.skip_bad_records, cache=cache
+    )
+    return files, sum(counts.values()), counts
 
 
 # --- model, optimizer, EMA ------------------------------------------------------------------
@@ -328,8 +328,15 @@ class Trainer:
             "float32" if config.mixed_precision == "float32" else f"mixed_{config.mixed_precision}"
         )
         self.train_source = self.eval_source = None
+        self.shards = {}  # split -> {shard: records}, for naming a bad record
+
+        def sources(split):
+            cache = os.path.join(self.dir, f"data_check-{split}.json") if self.chief else None
+            source, examples, self.shards[split] = data_sources(config, split, cache)
+            return source, examples
+
         if config.mode != "eval":
-            self.train_source, train_examples = data_sources(config, "train")
+            self.train_source, train_examples = sources("train")
             train_examples = config.train_examples or train_examples
             self.steps_per_epoch = config.steps_per_epoch or train_examples // config.batch_size
             if self.steps_per_epoch < 1:
@@ -341,7 +348,7 @@ class Trainer:
         else:
             self.steps_per_epoch = config.steps_per_epoch or 1
         if config.mode != "train":
-            self.eval_source, self.eval_examples = data_sources(config, "validation")
+            self.eval_source, self.eval_examples = sources("validation")
         self.total_steps = config.epochs * self.steps_per_epoch
 
         with self.strategy.scope():
@@ -499,6 +506,7 @@ class Trainer:
                 input_context=context,
                 seed=seed,
                 deterministic=config.deterministic_data,
+                skip_bad_records=self._skip("train"),
             )
 
         return iter(self.strategy.distribute_datasets_from_function(dataset_fn))
@@ -515,9 +523,29 @@ class Trainer:
                 crop_pct=config.crop_pct,
                 label_offset=config.label_offset,
                 input_context=context,
+                skip_bad_records=self._skip("validation"),
             )
 
         return self.strategy.distribute_datasets_from_function(dataset_fn)
+
+    def _skip(self, split):
+        """The shard counts when --skip_bad_records (see `data.train_dataset`), else None."""
+        return self.shards.get(split) if self.config.skip_bad_records else None
+
+    def _bad_data(self, error, split):
+        """A TrainingError for a data error, naming the bad record where it can be found."""
+        message = _data_error_message(error)
+        if self.shards.get(split) and "label out of range" not in message:
+            logger.info("Looking for the bad %s record (at most 5 minutes)...", split)
+            found = data_lib.find_bad_record(list(self.shards[split]), self.shards[split])
+            if found:
+                shard, index, filename, problem = found
+                named = f" (image/filename {filename!r})" if filename else ""
+                message += (
+                    f" The bad record: number {index} of {shard}{named}, which {problem}. "
+                    f"Replace it, or pass --skip_bad_records to skip such records."
+                )
+        return TrainingError(message)
 
     # --- evaluation -----------------------------------------------------------------------
 
@@ -527,6 +555,8 @@ class Trainer:
             self.ema.swap()
         try:
             return evaluate_model(self.model, self._eval_dataset(), self.strategy)
+        except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as error:
+            raise self._bad_data(error, "validation") from None
         finally:
             if ema:
                 self.ema.swap()
@@ -558,7 +588,7 @@ class Trainer:
                 try:
                     train_loop(iterator, tf.constant(steps))
                 except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as error:
-                    raise TrainingError(_data_error_message(error)) from None
+                    raise self._bad_data(error, "train") from None
                 loss = float(self.loss_sum.read_value().numpy()) / steps
                 self.loss_sum.assign(0.0)
                 step = int(self.step.numpy())
@@ -667,11 +697,8 @@ def evaluate_model(model, dataset, strategy):
         return strategy.reduce(tf.distribute.ReduceOp.SUM, sums, axis=None)
 
     totals = np.zeros(4)
-    try:
-        for images, labels, mask in dataset:
-            totals += np.asarray(eval_step(images, labels, mask))
-    except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as error:
-        raise TrainingError(_data_error_message(error)) from None
+    for images, labels, mask in dataset:  # data errors go to the caller, which names them
+        totals += np.asarray(eval_step(images, labels, mask))
     count = max(totals[3], 1.0)
     return dict(
         loss=totals[0] / count,
