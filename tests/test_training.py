@@ -560,3 +560,179 @@ def test_a_model_dir_that_cannot_be_created(tiny_records, tmp_path):
 def test_nan_without_any_checkpoint_says_so(tiny_records, tmp_path):
     with pytest.raises(trainer.TrainingError, match="diverged.*no checkpoint had been saved yet"):
         _run_config(tiny_records, tmp_path, mode="train", learning_rate=1e30, warmup_epochs=0)
+
+
+# --- reliability: shards, bad records, builds ----------------------------------------------
+
+
+def _rewrite(path, records):
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        for record in records:
+            writer.write(record)
+
+
+def test_a_shard_truncated_at_a_record_boundary_is_found_by_the_manifest(tmp_path):
+    build_tfrecords.write_shards(_random_examples(16, 4, 0), str(tmp_path), "train", 2, "abcd")
+    shard = tmp_path / "train-00001-of-00002"
+    records = list(tf.data.TFRecordDataset(str(shard)).as_numpy_iterator())
+    _rewrite(shard, records[:4])  # 4 of its 8 records, cut cleanly: a reader sees no error
+    files = data.list_files(str(tmp_path), "train")
+    with pytest.raises(data.DataError, match=r"train-00001-of-00002 is \d+ bytes, the manifest"):
+        data.check_shards(files, "train", 4)
+    (tmp_path / "train-00001-of-00002").unlink()
+    with pytest.raises(data.DataError, match=r"1 listed shards are missing \(train-00001"):
+        data.check_shards(data.list_files(str(tmp_path), "train"), "train", 4)
+    with pytest.raises(data.DataError, match=r"lists 4 classes, more than --num_classes=3"):
+        build_tfrecords.write_shards(_random_examples(8, 4, 0), str(tmp_path), "train", 1, "abcd")
+        data.check_shards(data.list_files(str(tmp_path), "train"), "train", 3)
+
+
+def test_imagenet_layout_without_manifest_must_hold_imagenet_totals(tmp_path):
+    record = next(_random_examples(1, 1, 0))
+    for i in range(128):
+        _rewrite(tmp_path / f"validation-{i:05d}-of-00128", [record] * (3 if i != 7 else 1))
+    files = data.list_files(str(tmp_path), "validation")
+    with pytest.raises(
+        data.DataError,
+        match=r"128 validation shards look like ImageNet's, but hold 382 records instead of "
+        r"50,000; .*typical 3: validation-00007-of-00128 \(1\)",
+    ):
+        data.check_shards(files, "validation", 1000)
+    assert sum(data.check_shards(files, "validation", 10).values()) == 382  # not ImageNet
+
+
+def test_header_walk_counts_and_names_a_shard_cut_inside_a_record(tmp_path):
+    build_tfrecords.write_shards(_random_examples(12, 4, 0), str(tmp_path), "train", 3)
+    (tmp_path / "manifest-train.json").unlink()
+    shard = tmp_path / "train-00002-of-00003"
+    content = shard.read_bytes()
+    shard.write_bytes(content[: len(content) - 100])
+    files = data.list_files(str(tmp_path), "train")
+    assert data.walk_records(files[0]) == (4, None)
+    count, problem = data.walk_records(files[2])
+    assert count == 3 and "ends inside record 3" in problem
+    with pytest.raises(
+        data.DataError, match=r"train-00002-of-00003: the file ends inside record 3"
+    ):
+        data.check_shards(files, "train", 4)
+    cache = tmp_path / "counts.json"
+    counts = data.check_shards(files, "train", 4, skip_bad_records=True, cache=str(cache))
+    assert list(counts.values()) == [4, 4, 3]
+    cached = json.loads(cache.read_text())
+    assert cached[files[2]][2:] == [3, problem]
+    cached[files[0]][2] = 99  # a cached entry is used while the file's size and time match
+    cache.write_text(json.dumps(cached))
+    counts = data.check_shards(files, "train", 4, skip_bad_records=True, cache=str(cache))
+    assert list(counts.values()) == [99, 4, 3]
+
+
+def _flip_inside_record(shard, record_index):
+    records = list(tf.data.TFRecordDataset(str(shard)).as_numpy_iterator())
+    offset = sum(16 + len(r) for r in records[:record_index]) + 12 + len(records[record_index]) // 2
+    content = bytearray(shard.read_bytes())
+    content[offset] ^= 0xFF
+    shard.write_bytes(bytes(content))
+
+
+@pytest.fixture
+def bad_records(tmp_path):
+    """Train shards with an undecodable image (record 2 of shard 0) and a corrupt record
+    (record 5 of shard 1), and clean validation shards."""
+    folder = tmp_path / "bad_records"
+    examples = list(_random_examples(32, 4, 0))
+    examples[4] = build_tfrecords.make_example(b"not a jpeg", 1, "1", "broken.jpg", 4, 4)
+    build_tfrecords.write_shards(iter(examples), str(folder), "train", 2)
+    _flip_inside_record(folder / "train-00001-of-00002", 5)
+    (folder / "manifest-train.json").unlink()  # the flip keeps the size; no manifest to tell
+    build_tfrecords.write_shards(_random_examples(8, 4, 1), str(folder), "validation", 1)
+    return str(folder)
+
+
+def test_a_bad_record_is_named(bad_records, tmp_path):
+    with pytest.raises(
+        trainer.TrainingError,
+        match=r"The bad record: number (2 of \S+train-00000-of-00002 \(image/filename "
+        r"'broken.jpg'\), which cannot be parsed or decoded|5 of \S+train-00001-of-00002, "
+        r"which cannot be read)",
+    ):
+        _run_config(bad_records, tmp_path / "run", mode="train")
+    counts = data.check_shards(data.list_files(bad_records, "train"), "train")
+    found = data.find_bad_record(list(counts), counts)
+    assert found[:3] in [
+        (f"{bad_records}/train-00000-of-00002", 2, "broken.jpg"),
+        (f"{bad_records}/train-00001-of-00002", 5, ""),
+    ]
+
+
+def test_skip_bad_records_skips_counts_and_names_them(bad_records, tmp_path, capfd):
+    files = data.list_files(bad_records, "train")
+    counts = data.check_shards(files, "train", 4)
+    records = list(data._examples(files, None, False, None, 4, 1, skip_bad_records=counts))
+    assert len(records) == 32 - 1 - 11  # the broken image; record 5 of shard 1 and the 10 after
+    log = capfd.readouterr().err
+    assert re.search(
+        r"skipped record 2 of \S*train-00000-of-00002 \(image/filename broken.jpg\)", log
+    )
+    assert re.search(r"skipped record 5 of \S*train-00001-of-00002\S* - \S*cannot be read", log)
+    assert "2 skipped so far" in log
+    results = _run_config(bad_records, tmp_path / "run", skip_bad_records=True)
+    assert results["step"] == 6 and results["examples"] == 8
+
+
+def _photo_folder(root, classes=("cat", "dog"), count=3):
+    for name in classes:
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            image = np.full((20, 30, 3), 40 * i, np.uint8)
+            (root / name / f"{i}.jpg").write_bytes(tf.io.encode_jpeg(image).numpy())
+    return root
+
+
+def _build(*args):
+    return subprocess.run(
+        [sys.executable, str(ROOT / "training" / "build_tfrecords.py"), *args],
+        env=ENV, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+
+def test_build_tfrecords_writes_all_or_nothing(tmp_path):
+    photos = _photo_folder(tmp_path / "photos")
+    jpeg = (photos / "dog" / "1.jpg").read_bytes()
+    (photos / "dog" / "1.jpg").write_bytes(jpeg[: len(jpeg) // 2])  # truncated
+    out = tmp_path / "records"
+    result = _build(f"--input_dir={photos}", f"--output_dir={out}", "--num_shards=2")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert re.search(r"dog/1\.jpg' is not a readable image.*Nothing was written", result.stderr)
+    assert list(out.iterdir()) == []  # no shard, no staging folder
+
+
+def test_a_rebuild_replaces_the_old_shards(tmp_path):
+    photos = _photo_folder(tmp_path / "photos")
+    out = tmp_path / "records"
+    assert _build(f"--input_dir={photos}", f"--output_dir={out}", "--num_shards=3").returncode == 0
+    assert _build(f"--input_dir={photos}", f"--output_dir={out}", "--split=validation",
+                  "--num_shards=1").returncode == 0  # fmt: skip
+    assert _build(f"--input_dir={photos}", f"--output_dir={out}", "--num_shards=2").returncode == 0
+    assert sorted(p.name for p in out.iterdir()) == [
+        "labels.txt", "manifest-train.json", "manifest-validation.json",
+        "train-00000-of-00002", "train-00001-of-00002", "validation-00000-of-00001",
+    ]  # fmt: skip
+    assert sum(data.check_shards(data.list_files(str(out), "train"), "train", 2).values()) == 6
+
+
+def test_build_tfrecords_warns_and_names_bad_names(tmp_path):
+    photos = _photo_folder(tmp_path / "photos")
+    (photos / "empty").mkdir()
+    _photo_folder(photos / "cat" / "more", classes=("nested",))
+    result = _build(f"--input_dir={photos}", f"--output_dir={tmp_path / 'out'}", "--num_shards=1")
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"warning: the class folder \S+empty holds no images", result.stderr)
+    assert re.search(
+        r"warning: \S+cat has subfolders \(more\) whose images are not read", result.stderr
+    )
+    latin1 = os.fsdecode(b"caf\xe9.jpg")  # a Latin-1 name, not UTF-8
+    (photos / "dog" / "0.jpg").rename(photos / "dog" / latin1)
+    result = _build(f"--input_dir={photos}", f"--output_dir={tmp_path / 'out2'}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "caf\\xe9.jpg' has a name that is not UTF-8" in result.stderr
+    assert not (tmp_path / "out2").exists() or not list((tmp_path / "out2").iterdir())
