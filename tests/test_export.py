@@ -424,6 +424,7 @@ def test_export_cli(tmp_path):
             "do not fit the model 't2t_vit_7'",
         ),
         (["--model=t2t_vit_7", "--weights=/nonexistent.pth"], "does not exist"),
+        (["--model=t2t_vit_7", "--version=0"], "version must be an integer >= 1"),
     ],
 )
 def test_export_cli_errors(tmp_path, args, match):
@@ -499,3 +500,18 @@ def test_full_int8_runs_and_agrees_with_float32_on_a_trained_model(digits_model)
     ])  # fmt: skip
     for image in others:  # real photos, noise and constant images run too
         assert np.all(np.isfinite(run(image)))
+
+
+def test_export_cli_output_that_cannot_be_created(tmp_path):
+    (tmp_path / "file").write_text("")
+    args = ["--model=t2t_vit_7", "--image_size=32", "--classes=5", "--format=saved_model"]
+    result = _cli(*args, f"--output={tmp_path / 'file' / 'out'}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert re.search(r"error: cannot write to --output '\S+file/out'", result.stderr)
+    result = _cli(*args, f"--output={tmp_path / 'out'}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    again = _cli(*args, f"--output={tmp_path / 'out'}")
+    assert (
+        again.returncode == 2 and "already exists" in again.stderr and "--overwrite" in again.stderr
+    )
+    assert _cli(*args, f"--output={tmp_path / 'out'}", "--overwrite").returncode == 0

@@ -86,6 +86,12 @@ def main(argv=None):
     args = parser.parse_args(argv)
     logging.getLogger("keras_t2t").setLevel(logging.INFO)
     try:
+        if args.output:  # checked before the evaluation, not after it
+            os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    except OSError as error:
+        print(f"error: cannot write --output {args.output!r}: {error.strerror}", file=sys.stderr)
+        return 2
+    try:
         results = evaluate(
             args.weights, args.data_dir, args.model, args.num_heads, args.image_size,
             args.crop_pct, args.batch_size, args.label_offset,
@@ -98,8 +104,12 @@ def main(argv=None):
         f"loss {results['loss']:.4f} on {results['examples']} images"
     )
     if args.output:
-        with open(args.output, "w") as f:
-            json.dump(results, f, indent=2)
+        try:
+            with open(args.output, "w") as f:
+                json.dump(results, f, indent=2)
+        except OSError as error:
+            print(f"error: cannot write --output {args.output!r}: {error}", file=sys.stderr)
+            return 2
     return 0
 
 
