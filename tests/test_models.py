@@ -53,8 +53,11 @@ def test_t2t_vit_14_at_384_counts_the_longer_position_table():
 
 @pytest.mark.parametrize("builder", sorted(OFFICIAL))
 def test_flop_counter_agrees_with_paper_macs(builder):
+    """As the README says: within 4.5% for T2T-ViT-7, whose 1.1G the paper rounds to 0.1G
+    (which alone allows +-4.5%), and within 2.5% for every other variant."""
     name, *_, macs = OFFICIAL[builder]
-    assert keras_t2t.count_flops(name) / 2e9 == pytest.approx(macs, rel=0.05)
+    tolerance = 0.045 if name == "t2t_vit_7" else 0.025
+    assert keras_t2t.count_flops(name) / 2e9 == pytest.approx(macs, rel=tolerance)
 
 
 def test_flop_counter_reads_a_model():
