@@ -383,8 +383,6 @@ def export(
         if fmt not in FORMATS:
             raise ValueError(f"Unknown export format {fmt!r}; choose from {', '.join(FORMATS)}.")
     check_model(model)
-    if "saved_model" in formats:
-        check_version(version)
     name = name or model.name
     written = {}
     if "saved_model" in formats:

@@ -290,7 +290,8 @@ HEAD_DATASET = "layers/dense/vars/0"
 
 
 def keras_weights_info(path, embed_dim=None):
-    """(position table shape, head kernel shape or None, has preprocessing) of a .weights.h5.
+    """(position table shape, head kernel shape or None, has preprocessing, `{dataset: (shape,
+    numeric, stored whole)}`) of a .weights.h5.
 
     Reads the file's metadata only, and checks it before any tensor is read: every tensor is
     a numeric array stored whole in the file (as Keras writes them: not chunked, compressed or
