@@ -101,6 +101,17 @@ def test_head_dropped_without_top_or_with_other_classes(golden, caplog):
     assert np.abs(logits - golden["logits"]).max() <= TOLERANCE
 
 
+def test_head_of_another_width_is_reported_by_shape(golden, caplog):
+    """Same classes, another width: the message compares the kernels, not "10 classes, 10"."""
+    with caplog.at_level(logging.WARNING, logger="keras_t2t"), pytest.raises(ValueError):
+        keras_t2t.T2TViT(
+            tokens_type=golden["tokens_type"], **dict(TINY_ARCH, embed_dim=128),
+            weights=golden["checkpoint"], classes=10,
+        )  # fmt: skip
+    assert "its kernel is (64, 10), the model's (128, 10)" in caplog.text
+    assert "10 classes, the model 10" not in caplog.text
+
+
 def test_position_table_interpolated_at_another_size(golden, caplog):
     with caplog.at_level(logging.WARNING, logger="keras_t2t"):
         model = golden_model(golden, input_shape=(96, 96, 3))
