@@ -287,6 +287,10 @@ def official_to_state(state_dict, source="state dict"):
 
 POS_DATASET = "layers/position_embedding/vars/0"
 HEAD_DATASET = "layers/dense/vars/0"
+_EXPECTED_H5 = (
+    "Expected a .weights.h5 saved from a keras_t2t model (`model.save_weights`) or written by "
+    "`python -m keras_t2t.convert`."
+)
 
 
 def keras_weights_info(path, embed_dim=None):
@@ -313,15 +317,11 @@ def keras_weights_info(path, embed_dim=None):
             has_preprocessing = "rescaling" in f.get("layers", {})
     except OSError as error:
         raise ValueError(
-            f"Could not read {path!r} as keras_t2t weights ({error}). Expected a .weights.h5 "
-            f"saved from a keras_t2t model (`model.save_weights`) or written by "
-            f"`python -m keras_t2t.convert`."
+            f"Could not read {path!r} as keras_t2t weights ({error}). {_EXPECTED_H5}"
         ) from error
     if POS_DATASET not in datasets:
         raise ValueError(
-            f"{path!r} holds no keras_t2t position table ({POS_DATASET}). Expected a .weights.h5 "
-            f"saved from a keras_t2t model (`model.save_weights`) or written by "
-            f"`python -m keras_t2t.convert`."
+            f"{path!r} holds no keras_t2t position table ({POS_DATASET}). {_EXPECTED_H5}"
         )
     for name, (shape, numeric, stored_whole) in datasets.items():
         if not numeric or not stored_whole:
