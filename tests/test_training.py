@@ -674,7 +674,7 @@ def test_skip_bad_records_skips_counts_and_names_them(bad_records, tmp_path, cap
         r"skipped record 2 of \S*train-00000-of-00002 \(image/filename broken.jpg\)", log
     )
     assert re.search(r"skipped record 5 of \S*train-00001-of-00002\S* - \S*cannot be read", log)
-    assert "2 skipped so far" in log
+    assert "2 skipped in this pass over the data" in log
     results = _run_config(bad_records, tmp_path / "run", skip_bad_records=True)
     assert results["step"] == 6 and results["examples"] == 8
 

@@ -564,7 +564,8 @@ def _log_bad_record(image, label, ok, shard, index, filename, problem, skipped):
         name = tf.where(filename == "", "", tf.strings.join([" (image/filename ", filename, ")"]))
         printed = tf.print(
             "--skip_bad_records: skipped record", index, "of", tf.strings.join([shard, name]),
-            "-", problem, "-", skipped, "skipped so far", output_stream=sys.stderr,
+            "-", problem, "-", skipped, "skipped in this pass over the data",
+            output_stream=sys.stderr,
         )  # fmt: skip
         with tf.control_dependencies([printed]):
             return tf.constant(False)

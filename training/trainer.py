@@ -824,9 +824,13 @@ def _data_error_message(error):
     if "label out of range" in text:
         detail = text[text.index("label out of range") :].split("\n")[0]
         return f"Bad data: {detail}."
+    # TF puts "Graph execution error:" and the node's trace before the op's own words.
+    noise = ("Graph execution error", "Detected at node", "<stack traces", "[[", "File ", "}}")
+    lines = [line.strip() for line in text.splitlines() if line.strip()] or [""]
+    detail = next((line for line in lines if not line.startswith(noise)), lines[0])
     return (
         f"Bad data: a record could not be read or decoded ({type(error).__name__}: "
-        f"{text.splitlines()[0][:300]}). The TFRecords are corrupt or not in the ImageNet "
+        f"{detail[:300]}). The TFRecords are corrupt or not in the ImageNet "
         f"layout (image/encoded JPEG, image/class/label); rewrite them with "
         f"training/build_tfrecords.py. Checkpoints already saved are kept."
     )
