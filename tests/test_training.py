@@ -330,7 +330,7 @@ def test_undecodable_image(tmp_path):
     with pytest.raises(
         trainer.TrainingError,
         match=r"Bad data: a record could not be read or decoded \(InvalidArgumentError: [^)]*"
-        r"Unknown image file format.*The bad record: number \\d+ of \S+train-00000-of-00001 "
+        r"Unknown image file format.*The bad record: number \d+ of \S+train-00000-of-00001 "
         r"\(image/filename 'x.jpg'\)",
     ) as caught:
         _run_config(str(folder), tmp_path / "run", mode="train")
