@@ -288,7 +288,7 @@ BASE_DOCSTRING = """Instantiates the {title} model (Yuan et al., "Tokens-to-Toke
     Args:
         include_top: whether to include the classification head.
         weights: None (random initialization) or a path to weights: an official checkpoint
-            (`.pth.tar` / `.pth`, read with torch) or a Keras `.weights.h5` file. A head that
+            (`.pth.tar` / `.pth`, read without torch) or a Keras `.weights.h5` file. A head that
             does not fit (`include_top=False`, or other `classes`) is left out, and a position
             table of another size is interpolated.
         input_tensor: optional Keras tensor to use as image input.

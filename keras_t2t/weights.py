@@ -1,10 +1,11 @@
 """Loading of official T2T-ViT checkpoints and Keras `.weights.h5` files.
 
-Official checkpoints (`.pth.tar`, `.pth`) are read with `torch.load(..., weights_only=True)`:
-a file from the internet can never run code. Their tensors are mapped once to the Keras
-layout: Linear weights transposed, and the patch axis of the layers that read a soft-split
-vector (`norm1` and `kqv`/`qkv` of both T2T layers, `project`) permuted from PyTorch's
-channel-major unfold order to the order of `tf.image.extract_patches`.
+Official checkpoints (`.pth.tar`, `.pth`) are read without torch by
+`keras_t2t.pytorch_checkpoint`, whose restricted unpickler builds tensors, OrderedDicts and
+plain values only: a file from the internet can never run code. Their tensors are mapped once
+to the Keras layout: Linear weights transposed, and the patch axis of the layers that read a
+soft-split vector (`norm1` and `kqv`/`qkv` of both T2T layers, `project`) permuted from
+PyTorch's channel-major unfold order to the order of `tf.image.extract_patches`.
 
 A "state" is a dict from Keras variable paths (`blocks_0/attn/qkv/kernel`) to NumPy arrays;
 `assign_state` puts one into a model, leaving out a head that does not fit, interpolating a
@@ -20,6 +21,7 @@ import re
 
 import numpy as np
 
+from keras_t2t import pytorch_checkpoint
 from keras_t2t.layers import patch_permutation
 
 logger = logging.getLogger("keras_t2t")
@@ -89,19 +91,6 @@ def read_weights(weights, config):
 # --- official checkpoints ------------------------------------------------------------------
 
 
-def _import_torch():
-    try:
-        import torch
-    except ImportError as error:
-        raise ImportError(
-            "Reading an official PyTorch checkpoint needs torch, which is optional: "
-            "`pip install keras-t2t[torch]` (or `pip install torch`). Without torch, convert "
-            "the file once elsewhere with `python -m keras_t2t.convert SRC DST.weights.h5` and "
-            "load the .weights.h5."
-        ) from error
-    return torch
-
-
 def unwrap_state_dict(checkpoint):
     """The state dict inside any official container, without a `module.` prefix.
 
@@ -130,19 +119,20 @@ def unwrap_state_dict(checkpoint):
 
 
 def read_official_checkpoint(path):
-    """Reads an official checkpoint into `{name: float32 ndarray}` (safely, no pickle code)."""
-    torch = _import_torch()
+    """Reads an official checkpoint into `{name: float32 ndarray}`, without torch.
+
+    `keras_t2t.pytorch_checkpoint` reads both PyTorch formats with a restricted unpickler:
+    nothing in the file can run code.
+    """
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises many types for corrupt or unsafe files
+        checkpoint = pytorch_checkpoint.load(path)
+    except (ValueError, OSError) as error:
         raise ValueError(
-            f"Could not read {path!r} as a PyTorch checkpoint ({type(error).__name__}: "
-            f"{str(error).splitlines()[0] if str(error) else ''}). The file is corrupt or "
-            f"truncated, or not a checkpoint; checkpoints that need code to unpickle are "
-            f"refused on purpose."
-        ) from error
+            f"Could not read {path!r} as a PyTorch checkpoint: {error} Checkpoints that need "
+            f"code to unpickle are refused on purpose."
+        ) from None
     state = unwrap_state_dict(checkpoint)
-    return {key: value.detach().cpu().float().numpy() for key, value in state.items()}
+    return {key: np.asarray(value, dtype=np.float32) for key, value in state.items()}
 
 
 def infer_config(state_dict):
