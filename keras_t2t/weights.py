@@ -405,13 +405,37 @@ def read_keras_weights(path, config):
 # --- assignment -----------------------------------------------------------------------------
 
 
+def bicubic_resize(grid, size, a=-0.75):
+    """Resizes `(height, width, channels)` to `(size, size, channels)` as PyTorch does.
+
+    `torch.nn.functional.interpolate(mode="bicubic", align_corners=False)`: cubic convolution
+    with coefficient `a` = -0.75 (TF's bicubic uses -0.5), source coordinates
+    `(out + 0.5) * in / out - 0.5` (not clamped), and taps beyond the border clamped to it.
+    """
+    grid = np.asarray(grid, np.float64)
+    for axis in (0, 1):
+        length = grid.shape[axis]
+        source = (np.arange(size) + 0.5) * (length / size) - 0.5
+        base = np.floor(source).astype(int)
+        t = source - base
+        # Keys' cubic convolution weights of the taps base-1 .. base+2.
+        distances = np.stack([t + 1, t, 1 - t, 2 - t])
+        near = ((a + 2) * distances - (a + 3)) * distances**2 + 1
+        far = ((a * distances - 5 * a) * distances + 8 * a) * distances - 4 * a
+        weights = np.where(distances <= 1, near, far)  # (4, size)
+        taps = np.clip(base[None] + np.arange(-1, 3)[:, None], 0, length - 1)  # (4, size)
+        moved = np.moveaxis(grid, axis, 0)
+        resized = np.einsum("ks,ks...->s...", weights, moved[taps])
+        grid = np.moveaxis(resized, 0, axis)
+    return grid
+
+
 def interpolate_pos_embed(table, tokens):
     """Resizes a `(1, 1 + n*n, D)` position table to `1 + tokens` rows.
 
-    Bicubic on the n x n grid; the class row is kept.
+    As the official fine-tuning code (`resize_pos_embed`): the class row is kept, the n x n
+    grid is resized with PyTorch's bicubic (`bicubic_resize`).
     """
-    import tensorflow as tf
-
     old = table.shape[1] - 1
     old_side, new_side = math.isqrt(old), math.isqrt(tokens)
     if old_side * old_side != old or new_side * new_side != tokens:
@@ -419,8 +443,7 @@ def interpolate_pos_embed(table, tokens):
             f"Cannot interpolate a position table of {old} tokens to {tokens} tokens: both "
             f"must be square grids."
         )
-    grid = table[0, 1:].reshape(1, old_side, old_side, -1)
-    grid = tf.image.resize(grid, (new_side, new_side), method="bicubic").numpy()
+    grid = bicubic_resize(table[0, 1:].reshape(old_side, old_side, -1), new_side)
     rows = np.concatenate([table[0, :1], grid.reshape(tokens, -1)], axis=0)
     return rows[None].astype(table.dtype)
 

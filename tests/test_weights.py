@@ -122,11 +122,26 @@ def test_position_table_interpolated_at_another_size(golden, caplog):
     source = torch.load(golden["checkpoint"], map_location="cpu", weights_only=True)
     source = source["state_dict_ema"]["pos_embed"].numpy()
     np.testing.assert_array_equal(table[0, 0], source[0, 0])  # class row kept
+    # The official resize_pos_embed: torch's bicubic on the 4x4 grid, to 6x6.
+    grid = torch.tensor(source[0, 1:]).reshape(1, 4, 4, -1).permute(0, 3, 1, 2)
+    official = torch.nn.functional.interpolate(grid, size=(6, 6), mode="bicubic")
+    official = official.permute(0, 2, 3, 1).reshape(36, -1).numpy()
+    np.testing.assert_allclose(table[0, 1:], official, atol=1e-6)
     # Bicubic on the grid: the mean of the grid is nearly kept, and it is not a copy.
     assert table.shape == (1, 37, 64)
     assert abs(table[0, 1:].mean() - source[0, 1:].mean()) < 0.05
     out = np.asarray(model(np.zeros((1, 96, 96, 3), "float32")))
     assert np.all(np.isfinite(out))
+
+
+@pytest.mark.parametrize("old,new", [(14, 24), (24, 14), (7, 9), (4, 6), (6, 2), (1, 4)])
+def test_bicubic_resize_is_torchs(old, new):
+    grid = np.random.default_rng(old * new).normal(size=(old, old, 5))
+    expected = torch.nn.functional.interpolate(
+        torch.tensor(grid).permute(2, 0, 1)[None], size=(new, new), mode="bicubic",
+        align_corners=False,
+    )[0].permute(1, 2, 0).numpy()  # fmt: skip
+    np.testing.assert_allclose(weights_lib.bicubic_resize(grid, new), expected, atol=1e-12)
 
 
 def test_interpolation_to_the_same_grid_is_identity():
