@@ -219,16 +219,21 @@ class Mlp(keras.layers.Layer):
     Args:
         hidden_units: width of `fc1`.
         output_units: width of `fc2`; defaults to the input width.
-        dropout_rate: dropout after the activation and after `fc2`.
+        dropout_rate: dropout after `fc2`, and after the activation if `hidden_dropout`.
+        hidden_dropout: also drop out after the activation (timm's Mlp, the backbone's);
+            the performer's official MLP (Linear, GELU, Linear, Dropout) does not.
     """
 
-    def __init__(self, hidden_units, output_units=None, dropout_rate=0.0, **kwargs):
+    def __init__(
+        self, hidden_units, output_units=None, dropout_rate=0.0, hidden_dropout=True, **kwargs
+    ):
         super().__init__(**kwargs)
         self.hidden_units = _check_int("hidden_units", hidden_units)
         self.output_units = (
             None if output_units is None else _check_int("output_units", output_units)
         )
         self.dropout_rate = _check_rate("dropout_rate", dropout_rate)
+        self.hidden_dropout = bool(hidden_dropout)
         self.fc1 = _dense(self.hidden_units, "fc1")
         self.dropout = keras.layers.Dropout(self.dropout_rate, name="dropout")
         self.fc2 = None
@@ -249,7 +254,8 @@ class Mlp(keras.layers.Layer):
         flatten = len(inputs.shape) > 2 and not _in_xla_context()
         x = ops.reshape(inputs, (-1, inputs.shape[-1])) if flatten else inputs
         x = keras.activations.gelu(self.fc1(x), approximate=False)
-        x = self.dropout(x, training=training)
+        if self.hidden_dropout:
+            x = self.dropout(x, training=training)
         x = self.dropout(self.fc2(x), training=training)
         return ops.reshape(x, (*ops.shape(inputs)[:-1], x.shape[-1])) if flatten else x
 
@@ -259,6 +265,7 @@ class Mlp(keras.layers.Layer):
             hidden_units=self.hidden_units,
             output_units=self.output_units,
             dropout_rate=self.dropout_rate,
+            hidden_dropout=self.hidden_dropout,
         )
         return config
 
@@ -271,7 +278,7 @@ class TokenPerformer(keras.layers.Layer):
     k, q, v; phi(u) = exp(u w^T - |u|^2 / 2) / sqrt(m) with a frozen random matrix `w`
     (m = token_dim * kernel_ratio); y = phi(q) (v^T phi(k))^T / (phi(q) . sum_t phi(k_t) + 1e-8);
     out = v + dropout(proj(y)) (a "v" residual, since the width changes), then
-    out + Mlp(LayerNorm(out)).
+    out + Mlp(LayerNorm(out)), whose only dropout is after its second Linear (as the official).
 
     The random-feature attention is computed in float32 whatever the dtype policy: in float16
     the 1e-8 underflows and training turns to NaN (a known problem of the official code).
@@ -301,7 +308,10 @@ class TokenPerformer(keras.layers.Layer):
         self.proj = _dense(self.token_dim, "proj")
         self.proj_dropout = keras.layers.Dropout(self.dropout_rate, name="proj_dropout")
         self.norm2 = _layer_norm("norm2", self.layer_norm_epsilon)
-        self.mlp = Mlp(self.token_dim, self.token_dim, self.dropout_rate, name="mlp")
+        # The official Token_performer.mlp: Linear, GELU, Linear, Dropout (one dropout).
+        self.mlp = Mlp(
+            self.token_dim, self.token_dim, self.dropout_rate, hidden_dropout=False, name="mlp"
+        )
 
     def build(self, input_shape):
         self.norm1.build(input_shape)

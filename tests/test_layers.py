@@ -104,6 +104,27 @@ def test_token_performer_matches_official_formula():
     np.testing.assert_allclose(out, performer_reference(x.astype("float64"), layer), atol=1e-4)
 
 
+def _distinct_outputs_under_dropout(mlp):
+    """fc1 gives the same activation to every hidden unit and fc2 sums them: without dropout
+    between the two, each output is 0 or one fixed value; with it, the sums vary."""
+    x = np.ones((4, 16, 8), "float32")
+    mlp.build(x.shape)
+    mlp.fc1.set_weights([np.zeros((8, 64), "float32"), np.ones(64, "float32")])
+    mlp.fc2.set_weights([np.ones((64, 64), "float32"), np.zeros(64, "float32")])
+    out = np.asarray(mlp(x, training=True))
+    return len(np.unique(np.round(out[out != 0], 3)))
+
+
+def test_performer_mlp_drops_out_only_after_its_second_linear():
+    # The official Token_performer.mlp is Linear, GELU, Linear, Dropout.
+    performer = layers.TokenPerformer(token_dim=64, dropout_rate=0.5)
+    assert not performer.mlp.hidden_dropout
+    assert _distinct_outputs_under_dropout(performer.mlp) == 1
+    # The backbone's (timm's Mlp) drops out after the activation too.
+    backbone = layers.Mlp(64, 64, dropout_rate=0.5)
+    assert _distinct_outputs_under_dropout(backbone) > 1
+
+
 def test_token_performer_random_features_are_orthogonal_rows():
     layer = layers.TokenPerformer(token_dim=64)
     layer.build((None, 10, 147))
