@@ -742,3 +742,17 @@ def test_build_tfrecords_warns_and_names_bad_names(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "caf\\xe9.jpg' has a name that is not UTF-8" in result.stderr
     assert not (tmp_path / "out2").exists() or not list((tmp_path / "out2").iterdir())
+
+
+def test_ema_warms_up():
+    """A short run's EMA follows the weights: 0.99996 alone would still hold the initial ones."""
+    import keras
+
+    weight = keras.Variable(0.0)  # as the model's weights
+    ema = trainer.ExponentialMovingAverage([weight], decay=0.99996)
+    weight.assign(1.0)
+    for step in range(100):
+        ema.update(tf.constant(step, tf.int64))
+    assert float(ema.averages[0].numpy()) > 0.9  # without the warm-up: 1 - 0.99996**100 = 0.004
+    assert float(ema.decay_at(0)) == pytest.approx(0.1)
+    assert float(ema.decay_at(10**6)) == pytest.approx(0.99996)

@@ -238,10 +238,18 @@ class ExponentialMovingAverage(tf.Module):
             for i, v in enumerate(self.sources)
         ]
 
-    def update(self):
+    def decay_at(self, step):
+        """The decay at `step`: warmed up as Model Garden's dynamic decay, min(decay,
+        (1 + step) / (10 + step)), so a short run's average is not stuck at the initial
+        weights (0.99996 alone needs ~25k steps to forget them)."""
+        step = tf.cast(step, tf.float32)
+        return tf.minimum(tf.cast(self.decay, tf.float32), (1.0 + step) / (10.0 + step))
+
+    def update(self, step):
+        decay = self.decay_at(step)
         for average, source in zip(self.averages, self.sources):
             value = tf.cast(source.value, average.dtype)
-            average.assign(self.decay * average + (1.0 - self.decay) * value)
+            average.assign(decay * average + (1.0 - decay) * value)
 
     def swap(self):
         """Exchanges the model weights and the averages (call twice to undo)."""
@@ -478,7 +486,7 @@ class Trainer:
                 # The optimizer sums the gradients over replicas again: hand it a share each.
                 grads = [g / strategy.num_replicas_in_sync for g in grads]
             optimizer.apply_gradients(zip(grads, model.trainable_variables))
-            self.ema.update()
+            self.ema.update(self.step)
             self.step.assign_add(1)
             self.loss_sum.assign_add(loss)
 
