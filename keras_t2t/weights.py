@@ -14,6 +14,7 @@ mis-shaped tensor.
 """
 
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -27,6 +28,8 @@ from keras_t2t.layers import patch_permutation
 logger = logging.getLogger("keras_t2t")
 
 OFFICIAL_SUFFIXES = (".pth.tar", ".pth", ".pt", ".tar")
+# What training/train_imagenet.py leaves in its model_dir, recorded in its config.json.
+RUN_WEIGHTS = {"raw": "model.weights.h5", "ema": "model_ema.weights.h5"}
 KERAS_SUFFIX = ".weights.h5"
 STATE_DICT_KEYS = ("state_dict_ema", "state_dict", "model", "net")
 POS_EMBED = "pos_embed/pos_embed"
@@ -62,16 +65,57 @@ def check_path(weights):
         raise ValueError(f"`weights` must be None or a path to a file, received {weights!r}.")
     path = os.fspath(weights)
     if os.path.isdir(path):
-        raise ValueError(
-            f"`weights` is a folder, {path!r}; pass a file: an official checkpoint "
-            f"(.pth.tar / .pth) or a Keras .weights.h5."
-        )
+        return run_weights(path)[0]
     if not os.path.isfile(path):
         raise ValueError(
             f"The weights file {path!r} does not exist. Pass None for random weights, or the "
             f"path of an official checkpoint (.pth.tar / .pth) or a Keras .weights.h5 file."
         )
     return path
+
+
+def run_weights(folder):
+    """(weights file, run config) of a `training/train_imagenet.py` model_dir.
+
+    The file is the one that scored better at the run's last evaluation (raw or EMA), as
+    its config.json records; the raw weights when the run was not evaluated.
+    """
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        raise ValueError(
+            f"`weights` is a folder, {folder!r}, but not the --model_dir of a training run (no "
+            f"config.json); pass a file: an official checkpoint (.pth.tar / .pth) or a Keras "
+            f".weights.h5."
+        )
+    try:
+        with open(path) as f:
+            run = json.load(f)
+    except ValueError as error:
+        raise ValueError(f"{path} is not readable JSON ({error}).") from None
+    written = run.get("weights") if isinstance(run, dict) else None
+    if not isinstance(written, dict):
+        raise ValueError(
+            f"{folder!r} holds a training run without a finished model: "
+            f"training/train_imagenet.py writes {RUN_WEIGHTS['raw']} and {RUN_WEIGHTS['ema']} "
+            f"at each evaluation and at the end. Let it run to an evaluation, or pass a file."
+        )
+    choice = written.get("best") or "raw"
+    file = os.path.join(folder, written.get(choice, RUN_WEIGHTS[choice]))
+    if not os.path.isfile(file):
+        raise ValueError(f"{folder!r}: its config.json names {file!r}, which does not exist.")
+    logger.info("Using the %s weights of the run in %s: %s.", choice, folder, file)
+    return file, run
+
+
+def run_architecture(weights, model=None, image_size=None, classes=None):
+    """(variant, image size, classes): those given, else those of the training run when
+    `weights` is a run's model_dir (for command lines that take either)."""
+    if weights is not None and os.path.isdir(os.fspath(weights)):
+        run = run_weights(os.fspath(weights))[1]
+        model = model or run.get("model")
+        image_size = image_size or run.get("image_size")
+        classes = classes or run.get("num_classes")
+    return model, image_size, classes
 
 
 def read_weights(weights, config):

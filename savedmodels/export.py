@@ -50,12 +50,18 @@ def _reason(error):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="variant, e.g. t2t_vit_14")
-    parser.add_argument("--weights", help=".pth.tar / .pth / .weights.h5 (default: random)")
+    parser.add_argument(
+        "--model", help="variant, e.g. t2t_vit_14 (default: the run's, with a --model_dir)"
+    )
+    parser.add_argument(
+        "--weights",
+        help=".pth.tar / .pth / .weights.h5, or the --model_dir of a train_imagenet.py run "
+        "(default: random)",
+    )
     parser.add_argument("--output", required=True, help="output folder")
     parser.add_argument("--format", default="saved_model,tflite", help="saved_model,tflite")
     parser.add_argument("--image_size", type=int, help="default: 224, or the size of --weights")
-    parser.add_argument("--classes", type=int, default=1000)
+    parser.add_argument("--classes", type=int, help="default: the run's, or 1000")
     parser.add_argument("--version", type=int, default=1, help="SavedModel version folder (>= 1)")
     parser.add_argument(
         "--overwrite", action="store_true", help="replace an existing SavedModel version folder"
@@ -73,6 +79,7 @@ def main(argv=None):
 
     import keras_t2t
     from keras_t2t import export
+    from keras_t2t import weights as weights_lib
 
     formats = [f.strip() for f in args.format.split(",") if f.strip()]
     try:
@@ -83,9 +90,14 @@ def main(argv=None):
                 raise ValueError(
                     f"Unknown --format {fmt!r}; choose from {', '.join(export.FORMATS)}."
                 )
-        shape = None if args.image_size is None else (args.image_size, args.image_size, 3)
+        name, size, classes = weights_lib.run_architecture(
+            args.weights, args.model, args.image_size, args.classes
+        )
+        if name is None:
+            raise ValueError("--model is required (unless --weights is a run's --model_dir).")
+        shape = None if size is None else (size, size, 3)
         model = keras_t2t.create_model(
-            args.model, weights=args.weights, input_shape=shape, classes=args.classes
+            name, weights=args.weights, input_shape=shape, classes=classes or 1000
         )
         samples = None
         if args.representative_data:

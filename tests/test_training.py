@@ -756,3 +756,37 @@ def test_ema_warms_up():
     assert float(ema.averages[0].numpy()) > 0.9  # without the warm-up: 1 - 0.99996**100 = 0.004
     assert float(ema.decay_at(0)) == pytest.approx(0.1)
     assert float(ema.decay_at(10**6)) == pytest.approx(0.99996)
+
+
+def test_a_run_leaves_weights_that_export_and_evaluate(tiny_records, tmp_path):
+    """The model_dir is what export.py, evaluate_imagenet.py and the builders take."""
+    import keras_t2t
+    from training import evaluate_imagenet
+
+    run = tmp_path / "run"
+    results = _run_config(tiny_records, run)  # train_and_eval, 2 epochs
+    record = json.loads((run / "config.json").read_text())["weights"]
+    best = "ema" if results["ema_top1"] > results["top1"] else "raw"
+    assert record["best"] == best and record["step"] == 6
+    assert (run / "model.weights.h5").exists() and (run / "model_ema.weights.h5").exists()
+    # The evaluation script on the run's best weights scores what the run scored.
+    again = evaluate_imagenet.evaluate(str(run), tiny_records, batch_size=8)
+    assert again["top1"] == pytest.approx(results["ema_top1" if best == "ema" else "top1"])
+    assert again["examples"] == results["examples"]
+    # The export script takes the model_dir alone: variant, size and classes from the run.
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "savedmodels" / "export.py"), f"--weights={run}",
+         f"--output={tmp_path / 'exports'}", "--format=saved_model"],
+        env=ENV, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    model = keras_t2t.T2TViT7(input_shape=(32, 32, 3), classes=4, weights=str(run))
+    images = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    loaded = tf.saved_model.load(str(tmp_path / "exports" / "t2t_vit_7" / "1"))
+    served = loaded.signatures["serving_default"](images=tf.constant(images))["probabilities"]
+    np.testing.assert_allclose(served.numpy(), model.predict(images, verbose=0), atol=1e-5)
+    # A run that never finished is refused with a message.
+    (tmp_path / "unfinished").mkdir()
+    (tmp_path / "unfinished" / "config.json").write_text(json.dumps({"model": "t2t_vit_7"}))
+    with pytest.raises(ValueError, match="training run without a finished model"):
+        keras_t2t.T2TViT7(weights=str(tmp_path / "unfinished"))

@@ -28,11 +28,13 @@ from training import trainer
 
 
 def build_model(weights, model=None, num_heads=None, image_size=None):
-    """The model for `weights`: the variant is named, or read from an official checkpoint."""
+    """The model for `weights`: the variant is named, or read from an official checkpoint or
+    from the training run whose --model_dir `weights` is."""
+    model, image_size, _ = weights_lib.run_architecture(weights, model, image_size)
+    weights = weights_lib.check_path(weights)  # a run's model_dir: its best weights file
     if weights.lower().endswith(weights_lib.KERAS_SUFFIX):
         if model is None:
             raise ValueError("A .weights.h5 file does not say its variant: pass --model.")
-        weights_lib.check_path(weights)
         head = weights_lib.keras_weights_info(weights)[1]
         found = dict(classes=head[1] if head else None)
     else:
@@ -74,7 +76,9 @@ def evaluate(
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--weights", required=True, help=".pth.tar / .pth / .weights.h5")
+    parser.add_argument(
+        "--weights", required=True, help=".pth.tar / .pth / .weights.h5, or a run's --model_dir"
+    )
     parser.add_argument("--data_dir", required=True, help="folder of validation-*-of-* TFRecords")
     parser.add_argument("--model", help="variant (default: read from an official checkpoint)")
     parser.add_argument("--num_heads", type=int, help="heads of a custom architecture")

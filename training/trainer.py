@@ -22,11 +22,13 @@ import numpy as np
 import tensorflow as tf
 
 import keras_t2t
+from keras_t2t import weights as weights_lib
 from training import data as data_lib
 
 logger = logging.getLogger("keras_t2t.training")
 
 IMAGENET_SIZES = {"train": 1_281_167, "validation": 50_000}
+RUN_WEIGHTS = weights_lib.RUN_WEIGHTS  # the weights a run leaves in its model_dir
 MODES = ("train", "eval", "train_and_eval")
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
 PRECISIONS = ("float32", "bfloat16", "float16")
@@ -326,10 +328,13 @@ class Trainer:
             ) from None
         checkpoint_dir = os.path.join(self.dir, "checkpoints")
         # Before anything is written: a model_dir of another model is refused, its record kept.
-        check_compatible(config, checkpoint_dir)
+        previous = check_compatible(config, checkpoint_dir)
         if self.chief:
+            record = json.loads(config.to_json())
+            if previous and "weights" in previous:  # the weights the run has written so far
+                record["weights"] = previous["weights"]
             with tf.io.gfile.GFile(os.path.join(config.model_dir, "config.json"), "w") as f:
-                f.write(config.to_json())
+                json.dump(record, f, indent=2, sort_keys=True)
 
         keras.utils.set_random_seed(config.seed)  # the same initial weights on every worker
         keras.mixed_precision.set_global_policy(
@@ -389,6 +394,7 @@ class Trainer:
         )
         self.manager = self._checkpoint_manager(checkpoint_dir)
         self.preempted = False
+        self._exported_step = None
 
     # --- checkpoints ----------------------------------------------------------------------
 
@@ -624,6 +630,7 @@ class Trainer:
                     ):
                         results = self.evaluate_both()
                         self._log_eval(eval_writer, results)
+                        self.export_weights(results)
         finally:
             signal.signal(signal.SIGTERM, previous)
         return results
@@ -680,8 +687,41 @@ class Trainer:
         if config.mode != "train" and results is None:
             results = self.evaluate_both()
             self._log_eval(tf.summary.create_file_writer(os.path.join(self.dir, "eval")), results)
+        if self._exported_step != int(self.step.numpy()):
+            self.export_weights(results)
         self.write_results(results)
         return results
+
+    def export_weights(self, results=None):
+        """Writes the raw and the EMA weights as `.weights.h5` files in --model_dir, and in
+        config.json which scored better (the chief only; overwritten at each evaluation).
+
+        `keras_t2t`'s builders, `savedmodels/export.py --weights` and
+        `training/evaluate_imagenet.py --weights` take the model_dir itself.
+        """
+        step = int(self.step.numpy())
+        self._exported_step = step
+        if not self.chief:
+            return
+        folder = self.config.model_dir
+        self.model.save_weights(os.path.join(folder, RUN_WEIGHTS["raw"]))
+        self.ema.swap()
+        try:
+            self.model.save_weights(os.path.join(folder, RUN_WEIGHTS["ema"]))
+        finally:
+            self.ema.swap()
+        record = json.loads(self.config.to_json())
+        record["weights"] = dict(RUN_WEIGHTS, step=step, best=None)
+        if results:
+            best = "ema" if results["ema_top1"] > results["top1"] else "raw"
+            record["weights"].update(best=best, top1=results["top1"], ema_top1=results["ema_top1"])
+        with tf.io.gfile.GFile(os.path.join(folder, "config.json"), "w") as f:
+            json.dump(record, f, indent=2, sort_keys=True)
+        logger.info(
+            "Wrote the raw and EMA weights to %s (%s).",
+            folder, f"the {record['weights']['best']} weights scored better" if results
+            else "not evaluated",
+        )  # fmt: skip
 
 
 def evaluate_model(model, dataset, strategy):
@@ -785,15 +825,16 @@ def rewrite_checkpoint_state(directory, latest):
 
 
 def check_compatible(config, checkpoint_dir):
-    """Refuses a run whose model differs from the one that wrote the checkpoints."""
+    """Refuses a run whose model differs from the one that wrote the checkpoints; returns the
+    previous run's record (config.json) when it goes on from it, else None."""
     previous_path = os.path.join(config.model_dir, "config.json")
     if not list_checkpoints(checkpoint_dir) or not tf.io.gfile.exists(previous_path):
-        return
+        return None
     try:
         with tf.io.gfile.GFile(previous_path) as f:
             previous = json.load(f)
     except (ValueError, tf.errors.OpError):
-        return  # an unreadable record: the restore itself checks the shapes
+        return None  # an unreadable record: the restore itself checks the shapes
     ours = dataclasses.asdict(config)
     differ = [k for k in IDENTITY_FIELDS if k in previous and previous[k] != ours[k]]
     if differ:
@@ -804,6 +845,7 @@ def check_compatible(config, checkpoint_dir):
             f"run asks for {now}. Use another --model_dir to start anew, or the same flags to "
             f"resume; nothing in {config.model_dir} was changed."
         )
+    return previous
 
 
 def _check_tensorboard():
