@@ -330,17 +330,27 @@ def tflite_models(model, representative_images=None, kinds=TFLITE_KINDS):
     return models
 
 
-def _full_int8(converter, representative_images):
-    """Full int8, with every DIV kept in float32.
+# Ops that full int8 keeps in float32 (a dequantize before, a quantize after).
+INT8_FLOAT_OPS = ("DIV", "ADD")
 
-    The performer divides by `phi(q) . sum(phi(k)) + eps`; quantized to int8, small
-    denominators round to the zero point, and TFLite's int8 DIV then fails on the input
-    ("data[i] != zero_point"). The quantizer's deny list keeps those divisions in float (a
-    dequantize before, a quantize after); every other op stays int8.
+
+def _full_int8(converter, representative_images):
+    """Full int8, with the divisions and the additions kept in float32.
+
+    - DIV: the performer divides by `phi(q) . sum(phi(k)) + eps`; in int8, small denominators
+      round to the zero point, and TFLite's int8 DIV then fails on the input
+      ("data[i] != zero_point").
+    - ADD: the residual stream (and the biases and position table added to it) spans a wide
+      range in which one int8 scale loses the small updates. On T2T-ViT-7 trained for four
+      epochs on digits, top-1 agreement with float32 on 397 held-out digits was 87.4% with
+      int8 ADDs and 94.2% with float ones.
+
+    The matmuls (FULLY_CONNECTED, BATCH_MATMUL), the activations and the rest stay int8. The
+    quantizer's deny list (`QuantizationDebugger`) does this.
     """
     dataset = _representative(representative_images)
     converter.representative_dataset = dataset
-    options = tf.lite.experimental.QuantizationDebugOptions(denylisted_ops=["DIV"])
+    options = tf.lite.experimental.QuantizationDebugOptions(denylisted_ops=list(INT8_FLOAT_OPS))
     debugger = tf.lite.experimental.QuantizationDebugger(
         converter=converter, debug_dataset=dataset, debug_options=options
     )
