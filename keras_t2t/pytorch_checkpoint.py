@@ -15,7 +15,6 @@ import collections
 import io
 import pickle
 import struct
-import sys
 import zipfile
 
 import numpy as np
@@ -108,8 +107,11 @@ class _Unpickler(pickle.Unpickler):
         return storage
 
 
-def _little_endian(array):
-    return array if sys.byteorder == "little" else array.byteswap()
+def _storage_array(data, storage_type):
+    """Raw little-endian storage bytes as a native array of the storage's dtype."""
+    return np.frombuffer(data, dtype=storage_type.dtype.newbyteorder("<")).astype(
+        storage_type.dtype, copy=False
+    )
 
 
 def _load_zip(path):
@@ -126,9 +128,7 @@ def _load_zip(path):
 
         def load_storage(storage_type, key, numel):
             if key not in storages:
-                data = archive.read(f"{prefix}data/{key}")
-                array = np.frombuffer(data, dtype=storage_type.dtype.newbyteorder("<"))
-                storages[key] = _little_endian(array).astype(storage_type.dtype, copy=False)
+                storages[key] = _storage_array(archive.read(f"{prefix}data/{key}"), storage_type)
             if storages[key].size < numel:
                 raise ValueError(f"{path}: storage {key} holds fewer values than it declares.")
             return storages[key]
@@ -142,8 +142,8 @@ def _load_legacy(path):
         pending = {}  # key -> (storage type, numel)
 
         def load_storage(storage_type, key, numel):
-            pending.setdefault(key, (storage_type, numel))
-            return (key, storage_type)  # filled in once the raw storages are read
+            pending.setdefault(key, storage_type)
+            return _LazyStorage(key)  # filled in once the raw storages are read
 
         def plain(file):
             return _Unpickler(file, lambda *_: None, path).load()
@@ -158,14 +158,13 @@ def _load_legacy(path):
         keys = plain(f)
         storages = {}
         for key in keys:
-            storage_type, _ = pending[str(key)]
+            storage_type = pending[str(key)]
             (numel,) = struct.unpack("<q", f.read(8))
             nbytes = numel * storage_type.dtype.itemsize
             data = f.read(nbytes)
             if len(data) != nbytes:
                 raise ValueError(f"{path} is truncated (storage {key}).")
-            array = np.frombuffer(data, dtype=storage_type.dtype.newbyteorder("<"))
-            storages[str(key)] = _little_endian(array).astype(storage_type.dtype, copy=False)
+            storages[str(key)] = _storage_array(data, storage_type)
         return unpickler.resolve(result, storages)
 
 
@@ -178,19 +177,10 @@ class _Deferred(_Unpickler):
             return lambda storage, *args: _Pending(storage, args)
         return super().find_class(module, name)
 
-    def persistent_load(self, pid):
-        if isinstance(pid, tuple) and len(pid) > 5 and pid[5] is not None:
-            key, storage_type = super().persistent_load(pid[:5] + (None,))
-            return (key, storage_type, pid[5][1], pid[5][2])
-        return super().persistent_load(pid)
-
     def resolve(self, value, storages):
         if isinstance(value, _Pending):
-            key, *view = value.storage[:1] + value.storage[2:]
-            storage = storages[key]
-            if view:
-                storage = storage[view[0] : view[0] + view[1]]
-            return _rebuild_tensor(storage, *value.args)
+            storage = value.storage
+            return _rebuild_tensor(storages[storage.key][storage.window], *value.args)
         if isinstance(value, dict):
             return type(value)((k, self.resolve(v, storages)) for k, v in value.items())
         if isinstance(value, (list, tuple)):
@@ -201,6 +191,17 @@ class _Deferred(_Unpickler):
 class _Pending:
     def __init__(self, storage, args):
         self.storage, self.args = storage, args
+
+
+class _LazyStorage:
+    """A legacy storage not read yet; slicing it (a storage view) narrows its window."""
+
+    def __init__(self, key, window=slice(None)):
+        self.key, self.window = key, window
+
+    def __getitem__(self, window):
+        start = self.window.start or 0
+        return _LazyStorage(self.key, slice(start + window.start, start + window.stop))
 
 
 def load(path):
