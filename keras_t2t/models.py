@@ -8,11 +8,16 @@ Every variant is a row of `MODEL_CONFIGS`, built by the one generic `T2TViT`.
 (None, 10)
 """
 
+import logging
+import os
+
 import keras
 from keras import ops
 
 from keras_t2t import layers as t2t_layers
 from keras_t2t.imagenet import IMAGENET_MEAN, IMAGENET_STD
+
+logger = logging.getLogger("keras_t2t")
 
 # Paper and official-registry facts (see README): parameters are totals, frozen tensors included.
 MODEL_CONFIGS = {
@@ -87,7 +92,7 @@ def T2TViT(
     input_tensor=None,
     input_shape=None,
     pooling=None,
-    classes=1000,
+    classes=None,
     classifier_activation="softmax",
     name="t2t_vit",
     include_preprocessing=True,
@@ -119,28 +124,31 @@ def T2TViT(
             f"'token' takes the class token, 'avg' and 'max' pool the patch tokens, None "
             f"returns the whole token sequence."
         )
-    t2t_layers._check_int("classes", classes)
+    if classes is not None:
+        t2t_layers._check_int("classes", classes)
     t2t_layers._check_rate("drop_path_rate", drop_path_rate)  # before it is spread over blocks
     t2t_layers._check_rate("dropout_rate", dropout_rate)
-    state = None
+    state = release = None
     default_size = DEFAULT_IMAGE_SIZE
+    mean, std = IMAGENET_MEAN, IMAGENET_STD
     if weights is not None:
-        from keras_t2t import weights as weights_lib
-
-        state = weights_lib.read_weights(
-            weights,
-            dict(
-                tokens_type=tokens_type,
-                embed_dim=embed_dim,
-                depth=depth,
-                num_heads=num_heads,
-                mlp_ratio=mlp_ratio,
-                token_dim=token_dim,
-                qkv_bias=qkv_bias,
-                qk_scale=qk_scale,
-            ),
+        architecture = dict(
+            tokens_type=tokens_type,
+            embed_dim=embed_dim,
+            depth=depth,
+            num_heads=num_heads,
+            mlp_ratio=mlp_ratio,
+            token_dim=token_dim,
+            qkv_bias=qkv_bias,
+            qk_scale=qk_scale,
         )
+        state, release = _read_weights(weights, architecture, input_shape, input_tensor)
         default_size = state.image_size or default_size
+        if release is not None:  # the normalization these weights were trained with
+            mean, std = release.mean, release.std
+    if classes is None:  # the head of the weights, so that it loads
+        classes = (state.classes if state is not None else None) or 1000
+    t2t_layers._check_int("classes", classes)
     input_shape = _input_shape(input_shape, input_tensor, default_size)
 
     if input_tensor is None:
@@ -154,8 +162,8 @@ def T2TViT(
     if include_preprocessing:
         # (x / 255 - mean) / std as one multiply-add, in float32 whatever the policy.
         x = keras.layers.Rescaling(
-            scale=[1.0 / (255.0 * s) for s in IMAGENET_STD],
-            offset=[-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)],
+            scale=[1.0 / (255.0 * s) for s in std],
+            offset=[-m / s for m, s in zip(mean, std)],
             dtype="float32",
             name="preprocessing",
         )(x)
@@ -200,7 +208,43 @@ def T2TViT(
         from keras_t2t import weights as weights_lib
 
         weights_lib.assign_state(model, state)
+        if release is not None:
+            model.pretrained_release = release  # how its inputs must be prepared
     return model
+
+
+def variant_of(architecture):
+    """The name of the official variant with exactly this architecture, or None."""
+    defaults = dict(token_dim=64, qkv_bias=False, qk_scale=None)
+    for name, config in MODEL_CONFIGS.items():
+        if {**defaults, **config} == {**defaults, **architecture}:
+            return name
+    return None
+
+
+def _read_weights(weights, architecture, input_shape, input_tensor):
+    """(WeightsState, release or None) for `weights`: a path, or a release name."""
+    from keras_t2t import pretrained
+    from keras_t2t import weights as weights_lib
+
+    if not pretrained.is_release_name(weights):
+        return weights_lib.read_weights(weights, architecture), None
+    side = None
+    if input_shape is not None:
+        side = tuple(input_shape)[0] if len(tuple(input_shape)) == 3 else None
+    elif input_tensor is not None:
+        side = tuple(input_tensor.shape)[1] if len(tuple(input_tensor.shape)) == 4 else None
+    release = pretrained.find_release(variant_of(architecture), weights, side)
+    path = pretrained.weights_file(release)
+    try:
+        return weights_lib.read_weights(path, architecture), release
+    except (ValueError, OSError) as error:
+        if path != pretrained.converted_path(release):
+            raise
+        # A damaged cached conversion is derived data: made again from the released file.
+        logger.warning("The cached %s cannot be read (%s); converting again.", path, error)
+        os.remove(path)
+        return weights_lib.read_weights(pretrained.weights_file(release), architecture), release
 
 
 def _pool(x, mode):
@@ -287,17 +331,20 @@ BASE_DOCSTRING = """Instantiates the {title} model (Yuan et al., "Tokens-to-Toke
 
     Args:
         include_top: whether to include the classification head.
-        weights: None (random initialization) or a path to weights: an official checkpoint
-            (`.pth.tar` / `.pth`, read without torch) or a Keras `.weights.h5` file. A head that
-            does not fit (`include_top=False`, or other `classes`) is left out, and a position
-            table of another size is interpolated.
+        weights: None (random initialization); `"imagenet"` for the official ImageNet
+            weights (downloaded once into Keras' cache; at 384 the 83.3% file of T2T-ViT-14),
+            or `"cifar10"` / `"cifar100"` where released (see `keras_t2t.pretrained`); or a
+            path: an official checkpoint (`.pth.tar` / `.pth`, read without torch), a Keras
+            `.weights.h5` file, or the `--model_dir` of a training run. A head that does not
+            fit (`include_top=False`, or other `classes`) is left out, and a position table of
+            another size is interpolated as the official fine-tuning code does.
         input_tensor: optional Keras tensor to use as image input.
         input_shape: `(side, side, 3)` with `side` a multiple of 16; default `(224, 224, 3)`,
             or the size of `weights`.
         pooling: with `include_top=False`: None returns the token sequence
             `(batch, 1 + (side/16)**2, dim)` after the final norm, `"token"` the class token,
             `"avg"`/`"max"` the mean/max of the patch tokens.
-        classes: number of classes of the head.
+        classes: number of classes of the head; default: those of `weights`, else 1000.
         classifier_activation: activation of the head (None for logits).
         name: model name.
         include_preprocessing: True to take RGB in [0, 255]; False to take images normalized
@@ -329,7 +376,7 @@ def _builder(config_name, builder_name, title, top1):
         input_tensor=None,
         input_shape=None,
         pooling=None,
-        classes=1000,
+        classes=None,
         classifier_activation="softmax",
         name=config_name,
         include_preprocessing=True,

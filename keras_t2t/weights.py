@@ -55,12 +55,6 @@ class WeightsState:
 
 
 def check_path(weights):
-    if isinstance(weights, str) and weights.lower() in ("imagenet", "imagenet1k"):
-        raise ValueError(
-            "keras_t2t does not download weights. Download an official release file (e.g. "
-            "81.5_T2T_ViT_14.pth.tar from https://github.com/yitu-opensource/T2T-ViT/releases) "
-            "and pass its path, or a .weights.h5 made by `python -m keras_t2t.convert`."
-        )
     if not isinstance(weights, (str, os.PathLike)):
         raise ValueError(f"`weights` must be None or a path to a file, received {weights!r}.")
     path = os.fspath(weights)
@@ -68,8 +62,10 @@ def check_path(weights):
         return run_weights(path)[0]
     if not os.path.isfile(path):
         raise ValueError(
-            f"The weights file {path!r} does not exist. Pass None for random weights, or the "
-            f"path of an official checkpoint (.pth.tar / .pth) or a Keras .weights.h5 file."
+            f"The weights file {path!r} does not exist. Pass None for random weights, "
+            f"'imagenet' (or 'cifar10' / 'cifar100' where released) for the official weights, "
+            f"the path of an official checkpoint (.pth.tar / .pth) or of a Keras .weights.h5 "
+            f"file, or the --model_dir of a training run."
         )
     return path
 

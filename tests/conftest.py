@@ -43,3 +43,42 @@ def tiny_model(tokens_type="performer", **kwargs):
     kwargs.setdefault("input_shape", (64, 64, 3))
     kwargs.setdefault("classes", 10)
     return keras_t2t.T2TViT(tokens_type=tokens_type, **TINY_ARCH, **kwargs)
+
+
+def tiny_releases(data_dir=DATA, **overrides):
+    """Release entries (keras_t2t.pretrained.Release) for the golden checkpoints, as if they
+    were official releases named "imagenet", with their size and sha384 as integrity data."""
+    import hashlib
+
+    from keras_t2t.pretrained import Release
+
+    releases = []
+    for name, entry in GOLDEN.items():
+        path = pathlib.Path(data_dir) / entry["checkpoint"]
+        fields = dict(
+            file_size=path.stat().st_size,
+            sha384=hashlib.sha384(path.read_bytes()).hexdigest(),
+            image_size=entry["image_size"],
+            classes=entry["num_classes"],
+        )
+        fields.update(overrides)
+        releases.append(Release(name, "imagenet", entry["checkpoint"], 0.0, **fields))
+    return releases
+
+
+def register_tiny_releases(monkeypatch=None, **overrides):
+    """Makes the golden architectures variants (`t2t_tiny_performer`, ...) with "imagenet"
+    releases; through `monkeypatch` in the tests, for good in a subprocess."""
+    from keras_t2t import models, pretrained
+
+    releases = tuple(pretrained.RELEASES) + tuple(tiny_releases(**overrides))
+    configs = {
+        name: dict(tokens_type=entry["tokens_type"], **TINY_ARCH) for name, entry in GOLDEN.items()
+    }
+    if monkeypatch is None:
+        models.MODEL_CONFIGS.update(configs)
+        pretrained.RELEASES = releases
+        return
+    for name, config in configs.items():
+        monkeypatch.setitem(models.MODEL_CONFIGS, name, config)
+    monkeypatch.setattr(pretrained, "RELEASES", releases)

@@ -160,7 +160,7 @@ def test_input_tensor():
         (dict(pooling="mean"), "`pooling` must be one of"),
         (dict(classes=0), "`classes` must be an integer >= 1"),
         (dict(weights="/nonexistent/t2t.pth.tar"), "does not exist"),
-        (dict(weights="imagenet"), "does not download"),
+        (dict(weights="cifar10"), r"no released 'cifar10' weights for 't2t_vit_7'.*t2t_vit_14"),
         (dict(input_shape=(8, 8, 3)), r"received 8\. The smallest allowed side is 16\.$"),
         (dict(input_shape=(-5, -5, 3)), r"received -5\. The smallest allowed side is 16\.$"),
         (dict(drop_path_rate=1.5), r"`drop_path_rate` must be a float in \[0, 1\), received 1\.5"),

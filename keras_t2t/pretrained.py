@@ -1,0 +1,270 @@
+"""The official released weights: one table, and their download, check and cache.
+
+`T2TViT14(weights="imagenet")` looks its file up in `RELEASES`, downloads it once with
+`keras.utils.get_file` into Keras' cache (`$KERAS_HOME/models/keras_t2t`, by default
+`~/.keras/models/keras_t2t`), checks its size and sha384 where they are published, converts
+it to a Keras `.weights.h5` beside it and loads that. Later calls read the converted file
+only, with no network.
+
+The environment variable `KERAS_T2T_WEIGHTS_URL` replaces the release URL base: the file is
+fetched from `$KERAS_T2T_WEIGHTS_URL/<file name>` (an `https://`, `http://` or `file://`
+mirror, for air-gapped clusters).
+
+The table is kept apart from the architectures (`models.MODEL_CONFIGS`), as timm keeps its
+`pretrained_cfg`: what each file was trained on and how it must be fed.
+"""
+
+import dataclasses
+import hashlib
+import logging
+import os
+
+from keras_t2t.imagenet import IMAGENET_MEAN, IMAGENET_STD
+
+logger = logging.getLogger("keras_t2t")
+
+BASE_URL = "https://github.com/yitu-opensource/T2T-ViT/releases/download/main"
+URL_VARIABLE = "KERAS_T2T_WEIGHTS_URL"
+CACHE_SUBDIR = os.path.join("models", "keras_t2t")
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)  # the official transfer_learning.py
+CIFAR_STD = (0.2023, 0.1994, 0.2010)
+
+
+@dataclasses.dataclass(frozen=True)
+class Release:
+    """One released file, what it was trained on, and how its inputs were prepared."""
+
+    model: str  # the variant, a key of MODEL_CONFIGS
+    weights: str  # the name a builder's `weights=` takes: "imagenet", "cifar10", "cifar100"
+    file_name: str
+    top1: float  # the paper's top-1 (%) of this file
+    image_size: int = 224
+    classes: int = 1000
+    crop_pct: float = 0.9  # evaluation: resize the short side to image_size / crop_pct
+    interpolation: str = "bicubic"
+    mean: tuple = IMAGENET_MEAN
+    std: tuple = IMAGENET_STD
+    file_size: int = None  # bytes, where published
+    sha384: str = None  # where published
+
+    @property
+    def stem(self):
+        for suffix in (".pth.tar", ".pth"):
+            if self.file_name.endswith(suffix):
+                return self.file_name[: -len(suffix)]
+        return self.file_name
+
+
+def _imagenet(model, file_name, top1, **kwargs):
+    return Release(model, "imagenet", file_name, top1, **kwargs)
+
+
+def _cifar(model, classes, file_name, top1):
+    return Release(
+        model,
+        f"cifar{classes}",
+        file_name,
+        top1,
+        classes=classes,
+        crop_pct=1.0,  # Resize(224) of the 32x32 images, no crop
+        interpolation="bilinear",
+        mean=CIFAR_MEAN,
+        std=CIFAR_STD,
+    )
+
+
+# The official releases (https://github.com/yitu-opensource/T2T-ViT#2-pretrained-models).
+# Integrity: OpenVINO's Open Model Zoo (models/public/t2t-vit-14/model.yml); no other file's
+# size or hash is published. Left out: 84.2_T2T_ViT_24 (Token Labeling, another head layout).
+RELEASES = (
+    _imagenet("t2t_vit_7", "71.7_T2T_ViT_7.pth.tar", 71.7),
+    _imagenet("t2t_vit_10", "75.2_T2T_ViT_10.pth.tar", 75.2),
+    _imagenet("t2t_vit_12", "76.5_T2T_ViT_12.pth.tar", 76.5),
+    _imagenet(
+        "t2t_vit_14",
+        "81.5_T2T_ViT_14.pth.tar",
+        81.5,
+        file_size=86_212_823,
+        sha384="98c8ae06a1e9997f3e83ad2dfbac49985bf7bd7723eb64e4b8462338163be026"
+        "57998f0bd9f8997367417003caeaf7a1",
+    ),
+    _imagenet("t2t_vit_14", "83.3_T2T_ViT_14.pth.tar", 83.3, image_size=384),
+    _imagenet("t2t_vit_19", "81.9_T2T_ViT_19.pth.tar", 81.9),
+    _imagenet("t2t_vit_24", "82.3_T2T_ViT_24.pth.tar", 82.3),
+    _imagenet("t2t_vit_t_14", "81.7_T2T_ViTt_14.pth.tar", 81.7),
+    _imagenet("t2t_vit_t_19", "82.4_T2T_ViTt_19.pth.tar", 82.4),
+    _imagenet("t2t_vit_t_24", "82.6_T2T_ViTt_24.pth.tar", 82.6),
+    _cifar("t2t_vit_14", 10, "cifar10_t2t-vit_14_98.3.pth", 98.3),
+    _cifar("t2t_vit_14", 100, "cirfar100_t2t-vit-14_88.4.pth", 88.4),  # sic, as released
+    _cifar("t2t_vit_19", 10, "cifar10_t2t-vit_19_98.4.pth", 98.4),
+    _cifar("t2t_vit_19", 100, "cifar100_t2t-vit-19_89.0.pth", 89.0),
+)
+
+
+class WeightsDownloadError(ValueError):
+    """Released weights could not be fetched or failed their integrity check."""
+
+
+def is_release_name(weights):
+    """Whether `weights` names released weights ("imagenet", ...) rather than a path."""
+    return isinstance(weights, str) and weights.lower() in {r.weights for r in RELEASES} | {
+        "imagenet1k"
+    }
+
+
+def available(model):
+    """The release names that `model` (a variant) can load, e.g. `["cifar10", "imagenet"]`."""
+    return sorted({r.weights for r in RELEASES if r.model == model})
+
+
+def find_release(model, weights, image_size=None):
+    """The release of `model` named `weights`; of the same image size when there is one
+    (`t2t_vit_14` at 384 gets the 83.3 file), else the 224 one."""
+    name = weights.lower()
+    name = "imagenet" if name == "imagenet1k" else name
+    if model is None:
+        raise ValueError(
+            f"weights={weights!r} needs a known variant: build the model with a variant builder "
+            f"(keras_t2t.T2TViT14(weights={weights!r})) or keras_t2t.create_model(name, "
+            f"weights={weights!r}); this architecture is not one of the released ones."
+        )
+    candidates = [r for r in RELEASES if r.model == model and r.weights == name]
+    if not candidates:
+        names = available(model)
+        offer = f"it has {', '.join(repr(n) for n in names)}" if names else "it has none"
+        having = sorted({r.model for r in RELEASES if r.weights == name})
+        raise ValueError(
+            f"There are no released {name!r} weights for {model!r} ({offer}). "
+            f"Variants with {name!r} weights: {', '.join(having) or 'none'}."
+        )
+    for release in candidates:
+        if release.image_size == image_size:
+            return release
+    return candidates[0]
+
+
+def base_url():
+    return (os.environ.get(URL_VARIABLE) or BASE_URL).rstrip("/")
+
+
+def url(release):
+    return f"{base_url()}/{release.file_name}"
+
+
+def cache_dir():
+    """Keras' cache folder for our files, as `keras.utils.get_file` chooses it."""
+    base = os.path.expanduser(os.environ.get("KERAS_HOME") or os.path.join("~", ".keras"))
+    if not os.access(base, os.W_OK):
+        try:
+            os.makedirs(base, exist_ok=True)
+        except OSError:
+            base = os.path.join("/tmp", ".keras")
+        if not os.access(base, os.W_OK):
+            base = os.path.join("/tmp", ".keras")
+    return os.path.join(base, CACHE_SUBDIR)
+
+
+def converted_path(release):
+    return os.path.join(cache_dir(), f"{release.stem}.weights.h5")
+
+
+def sha384(path, chunk=1 << 22):
+    digest = hashlib.sha384()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_integrity(release, path, origin):
+    """Size and sha384 of a downloaded file against the table; a file that fails is renamed
+    `<name>.bad` (kept for inspection, never used again) and an error says what differed."""
+    problems = []
+    size = os.path.getsize(path)
+    if release.file_size is not None and size != release.file_size:
+        problems.append(f"it has {size:,} bytes, the release {release.file_size:,}")
+    elif release.sha384 is not None:
+        digest = sha384(path)
+        if digest != release.sha384:
+            problems.append(f"its sha384 is {digest}, the release's {release.sha384}")
+    if problems:
+        bad = path + ".bad"
+        os.replace(path, bad)
+        raise WeightsDownloadError(
+            f"The file downloaded from {origin} is not the released {release.file_name}: "
+            f"{'; '.join(problems)}. It was moved to {bad}. A truncated download or a wrong "
+            f"mirror ({URL_VARIABLE}={os.environ.get(URL_VARIABLE, '')!r}) does this; call "
+            f"again to download it anew."
+        )
+
+
+def download(release):
+    """The released file in the cache, downloaded if missing; checked where the table can."""
+    import keras
+
+    folder = cache_dir()
+    path = os.path.join(folder, release.file_name)
+    if os.path.isfile(path):
+        return path
+    origin = url(release)
+    partial = f"{release.file_name}.partial"
+    try:
+        # Into a temporary name, renamed once complete: a killed download is never taken for
+        # the file (get_file would trust any file found under the final name).
+        keras.utils.get_file(
+            fname=partial,
+            origin=origin,
+            cache_dir=os.path.dirname(os.path.dirname(folder)),
+            cache_subdir=CACHE_SUBDIR,
+            force_download=True,
+        )
+    except (Exception, KeyboardInterrupt) as error:  # get_file raises a bare Exception
+        if isinstance(error, KeyboardInterrupt):
+            raise
+        raise WeightsDownloadError(
+            f"Cannot download the {release.weights!r} weights of {release.model} "
+            f"({release.file_name}) from {origin}: {error}. Nothing is cached at {path}. "
+            f"Without network access, set {URL_VARIABLE} to a mirror that holds "
+            f"{release.file_name} (an http(s):// or file:// folder), or put the file at {path}."
+        ) from None
+    os.replace(os.path.join(folder, partial), path)
+    check_integrity(release, path, origin)
+    return path
+
+
+def weights_file(release):
+    """A `.weights.h5` of `release` for `models.T2TViT`: the cached conversion, made (from the
+    downloaded file) on the first call."""
+    converted = converted_path(release)
+    if os.path.isfile(converted):
+        return converted
+    source = download(release)
+    from keras_t2t import models
+
+    logger.info("Converting %s to %s (once).", source, converted)
+    try:
+        model = models.create_model(
+            release.model,
+            weights=source,
+            input_shape=(release.image_size, release.image_size, 3),
+            classes=release.classes,
+            classifier_activation=None,
+        )
+    except ValueError as error:
+        bad = source + ".bad"
+        os.replace(source, bad)
+        raise WeightsDownloadError(
+            f"The file downloaded from {url(release)} is not the released {release.file_name} "
+            f"of {release.model}: {error} It was moved to {bad}; check the mirror "
+            f"({URL_VARIABLE}) and call again."
+        ) from None
+    staging = os.path.join(os.path.dirname(converted), f".{os.getpid()}.{release.stem}.weights.h5")
+    try:
+        model.save_weights(staging)
+        os.replace(staging, converted)
+    except OSError as error:  # a read-only cache: use the official file directly next time too
+        logger.warning("Cannot cache the converted weights at %s: %s", converted, error)
+        if os.path.exists(staging):
+            os.remove(staging)
+        return source
+    return converted

@@ -1,0 +1,294 @@
+"""weights="imagenet": the release table, download through a mirror, integrity, the cache."""
+
+import functools
+import http.server
+import os
+import pathlib
+import pickle
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+from conftest import DATA, GOLDEN, register_tiny_releases
+
+import keras_t2t
+from keras_t2t import models, pretrained
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+REFERENCE_RELEASES = {  # the paper's table and the official README's links
+    ("t2t_vit_7", "imagenet", 224): ("71.7_T2T_ViT_7.pth.tar", 71.7),
+    ("t2t_vit_10", "imagenet", 224): ("75.2_T2T_ViT_10.pth.tar", 75.2),
+    ("t2t_vit_12", "imagenet", 224): ("76.5_T2T_ViT_12.pth.tar", 76.5),
+    ("t2t_vit_14", "imagenet", 224): ("81.5_T2T_ViT_14.pth.tar", 81.5),
+    ("t2t_vit_14", "imagenet", 384): ("83.3_T2T_ViT_14.pth.tar", 83.3),
+    ("t2t_vit_19", "imagenet", 224): ("81.9_T2T_ViT_19.pth.tar", 81.9),
+    ("t2t_vit_24", "imagenet", 224): ("82.3_T2T_ViT_24.pth.tar", 82.3),
+    ("t2t_vit_t_14", "imagenet", 224): ("81.7_T2T_ViTt_14.pth.tar", 81.7),
+    ("t2t_vit_t_19", "imagenet", 224): ("82.4_T2T_ViTt_19.pth.tar", 82.4),
+    ("t2t_vit_t_24", "imagenet", 224): ("82.6_T2T_ViTt_24.pth.tar", 82.6),
+    ("t2t_vit_14", "cifar10", 224): ("cifar10_t2t-vit_14_98.3.pth", 98.3),
+    ("t2t_vit_14", "cifar100", 224): ("cirfar100_t2t-vit-14_88.4.pth", 88.4),
+    ("t2t_vit_19", "cifar10", 224): ("cifar10_t2t-vit_19_98.4.pth", 98.4),
+    ("t2t_vit_19", "cifar100", 224): ("cifar100_t2t-vit-19_89.0.pth", 89.0),
+}
+
+
+# --- the table ------------------------------------------------------------------------------
+
+
+def test_release_table_is_the_official_list():
+    table = {(r.model, r.weights, r.image_size): (r.file_name, r.top1) for r in pretrained.RELEASES}
+    assert table == REFERENCE_RELEASES
+    for release in pretrained.RELEASES:
+        assert release.model in models.MODEL_CONFIGS
+        expected_classes = {"imagenet": 1000, "cifar10": 10, "cifar100": 100}[release.weights]
+        assert release.classes == expected_classes
+    t2t14 = pretrained.find_release("t2t_vit_14", "imagenet")
+    assert t2t14.file_size == 86_212_823 and t2t14.sha384.startswith("98c8ae06a1e9997f")
+    assert len(t2t14.sha384) == 96
+
+
+def test_readme_model_table_agrees_with_the_releases():
+    rows = re.findall(r"^\| `(T2TViT\w+)` \| `(\w+)` \|.*\| ([\d.]+)(?: \(([\d.]+) at 384\))? \|$",
+                      (ROOT / "README.md").read_text(), re.M)  # fmt: skip
+    assert len(rows) == 9
+    for _, name, top1, top1_384 in rows:
+        assert float(top1) == pretrained.find_release(name, "imagenet", 224).top1
+        if top1_384:
+            assert float(top1_384) == pretrained.find_release(name, "imagenet", 384).top1
+
+
+def test_release_by_input_size():
+    assert pretrained.find_release("t2t_vit_14", "imagenet", 384).file_name.startswith("83.3")
+    assert pretrained.find_release("t2t_vit_14", "imagenet", 224).file_name.startswith("81.5")
+    # No release at 256: the 224 file, whose position table is then interpolated.
+    assert pretrained.find_release("t2t_vit_14", "imagenet", 256).file_name.startswith("81.5")
+    assert pretrained.find_release("t2t_vit_7", "ImageNet1k").file_name.startswith("71.7")
+    with pytest.raises(ValueError, match=r"no released 'cifar100' weights for 't2t_vit_t_14'"):
+        pretrained.find_release("t2t_vit_t_14", "cifar100")
+
+
+def test_custom_architecture_cannot_take_a_release_name():
+    with pytest.raises(ValueError, match="needs a known variant"):
+        keras_t2t.T2TViT(embed_dim=96, depth=2, num_heads=2, weights="imagenet")
+
+
+# --- download, cache, integrity -------------------------------------------------------------
+
+
+class _Quiet(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def mirror(tmp_path):
+    """A local HTTP server of a folder (a copy of tests/data): yields (url, folder)."""
+    folder = tmp_path / "mirror"
+    shutil.copytree(DATA, folder)
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(_Quiet, directory=str(folder))
+    )
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/", folder
+    server.shutdown()
+    server.server_close()
+
+
+def closed_port_url():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture
+def keras_home(tmp_path, monkeypatch):
+    home = tmp_path / "keras_home"
+    monkeypatch.setenv("KERAS_HOME", str(home))
+    return home / "models" / "keras_t2t"
+
+
+def load(name, **kwargs):
+    return keras_t2t.create_model(
+        name, weights="imagenet", include_preprocessing=False, classifier_activation=None,
+        **kwargs,
+    )  # fmt: skip
+
+
+def test_imagenet_weights_from_a_mirror_then_from_the_cache(mirror, keras_home, monkeypatch):
+    register_tiny_releases(monkeypatch)
+    url, _ = mirror
+    monkeypatch.setenv(pretrained.URL_VARIABLE, url)
+    for name, entry in GOLDEN.items():
+        images = np.load(DATA / entry["io"])["images_nchw"].transpose(0, 2, 3, 1)
+        official = np.load(DATA / entry["io"])["logits"]
+        model = load(name)  # size and classes come from the release
+        assert model.input_shape == (None, 64, 64, 3) and model.output_shape == (None, 10)
+        np.testing.assert_allclose(np.asarray(model(images)), official, atol=1e-4)
+        assert (keras_home / entry["checkpoint"]).is_file()
+        assert (keras_home / entry["checkpoint"].replace(".pth.tar", ".weights.h5")).is_file()
+
+    monkeypatch.setenv(pretrained.URL_VARIABLE, closed_port_url())  # the mirror is gone
+    for name, entry in GOLDEN.items():
+        (keras_home / entry["checkpoint"]).unlink()  # the conversion alone suffices
+        io = np.load(DATA / entry["io"])
+        again = load(name)
+        np.testing.assert_allclose(
+            np.asarray(again(io["images_nchw"].transpose(0, 2, 3, 1))), io["logits"], atol=1e-4
+        )
+    assert not list(keras_home.glob("*.partial")) and not list(keras_home.glob(".*.weights.h5"))
+
+
+def test_imagenet_weights_keep_working_with_other_heads_and_sizes(mirror, keras_home, monkeypatch):
+    register_tiny_releases(monkeypatch)
+    monkeypatch.setenv(pretrained.URL_VARIABLE, mirror[0])
+    backbone = load("t2t_tiny_performer", include_top=False, pooling="token")
+    assert backbone.output_shape == (None, 64)
+    assert load("t2t_tiny_performer", classes=3).output_shape == (None, 3)
+    bigger = load("t2t_tiny_performer", input_shape=(96, 96, 3))
+    assert bigger.get_layer("pos_embed").weights[0].shape == (1, 37, 64)
+
+
+def test_release_normalization_is_the_models(mirror, keras_home, monkeypatch):
+    mean, std = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
+    register_tiny_releases(monkeypatch, mean=mean, std=std)
+    monkeypatch.setenv(pretrained.URL_VARIABLE, mirror[0])
+    model = keras_t2t.create_model("t2t_tiny_performer", weights="imagenet")
+    pixels = np.full((1, 1, 1, 3), 200.0, np.float32)
+    normalized = np.asarray(model.get_layer("preprocessing")(pixels)).ravel()
+    np.testing.assert_allclose(normalized, (200 / 255 - np.array(mean)) / np.array(std), rtol=1e-5)
+    assert model.pretrained_release.mean == mean
+
+
+def test_no_network_and_no_cache_is_a_clear_error(keras_home, monkeypatch):
+    register_tiny_releases(monkeypatch)
+    dead = closed_port_url()
+    monkeypatch.setenv(pretrained.URL_VARIABLE, dead)
+    with pytest.raises(pretrained.WeightsDownloadError) as error:
+        load("t2t_tiny_performer")
+    message = str(error.value)
+    assert f"{dead}/t2t_tiny_performer.pth.tar" in message
+    assert str(keras_home / "t2t_tiny_performer.pth.tar") in message
+    assert pretrained.URL_VARIABLE in message
+    assert not keras_home.exists() or not list(keras_home.iterdir())
+
+
+def test_missing_file_on_the_mirror(mirror, keras_home, monkeypatch):
+    register_tiny_releases(monkeypatch)
+    url, folder = mirror
+    (folder / "t2t_tiny_performer.pth.tar").unlink()
+    monkeypatch.setenv(pretrained.URL_VARIABLE, url)
+    with pytest.raises(pretrained.WeightsDownloadError, match="404"):
+        load("t2t_tiny_performer")
+
+
+@pytest.mark.parametrize("what", ["size", "sha384"])
+def test_wrong_file_fails_the_integrity_check(mirror, keras_home, monkeypatch, what):
+    url, folder = mirror
+    if what == "size":
+        register_tiny_releases(monkeypatch, file_size=123)
+        pattern = r"has [\d,]+ bytes, the release 123"
+    else:
+        register_tiny_releases(monkeypatch, sha384="0" * 96)
+        pattern = "its sha384 is [0-9a-f]{96}, the release's 0{96}"
+    monkeypatch.setenv(pretrained.URL_VARIABLE, url)
+    with pytest.raises(pretrained.WeightsDownloadError, match=pattern):
+        load("t2t_tiny_performer")
+    bad = keras_home / "t2t_tiny_performer.pth.tar.bad"
+    assert bad.is_file()  # kept for inspection, never used
+    assert not (keras_home / "t2t_tiny_performer.pth.tar").exists()
+    assert not (keras_home / "t2t_tiny_performer.weights.h5").exists()
+
+
+def _pickle_that_runs_code(path):
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > /tmp/keras_t2t_pwned",))
+
+    with open(path, "wb") as f:
+        pickle.dump({"state_dict": Exploit()}, f, protocol=2)
+
+
+@pytest.mark.parametrize(
+    "content,match",
+    [
+        ("not a checkpoint", "not the released"),
+        ("exploit", r"not the released.*(refus|not allowed)"),
+    ],
+)
+def test_mirror_serving_something_else(mirror, keras_home, monkeypatch, content, match):
+    register_tiny_releases(monkeypatch, file_size=None, sha384=None)  # no integrity data
+    url, folder = mirror
+    target = folder / "t2t_tiny_performer.pth.tar"
+    if content == "exploit":
+        _pickle_that_runs_code(target)
+    else:
+        target.write_text("<html>404 page of a proxy</html>")
+    monkeypatch.setenv(pretrained.URL_VARIABLE, url)
+    with pytest.raises(pretrained.WeightsDownloadError, match=match):
+        load("t2t_tiny_performer")
+    assert not os.path.exists("/tmp/keras_t2t_pwned")
+    assert (keras_home / "t2t_tiny_performer.pth.tar.bad").is_file()
+    assert not (keras_home / "t2t_tiny_performer.pth.tar").exists()
+
+
+def test_damaged_cached_conversion_is_made_again(mirror, keras_home, monkeypatch):
+    register_tiny_releases(monkeypatch)
+    monkeypatch.setenv(pretrained.URL_VARIABLE, mirror[0])
+    load("t2t_tiny_performer")
+    converted = keras_home / "t2t_tiny_performer.weights.h5"
+    converted.write_bytes(b"garbage")
+    io = np.load(DATA / "t2t_tiny_performer_io.npz")
+    model = load("t2t_tiny_performer")
+    logits = np.asarray(model(io["images_nchw"].transpose(0, 2, 3, 1)))
+    np.testing.assert_allclose(logits, io["logits"], atol=1e-4)
+    assert converted.stat().st_size > 1000
+
+
+NO_TORCH = """
+import sys
+
+
+class NoTorch:  # any import of torch now fails, as where it is not installed
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "torch":
+            raise ModuleNotFoundError(f"No module named {name!r}")
+
+
+sys.meta_path.insert(0, NoTorch())
+import numpy as np
+from conftest import register_tiny_releases
+import keras_t2t
+register_tiny_releases()
+io = np.load(sys.argv[1])
+model = keras_t2t.create_model("t2t_tiny_performer", weights="imagenet",
+                               include_preprocessing=False, classifier_activation=None)
+logits = np.asarray(model(io["images_nchw"].transpose(0, 2, 3, 1)))
+assert "torch" not in sys.modules
+print("max abs diff", float(np.abs(logits - io["logits"]).max()))
+"""
+
+
+def test_imagenet_weights_without_torch_then_offline(mirror, tmp_path):
+    env = dict(
+        os.environ,
+        TF_CPP_MIN_LOG_LEVEL="2",
+        PYTHONPATH=f"{ROOT}:{ROOT / 'tests'}",
+        KERAS_HOME=str(tmp_path / "home"),
+    )
+    io = str(DATA / "t2t_tiny_performer_io.npz")
+    for url in (mirror[0], closed_port_url()):  # the second run has no mirror: the cache
+        result = subprocess.run(
+            [sys.executable, "-c", NO_TORCH, io],
+            env=dict(env, **{pretrained.URL_VARIABLE: url}),
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert float(result.stdout.split("max abs diff")[1]) <= 1e-4
