@@ -20,7 +20,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_t2t import layers as t2t_layers
-from keras_t2t.imagenet import IMAGENET_MEAN, IMAGENET_STD, resize_and_center_crop
+from keras_t2t.imagenet import CROP_PCT, IMAGENET_MEAN, IMAGENET_STD, resize_and_center_crop
 
 FORMATS = ("saved_model", "tflite")
 TFLITE_KINDS = ("float32", "float16", "dynamic_int8", "int8")
@@ -175,6 +175,20 @@ def decode_images(image_bytes, size, crop_pct=0.9, max_pixels=DEFAULT_MAX_IMAGE_
     )
 
 
+def serving_crop_pct(model, weights=None):
+    """The center crop that serving must apply to match how `model` was evaluated: the
+    `--crop_pct` of the training run when `weights` is its model_dir, else that of the
+    model's release (`weights="imagenet"`), else the official 0.9."""
+    if weights is not None and os.path.isdir(os.fspath(weights)):
+        from keras_t2t import weights as weights_lib
+
+        crop_pct = weights_lib.run_weights(os.fspath(weights))[1].get("crop_pct")
+        if crop_pct is not None:
+            return crop_pct
+    release = getattr(model, "pretrained_release", None)
+    return release.crop_pct if release is not None else CROP_PCT
+
+
 def check_version(version):
     if isinstance(version, bool) or not isinstance(version, (int, np.integer)) or version < 1:
         raise ValueError(
@@ -192,6 +206,7 @@ def export_saved_model(
     warmup_images=None,
     overwrite=False,
     max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS,
+    crop_pct=None,
 ):
     """Writes `export_dir/<name>/<version>/` for TF Serving; returns that path.
 
@@ -199,7 +214,10 @@ def export_saved_model(
     An existing version folder is refused unless `overwrite`, and then replaced whole. The
     folder is written under a temporary name and renamed when complete, so TF Serving, which
     loads numbered folders as they appear, never sees a half-written model.
-    `max_image_pixels` bounds the images `serving_bytes` decodes.
+    `max_image_pixels` bounds the images `serving_bytes` decodes. `crop_pct` is the center
+    crop of `serving_bytes` (resize the short side to size / crop_pct); default: that of the
+    model's release (`weights="imagenet"`: 0.9; CIFAR: 1.0), else 0.9. Give a training run's
+    `--crop_pct` (`serving_crop_pct`) so that served predictions are its evaluation's.
     """
     check_model(model)
     version = check_version(version)
@@ -214,13 +232,17 @@ def export_saved_model(
         )
     size = image_size(model)
     serve = serving_fn(model)
+    if crop_pct is None:
+        crop_pct = serving_crop_pct(model)
+    if not (isinstance(crop_pct, (int, float)) and 0.05 <= crop_pct <= 1.0):
+        raise ValueError(f"`crop_pct` must be a number in [0.05, 1], received {crop_pct!r}.")
 
     def serve_pixels(images):
         # The layers refuse another size too; this says so in the signature's own words.
         return serve(tf.ensure_shape(images, [None, size, size, 3]))
 
     def serve_bytes(image_bytes):
-        images = decode_images(image_bytes, size, max_pixels=max_image_pixels)
+        images = decode_images(image_bytes, size, crop_pct, max_pixels=max_image_pixels)
         return serve(tf.cast(tf.clip_by_value(tf.round(images), 0, 255), tf.uint8))
 
     archive = keras.export.ExportArchive()
@@ -384,10 +406,11 @@ def export(
     name=None,
     overwrite=False,
     max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS,
+    crop_pct=None,
 ):
     """Writes the chosen formats under `output_dir`; returns `{artifact: path}`.
 
-    See `export_saved_model` for `version`, `overwrite` and `max_image_pixels`.
+    See `export_saved_model` for `version`, `overwrite`, `max_image_pixels` and `crop_pct`.
     """
     for fmt in formats:
         if fmt not in FORMATS:
@@ -398,7 +421,7 @@ def export(
     if "saved_model" in formats:
         warmup = None if representative_images is None else representative_images[:4]
         written["saved_model"] = export_saved_model(
-            model, output_dir, name, version, warmup, overwrite, max_image_pixels
+            model, output_dir, name, version, warmup, overwrite, max_image_pixels, crop_pct
         )
     if "tflite" in formats:
         kinds = TFLITE_KINDS if representative_images is not None else TFLITE_KINDS[:3]

@@ -195,7 +195,7 @@ def T2TViT(
         x = _pool(x, "token")
         x = keras.layers.Dense(
             classes,
-            kernel_initializer=keras.initializers.TruncatedNormal(stddev=0.02),
+            kernel_initializer=t2t_layers.official_init(),
             name="head",
         )(x)
         x = keras.layers.Activation(classifier_activation, dtype="float32", name="predictions")(x)
@@ -222,13 +222,29 @@ def variant_of(architecture):
     return None
 
 
+def _run_release(weights):
+    """The release a training run in `weights` (a model_dir) started from, for its
+    normalization: a run fine-tuned from "cifar10" weights keeps the CIFAR mean and std."""
+    from keras_t2t import pretrained
+    from keras_t2t import weights as weights_lib
+
+    if not os.path.isdir(os.fspath(weights)):
+        return None
+    run = weights_lib.run_weights(os.fspath(weights))[1]
+    start = run.get("weights")
+    if not (pretrained.is_release_name(start) and run.get("model") in MODEL_CONFIGS):
+        return None
+    return pretrained.find_release(run["model"], start, run.get("image_size"))
+
+
 def _read_weights(weights, architecture, input_shape, input_tensor):
     """(WeightsState, release or None) for `weights`: a path, or a release name."""
     from keras_t2t import pretrained
     from keras_t2t import weights as weights_lib
 
     if not pretrained.is_release_name(weights):
-        return weights_lib.read_weights(weights, architecture), None
+        state = weights_lib.read_weights(weights, architecture)
+        return state, _run_release(weights)
     side = None
     if input_shape is not None:
         side = tuple(input_shape)[0] if len(tuple(input_shape)) == 3 else None

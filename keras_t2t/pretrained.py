@@ -207,7 +207,7 @@ def download(release):
     if os.path.isfile(path):
         return path
     origin = url(release)
-    partial = f"{release.file_name}.partial"
+    partial = f"{release.file_name}.{os.getpid()}.partial"  # workers may share the cache
     try:
         # Into a temporary name, renamed once complete: a killed download is never taken for
         # the file (get_file would trust any file found under the final name).

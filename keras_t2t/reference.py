@@ -3,14 +3,15 @@
 It follows the official implementation line by line (PyTorch layouts: NCHW images, unfold in
 channel-major order) and runs straight from an official state dict, so that a conversion can
 be checked end to end without the official repository. It is checked against the golden
-outputs of the official code in the tests. Inference only (no dropout, no drop path).
+outputs of the official code in the tests. No dropout and no drop path (evaluation mode);
+`official_logits` keeps the autograd graph, for gradient parity tests.
 """
 
 import math
 
 
 def official_forward(state_dict, images_nchw, num_heads, qk_scale=None):
-    """Logits of the official model for normalized NCHW float32 images.
+    """Logits of the official model for normalized NCHW float32 images, as NumPy.
 
     Args:
         state_dict: `{name: array}` of an official checkpoint (unwrapped).
@@ -19,9 +20,21 @@ def official_forward(state_dict, images_nchw, num_heads, qk_scale=None):
         qk_scale: backbone attention scale; None means `head_dim ** -0.5`.
     """
     import torch
+
+    with torch.no_grad():
+        return official_logits(state_dict, images_nchw, num_heads, qk_scale).numpy()
+
+
+def official_logits(state_dict, images_nchw, num_heads, qk_scale=None):
+    """As `official_forward`, as a torch tensor; torch tensors in `state_dict` are used as
+    they are (with `requires_grad`, the logits carry their gradients)."""
+    import torch
     import torch.nn.functional as F
 
-    t = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in state_dict.items()}
+    t = {
+        k: v if torch.is_tensor(v) else torch.as_tensor(v, dtype=torch.float32)
+        for k, v in state_dict.items()
+    }
 
     def norm(x, p):
         return F.layer_norm(x, x.shape[-1:], t[f"{p}.weight"], t[f"{p}.bias"], eps=1e-5)
@@ -61,28 +74,27 @@ def official_forward(state_dict, images_nchw, num_heads, qk_scale=None):
         side = int(math.isqrt(hw))
         return x.transpose(1, 2).reshape(b, c, side, side)
 
-    with torch.no_grad():
-        x = torch.as_tensor(images_nchw, dtype=torch.float32)
-        x = F.unfold(x, kernel_size=7, stride=4, padding=2).transpose(1, 2)
-        x = restructure(t2t_layer(x, "tokens_to_token.attention1"))
-        x = F.unfold(x, kernel_size=3, stride=2, padding=1).transpose(1, 2)
-        x = restructure(t2t_layer(x, "tokens_to_token.attention2"))
-        x = F.unfold(x, kernel_size=3, stride=2, padding=1).transpose(1, 2)
-        x = linear(x, "tokens_to_token.project")
-        x = torch.cat([t["cls_token"].expand(x.shape[0], -1, -1), x], dim=1) + t["pos_embed"]
-        depth = 1 + max(int(k.split(".")[1]) for k in t if k.startswith("blocks."))
-        for i in range(depth):
-            p = f"blocks.{i}"
-            b, n, c = x.shape
-            head_dim = c // num_heads
-            scale = qk_scale or head_dim**-0.5
-            h = norm(x, f"{p}.norm1")
-            qkv = linear(h, f"{p}.attn.qkv").reshape(b, n, 3, num_heads, head_dim)
-            q, k, v = qkv.permute(2, 0, 3, 1, 4)
-            attn = ((q @ k.transpose(-2, -1)) * scale).softmax(dim=-1)
-            h = (attn @ v).transpose(1, 2).reshape(b, n, c)
-            x = x + linear(h, f"{p}.attn.proj")
-            h = linear(F.gelu(linear(norm(x, f"{p}.norm2"), f"{p}.mlp.fc1")), f"{p}.mlp.fc2")
-            x = x + h
-        x = norm(x, "norm")[:, 0]
-        return linear(x, "head").numpy() if "head.weight" in t else x.numpy()
+    x = torch.as_tensor(images_nchw, dtype=torch.float32)
+    x = F.unfold(x, kernel_size=7, stride=4, padding=2).transpose(1, 2)
+    x = restructure(t2t_layer(x, "tokens_to_token.attention1"))
+    x = F.unfold(x, kernel_size=3, stride=2, padding=1).transpose(1, 2)
+    x = restructure(t2t_layer(x, "tokens_to_token.attention2"))
+    x = F.unfold(x, kernel_size=3, stride=2, padding=1).transpose(1, 2)
+    x = linear(x, "tokens_to_token.project")
+    x = torch.cat([t["cls_token"].expand(x.shape[0], -1, -1), x], dim=1) + t["pos_embed"]
+    depth = 1 + max(int(k.split(".")[1]) for k in t if k.startswith("blocks."))
+    for i in range(depth):
+        p = f"blocks.{i}"
+        b, n, c = x.shape
+        head_dim = c // num_heads
+        scale = qk_scale or head_dim**-0.5
+        h = norm(x, f"{p}.norm1")
+        qkv = linear(h, f"{p}.attn.qkv").reshape(b, n, 3, num_heads, head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        attn = ((q @ k.transpose(-2, -1)) * scale).softmax(dim=-1)
+        h = (attn @ v).transpose(1, 2).reshape(b, n, c)
+        x = x + linear(h, f"{p}.attn.proj")
+        h = linear(F.gelu(linear(norm(x, f"{p}.norm2"), f"{p}.mlp.fc1")), f"{p}.mlp.fc2")
+        x = x + h
+    x = norm(x, "norm")[:, 0]
+    return linear(x, "head") if "head.weight" in t else x

@@ -30,6 +30,7 @@ logger = logging.getLogger("keras_t2t")
 OFFICIAL_SUFFIXES = (".pth.tar", ".pth", ".pt", ".tar")
 # What training/train_imagenet.py leaves in its model_dir, recorded in its config.json.
 RUN_WEIGHTS = {"raw": "model.weights.h5", "ema": "model_ema.weights.h5"}
+RUN_RECORD_KEY = "saved_weights"  # where config.json records them (and which scored better)
 KERAS_SUFFIX = ".weights.h5"
 STATE_DICT_KEYS = ("state_dict_ema", "state_dict", "model", "net")
 POS_EMBED = "pos_embed/pos_embed"
@@ -88,7 +89,7 @@ def run_weights(folder):
             run = json.load(f)
     except ValueError as error:
         raise ValueError(f"{path} is not readable JSON ({error}).") from None
-    written = run.get("weights") if isinstance(run, dict) else None
+    written = run.get(RUN_RECORD_KEY) if isinstance(run, dict) else None
     if not isinstance(written, dict):
         raise ValueError(
             f"{folder!r} holds a training run without a finished model: "

@@ -19,7 +19,7 @@ if __package__ in (None, ""):
 import numpy as np
 
 
-def representative_images(folder, size, limit=64):
+def representative_images(folder, size, crop_pct=0.9, limit=64):
     """Up to `limit` images under `folder`, preprocessed as the evaluation, uint8."""
     import tensorflow as tf
 
@@ -39,7 +39,7 @@ def representative_images(folder, size, limit=64):
             image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
         except tf.errors.InvalidArgumentError:
             raise ValueError(f"{path!r} is not a readable image.") from None
-        images.append(resize_and_center_crop(image, size).numpy().astype(np.uint8))
+        images.append(resize_and_center_crop(image, size, crop_pct).numpy().astype(np.uint8))
     return np.stack(images)
 
 
@@ -72,6 +72,13 @@ def main(argv=None):
         default=None,
         help="serving_bytes refuses images whose header declares more pixels (default: 4096^2)",
     )
+    parser.add_argument(
+        "--crop_pct",
+        type=float,
+        help="serving_bytes resizes the short side to size / crop_pct, then center-crops "
+        "(default: the run's --crop_pct with a --model_dir, that of the release with imagenet "
+        "weights, else 0.9)",
+    )
     parser.add_argument("--representative_data", help="images for the full int8 TFLite model")
     args = parser.parse_args(argv)
 
@@ -97,11 +104,14 @@ def main(argv=None):
             raise ValueError("--model is required (unless --weights is a run's --model_dir).")
         shape = None if size is None else (size, size, 3)
         model = keras_t2t.create_model(
-            name, weights=args.weights, input_shape=shape, classes=classes or 1000
+            name, weights=args.weights, input_shape=shape, classes=classes
         )
+        crop_pct = args.crop_pct or export.serving_crop_pct(model, args.weights)
         samples = None
         if args.representative_data:
-            samples = representative_images(args.representative_data, model.input_shape[1])
+            samples = representative_images(
+                args.representative_data, model.input_shape[1], crop_pct
+            )
         elif "tflite" in formats:
             print("note: no --representative_data, so no full int8 TFLite model")
         if args.weights is None:
@@ -114,6 +124,7 @@ def main(argv=None):
             samples,
             overwrite=args.overwrite,
             max_image_pixels=args.max_image_pixels or export.DEFAULT_MAX_IMAGE_PIXELS,
+            crop_pct=crop_pct,
         )
     except (ValueError, ImportError) as error:
         print(f"error: {error}", file=sys.stderr)

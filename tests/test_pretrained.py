@@ -292,3 +292,14 @@ def test_imagenet_weights_without_torch_then_offline(mirror, tmp_path):
         )  # fmt: skip
         assert result.returncode == 0, result.stderr[-3000:]
         assert float(result.stdout.split("max abs diff")[1]) <= 1e-4
+
+
+def test_evaluation_script_takes_a_release_name(mirror, keras_home, monkeypatch):
+    from training import evaluate_imagenet
+
+    register_tiny_releases(monkeypatch)
+    monkeypatch.setenv(pretrained.URL_VARIABLE, mirror[0])
+    model = evaluate_imagenet.build_model("imagenet", model="t2t_tiny_transformer")
+    assert model.output_shape == (None, 10) and model.input_shape == (None, 64, 64, 3)
+    with pytest.raises(ValueError, match="needs --model"):
+        evaluate_imagenet.build_model("imagenet")

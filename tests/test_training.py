@@ -379,12 +379,41 @@ def test_cli_reports_errors_without_a_traceback(tmp_path):
     assert "error: No train TFRecords found" in result.stderr and "Traceback" not in result.stderr
 
 
+PAPER = dict(  # the released weights' recipe (README, "Training recipe")
+    epochs=310, warmup_epochs=5, cooldown_epochs=10, warmup_lr=1e-6, min_lr=1e-5,
+    drop_path_rate=0.1, ema_decay=0.99996,
+)  # fmt: skip
+
+
 def test_recipe_defaults():
-    assert trainer.recipe("t2t_vit_14") == dict(learning_rate=5e-4, weight_decay=0.05)
-    assert trainer.recipe("t2t_vit_t_24") == dict(learning_rate=5e-4, weight_decay=0.065)
-    assert trainer.recipe("t2t_vit_12") == dict(learning_rate=1e-3, weight_decay=0.03)
+    for model, lr, wd in [("t2t_vit_14", 5e-4, 0.05), ("t2t_vit_t_24", 5e-4, 0.065),
+                          ("t2t_vit_12", 1e-3, 0.03)]:  # fmt: skip
+        values = trainer.recipe(model)
+        assert values["learning_rate"] == lr and values["weight_decay"] == wd
+        assert {k: values[k] for k in PAPER} == PAPER
+        aug = values["aug"]
+        assert (aug.randaugment_ops, aug.mixup_alpha, aug.cutmix_alpha) == (2, 0.8, 1.0)
+        assert (aug.random_erasing, aug.label_smoothing, aug.crop_scale_min) == (0.25, 0.1, 0.08)
     config = trainer.resolve(trainer.Config(strategy="tpu"))
     assert config.mixed_precision == "bfloat16" and config.epochs == 310
+    assert config.aug == data.Augmentation() and config.learning_rate == 5e-4
+
+
+def test_finetune_recipe():
+    config = trainer.resolve(trainer.Config(model="t2t_vit_7", recipe="finetune", epochs=12))
+    assert config.epochs == 12  # what is given wins
+    assert config.learning_rate < trainer.recipe("t2t_vit_7")["learning_rate"]
+    assert config.warmup_epochs <= 1 and config.cooldown_epochs == 0
+    aug = config.aug
+    assert (aug.randaugment_ops, aug.mixup_alpha, aug.cutmix_alpha, aug.random_erasing) == (
+        0,
+        0.0,
+        0.0,
+        0.0,
+    )
+    assert aug.hflip and aug.label_smoothing == 0.1
+    with pytest.raises(trainer.TrainingError, match="--recipe must be one of"):
+        trainer.resolve(trainer.Config(recipe="cifar"))
 
 
 def test_weight_decay_exclusions(tmp_path):
@@ -765,7 +794,7 @@ def test_a_run_leaves_weights_that_export_and_evaluate(tiny_records, tmp_path):
 
     run = tmp_path / "run"
     results = _run_config(tiny_records, run)  # train_and_eval, 2 epochs
-    record = json.loads((run / "config.json").read_text())["weights"]
+    record = json.loads((run / "config.json").read_text())["saved_weights"]
     best = "ema" if results["ema_top1"] > results["top1"] else "raw"
     assert record["best"] == best and record["step"] == 6
     assert (run / "model.weights.h5").exists() and (run / "model_ema.weights.h5").exists()
@@ -790,3 +819,22 @@ def test_a_run_leaves_weights_that_export_and_evaluate(tiny_records, tmp_path):
     (tmp_path / "unfinished" / "config.json").write_text(json.dumps({"model": "t2t_vit_7"}))
     with pytest.raises(ValueError, match="training run without a finished model"):
         keras_t2t.T2TViT7(weights=str(tmp_path / "unfinished"))
+
+
+def test_flags_take_their_defaults_from_the_recipe(tmp_path):
+    from training import train_imagenet
+
+    flags = train_imagenet.FLAGS
+    try:
+        flags(["train_imagenet.py", f"--data_dir={tmp_path}", "--recipe=finetune", "--mixup=0.2",
+               "--model=t2t_vit_7", "--epochs=7"])  # fmt: skip
+        config = trainer.resolve(train_imagenet.config_from_flags())
+    finally:
+        flags.unparse_flags()
+    finetune = trainer.recipe("t2t_vit_7", "finetune")
+    assert config.recipe == "finetune" and config.epochs == 7
+    assert config.learning_rate == finetune["learning_rate"]
+    assert config.aug.mixup_alpha == 0.2 and config.aug.randaugment_ops == 0
+    assert config.aug.cutmix_alpha == finetune["aug"].cutmix_alpha
+    defaults = trainer.Config()
+    assert (config.batch_size, config.image_size) == (defaults.batch_size, defaults.image_size)

@@ -1,5 +1,6 @@
 """Evaluates T2T-ViT weights on ImageNet validation TFRecords: top-1, top-5 and loss.
 
+    python training/evaluate_imagenet.py --weights=imagenet --model=t2t_vit_14 --data_dir=DIR
     python training/evaluate_imagenet.py --weights=81.5_T2T_ViT_14.pth.tar --data_dir=DIR
     python training/evaluate_imagenet.py --weights=83.3_T2T_ViT_14.pth.tar --data_dir=DIR \\
         --image_size=384 --crop_pct=1.0
@@ -22,6 +23,7 @@ import argparse
 import tensorflow as tf
 
 import keras_t2t
+from keras_t2t import export, pretrained
 from keras_t2t import weights as weights_lib
 from training import data as data_lib
 from training import trainer
@@ -30,6 +32,13 @@ from training import trainer
 def build_model(weights, model=None, num_heads=None, image_size=None):
     """The model for `weights`: the variant is named, or read from an official checkpoint or
     from the training run whose --model_dir `weights` is."""
+    shape = None if image_size is None else (image_size, image_size, 3)
+    if pretrained.is_release_name(weights):
+        if model is None:
+            raise ValueError(f"--weights={weights} needs --model (e.g. --model=t2t_vit_14).")
+        return keras_t2t.create_model(
+            model, weights=weights, input_shape=shape, classifier_activation=None
+        )
     model, image_size, _ = weights_lib.run_architecture(weights, model, image_size)
     weights = weights_lib.check_path(weights)  # a run's model_dir: its best weights file
     if weights.lower().endswith(weights_lib.KERAS_SUFFIX):
@@ -55,13 +64,18 @@ def evaluate(
     model=None,
     num_heads=None,
     image_size=None,
-    crop_pct=0.9,
+    crop_pct=None,
     batch_size=128,
     label_offset=1,
 ):
-    """Returns dict(top1, top5, loss, examples) of `weights` on the validation TFRecords."""
+    """Returns dict(top1, top5, loss, examples) of `weights` on the validation TFRecords.
+
+    `crop_pct` None: the training run's (a model_dir), the release's ("imagenet"), else 0.9.
+    """
     files = data_lib.list_files(data_dir, "validation")
     net = build_model(weights, model, num_heads, image_size)
+    if crop_pct is None:
+        crop_pct = export.serving_crop_pct(net, weights)
     size, classes = net.input_shape[1], net.output_shape[-1]
     data_lib.check_shards(files, "validation", classes)
     strategy = tf.distribute.get_strategy()
@@ -77,13 +91,20 @@ def evaluate(
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--weights", required=True, help=".pth.tar / .pth / .weights.h5, or a run's --model_dir"
+        "--weights",
+        required=True,
+        help="imagenet (the release of --model), .pth.tar / .pth / .weights.h5, or a run's "
+        "--model_dir",
     )
     parser.add_argument("--data_dir", required=True, help="folder of validation-*-of-* TFRecords")
     parser.add_argument("--model", help="variant (default: read from an official checkpoint)")
     parser.add_argument("--num_heads", type=int, help="heads of a custom architecture")
     parser.add_argument("--image_size", type=int, help="default: the size of the weights")
-    parser.add_argument("--crop_pct", type=float, default=0.9, help="0.9 (official) or 1.0")
+    parser.add_argument(
+        "--crop_pct",
+        type=float,
+        help="default: the run's with a --model_dir, the release's with imagenet, else 0.9",
+    )
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--label_offset", type=int, default=1, help="ImageNet labels: 1..1000")
     parser.add_argument("--output", help="also write the results to this JSON file")

@@ -20,81 +20,153 @@ if __package__ in (None, ""):
 
 from absl import app, flags
 
-from training import data as data_lib
+from training import data as data_lib  # noqa: F401  (its errors are caught in main)
 
 FLAGS = flags.FLAGS
-_D = data_lib.Augmentation()
+
+
+def _defaults():
+    """The defaults, defined once in training.trainer: `Config` and the recipes."""
+    from training import trainer
+
+    return trainer, trainer.Config(), {name: trainer.recipe("t2t_vit_14", name)
+                                       for name in trainer.RECIPES}  # fmt: skip
+
+
+_trainer, _C, _R = _defaults()
+
+
+def _recipe_help(text, field, aug=False):
+    values = {
+        name: getattr(values["aug"], field) if aug else values[field] for name, values in _R.items()
+    }
+    shown = ", ".join(f"{name}: {value}" for name, value in values.items())
+    return f"{text} (default: by --recipe; {shown})."
+
 
 flags.DEFINE_string(
     "data_dir", None, "ImageNet TFRecords (local or gs://); unset: the embedded digits."
 )
 flags.DEFINE_enum(
-    "data_source", "tfrecord", ["tfrecord", "tfds"], "TFRecords or TFDS imagenet2012."
+    "data_source", _C.data_source, ["tfrecord", "tfds"], "TFRecords or TFDS imagenet2012."
 )
-flags.DEFINE_string("model_dir", None, "Checkpoints, summaries, config.json, eval_results.json.")
-flags.DEFINE_string("model", "t2t_vit_14", "Variant, e.g. t2t_vit_7 ... t2t_vit_t_24.")
-flags.DEFINE_integer("image_size", 224, "Square input side, a multiple of 16.")
-flags.DEFINE_integer("num_classes", 1000, "Number of classes.")
-flags.DEFINE_integer("label_offset", 1, "Subtracted from image/class/label (ImageNet: 1).")
-flags.DEFINE_integer("batch_size", 512, "Global batch size.")
-flags.DEFINE_integer("eval_batch_size", None, "Global evaluation batch size (default: batch_size).")
-flags.DEFINE_integer("epochs", 310, "Epochs, cooldown included.")
-flags.DEFINE_integer("warmup_epochs", 5, "Linear warmup epochs from 1e-6.")
-flags.DEFINE_integer("cooldown_epochs", 10, "Epochs at --min_lr after the cosine.")
-flags.DEFINE_float(
-    "learning_rate", None, "Peak LR for batch 512, scaled linearly (default: recipe)."
-)
-flags.DEFINE_float("min_lr", 1e-5, "LR at the end of the cosine and in the cooldown.")
-flags.DEFINE_float("weight_decay", None, "AdamW weight decay (default: recipe).")
-flags.DEFINE_float("grad_clip", None, "Clip gradients to this global norm.")
-flags.DEFINE_float("drop_path_rate", 0.1, "Stochastic depth.")
-flags.DEFINE_float("ema_decay", 0.99996, "EMA decay of the weights, per step.")
-flags.DEFINE_enum("mode", "train_and_eval", ["train", "eval", "train_and_eval"], "What to run.")
+flags.DEFINE_string("model_dir", None, "Checkpoints, summaries, config.json, weights, results.")
+flags.DEFINE_string("model", _C.model, "Variant, e.g. t2t_vit_7 ... t2t_vit_t_24.")
 flags.DEFINE_enum(
-    "strategy", "default", ["default", "mirrored", "multi_worker", "tpu"], "tf.distribute strategy."
+    "recipe",
+    _C.recipe,
+    list(_trainer.RECIPES),
+    "Defaults of the schedule, regularization and augmentation: imagenet (the paper's) or "
+    "finetune (from --weights, or small data: lower LR, short warmup, no RandAugment, mixup, "
+    "cutmix or erasing). Flags given on the command line override it.",
 )
+flags.DEFINE_integer("image_size", _C.image_size, "Square input side, a multiple of 16.")
+flags.DEFINE_integer("num_classes", _C.num_classes, "Number of classes.")
+flags.DEFINE_integer(
+    "label_offset", _C.label_offset, "Subtracted from image/class/label (ImageNet: 1)."
+)
+flags.DEFINE_integer("batch_size", _C.batch_size, "Global batch size.")
+flags.DEFINE_integer("eval_batch_size", None, "Global evaluation batch size (default: batch_size).")
+flags.DEFINE_integer("epochs", None, _recipe_help("Epochs, cooldown included", "epochs"))
+flags.DEFINE_integer(
+    "warmup_epochs", None, _recipe_help("Linear warmup epochs from 1e-6", "warmup_epochs")
+)
+flags.DEFINE_integer(
+    "cooldown_epochs", None, _recipe_help("Epochs at --min_lr after the cosine", "cooldown_epochs")
+)
+flags.DEFINE_float(
+    "learning_rate",
+    None,
+    "Peak LR for batch 512, scaled linearly with --batch_size (default: by --recipe and "
+    "--model; imagenet: 1e-3 for 7/10/12, else 5e-4; finetune: 1e-4).",
+)
+flags.DEFINE_float(
+    "min_lr", None, _recipe_help("LR at the end of the cosine and in the cooldown", "min_lr")
+)
+flags.DEFINE_float(
+    "weight_decay",
+    None,
+    "AdamW weight decay (default: by --recipe and --model; imagenet: 0.03 for 7/10/12, 0.065 "
+    "for 19/24, else 0.05; finetune: 0.05).",
+)
+flags.DEFINE_float("grad_clip", None, "Clip gradients to this global norm.")
+flags.DEFINE_float("drop_path_rate", None, _recipe_help("Stochastic depth", "drop_path_rate"))
+flags.DEFINE_float(
+    "ema_decay", None, _recipe_help("EMA decay of the weights per step, warmed up", "ema_decay")
+)
+flags.DEFINE_enum("mode", _C.mode, ["train", "eval", "train_and_eval"], "What to run.")
+flags.DEFINE_enum("strategy", _C.strategy, list(_trainer.STRATEGIES), "tf.distribute strategy.")
 flags.DEFINE_string(
     "tpu", None, "TPU name or address (with --strategy=tpu; set alone, implies it)."
 )
-flags.DEFINE_string("weights", None, "Start from these weights (.pth.tar or .weights.h5).")
-flags.DEFINE_enum(
-    "mixed_precision", None, ["float32", "bfloat16", "float16"], "Default: bfloat16 on TPU."
+flags.DEFINE_string(
+    "weights",
+    None,
+    "Start from these weights: imagenet (the official release of --model, downloaded once; "
+    "see KERAS_T2T_WEIGHTS_URL), a .pth.tar / .weights.h5 file, or a run's --model_dir.",
 )
-flags.DEFINE_float("crop_pct", 0.9, "Evaluation crop fraction (resize to size / crop_pct).")
-flags.DEFINE_integer("steps_per_loop", 100, "Steps per tf.function call.")
+flags.DEFINE_enum("mixed_precision", None, list(_trainer.PRECISIONS), "Default: bfloat16 on TPU.")
+flags.DEFINE_float("crop_pct", _C.crop_pct, "Evaluation crop fraction (resize to size / crop_pct).")
+flags.DEFINE_integer("steps_per_loop", _C.steps_per_loop, "Steps per tf.function call.")
 flags.DEFINE_integer("steps_per_epoch", None, "Override the steps of an epoch.")
-flags.DEFINE_integer("eval_every_epochs", 10, "Evaluate every N epochs (and at the end).")
-flags.DEFINE_bool("jit_compile", True, "Compile the forward and backward pass with XLA.")
-flags.DEFINE_integer("seed", 0, "Random seed.")
+flags.DEFINE_integer(
+    "eval_every_epochs", _C.eval_every_epochs, "Evaluate every N epochs (and at the end)."
+)
+flags.DEFINE_bool("jit_compile", _C.jit_compile, "Compile the forward and backward pass with XLA.")
+flags.DEFINE_integer("seed", _C.seed, "Random seed.")
 flags.DEFINE_bool(
     "skip_bad_records",
-    False,
+    _C.skip_bad_records,
     "Skip records that cannot be read or decoded (each is logged with its file and counted) "
     "instead of stopping. Slower input pipeline.",
 )
-flags.DEFINE_float("crop_scale_min", _D.crop_scale_min, "Random resized crop: smallest area.")
-flags.DEFINE_bool("hflip", _D.hflip, "Random horizontal flip.")
-flags.DEFINE_integer("randaugment_ops", _D.randaugment_ops, "RandAugment ops per image (0: off).")
+# Augmentation flags: their defaults come from --recipe.
+AUG_FLAGS = {  # flag -> Augmentation field
+    "crop_scale_min": "crop_scale_min",
+    "hflip": "hflip",
+    "randaugment_ops": "randaugment_ops",
+    "randaugment_magnitude": "randaugment_magnitude",
+    "mixup": "mixup_alpha",
+    "cutmix": "cutmix_alpha",
+    "label_smoothing": "label_smoothing",
+    "random_erasing": "random_erasing",
+}
 flags.DEFINE_float(
-    "randaugment_magnitude", _D.randaugment_magnitude, "RandAugment strength in [0, 1]."
+    "crop_scale_min", None, _recipe_help("Random-resized-crop smallest area", "crop_scale_min", 1)
 )
-flags.DEFINE_float("mixup", _D.mixup_alpha, "Mixup alpha (0: off).")
-flags.DEFINE_float("cutmix", _D.cutmix_alpha, "CutMix alpha (0: off).")
-flags.DEFINE_float("label_smoothing", _D.label_smoothing, "Label smoothing.")
-flags.DEFINE_float("random_erasing", _D.random_erasing, "Random erasing probability.")
+flags.DEFINE_bool("hflip", None, _recipe_help("Random horizontal flip", "hflip", True))
+flags.DEFINE_integer(
+    "randaugment_ops", None, _recipe_help("RandAugment ops per image", "randaugment_ops", True)
+)
+flags.DEFINE_float(
+    "randaugment_magnitude",
+    None,
+    _recipe_help("RandAugment strength in [0, 1]", "randaugment_magnitude", True),
+)
+flags.DEFINE_float("mixup", None, _recipe_help("Mixup alpha (0: off)", "mixup_alpha", True))
+flags.DEFINE_float("cutmix", None, _recipe_help("CutMix alpha (0: off)", "cutmix_alpha", True))
+flags.DEFINE_float(
+    "label_smoothing", None, _recipe_help("Label smoothing", "label_smoothing", True)
+)
+flags.DEFINE_float(
+    "random_erasing", None, _recipe_help("Random erasing probability", "random_erasing", True)
+)
 
 # The embedded default: T2T-ViT-7 on scikit-learn's digits at 32x32, no flips (they change
-# digits), light augmentation, a short schedule. Flags given on the command line still win.
+# digits), light augmentation, a short schedule. Only what differs from the imagenet recipe;
+# flags given on the command line still win.
 EMBEDDED = dict(
     model="t2t_vit_7", image_size=32, num_classes=10, batch_size=64, epochs=15,
     warmup_epochs=2, cooldown_epochs=0, learning_rate=4e-3, weight_decay=0.05,
-    drop_path_rate=0.0, ema_decay=0.99, steps_per_loop=100, eval_every_epochs=5,
+    drop_path_rate=0.0, ema_decay=0.99, eval_every_epochs=5,
     crop_pct=1.0, crop_scale_min=0.7, hflip=False, randaugment_ops=0, mixup=0.0,
-    cutmix=0.0, random_erasing=0.0, label_smoothing=0.1,
+    cutmix=0.0, random_erasing=0.0,
 )  # fmt: skip
 
 
 def config_from_flags():
+    import dataclasses
+
     from training import trainer
     from training.build_tfrecords import digits_tfrecords
 
@@ -114,28 +186,24 @@ def config_from_flags():
         values["strategy"] = "tpu"
     if values["model_dir"] is None:
         values["model_dir"] = os.path.join("runs", values["model"])
-    aug = data_lib.Augmentation(
-        crop_scale_min=values.pop("crop_scale_min"),
-        hflip=values.pop("hflip"),
-        randaugment_ops=values.pop("randaugment_ops"),
-        randaugment_magnitude=values.pop("randaugment_magnitude"),
-        mixup_alpha=values.pop("mixup"),
-        cutmix_alpha=values.pop("cutmix"),
-        label_smoothing=values.pop("label_smoothing"),
-        random_erasing=values.pop("random_erasing"),
-    )
+    if values["model"] not in _trainer.keras_t2t.MODEL_CONFIGS:
+        raise trainer.TrainingError(
+            f"Unknown --model {values['model']!r}. "
+            f"Known variants: {', '.join(_trainer.keras_t2t.list_models())}."
+        )
+    aug = trainer.recipe(values["model"], values["recipe"])["aug"]
+    given = {field: values.pop(flag) for flag, field in AUG_FLAGS.items()}
+    aug = dataclasses.replace(aug, **{k: v for k, v in given.items() if v is not None})
     return trainer.Config(**values, aug=aug)
 
 
 _OUR_FLAGS = {
-    "data_dir", "data_source", "model_dir", "model", "image_size", "num_classes", "label_offset",
-    "batch_size", "eval_batch_size", "epochs", "warmup_epochs", "cooldown_epochs",
-    "learning_rate", "min_lr", "weight_decay", "grad_clip", "drop_path_rate", "ema_decay", "mode",
-    "strategy", "tpu", "weights", "mixed_precision", "crop_pct", "steps_per_loop",
-    "steps_per_epoch", "eval_every_epochs", "jit_compile", "seed", "skip_bad_records",
-    "crop_scale_min", "hflip",
-    "randaugment_ops", "randaugment_magnitude", "mixup", "cutmix", "label_smoothing",
-    "random_erasing",
+    "data_dir", "data_source", "model_dir", "model", "recipe", "image_size", "num_classes",
+    "label_offset", "batch_size", "eval_batch_size", "epochs", "warmup_epochs",
+    "cooldown_epochs", "learning_rate", "min_lr", "weight_decay", "grad_clip", "drop_path_rate",
+    "ema_decay", "mode", "strategy", "tpu", "weights", "mixed_precision", "crop_pct",
+    "steps_per_loop", "steps_per_epoch", "eval_every_epochs", "jit_compile", "seed",
+    "skip_bad_records", *AUG_FLAGS,
 }  # fmt: skip
 
 

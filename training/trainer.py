@@ -20,6 +20,7 @@ import time
 import keras
 import numpy as np
 import tensorflow as tf
+from keras import ops
 
 import keras_t2t
 from keras_t2t import weights as weights_lib
@@ -29,6 +30,7 @@ logger = logging.getLogger("keras_t2t.training")
 
 IMAGENET_SIZES = {"train": 1_281_167, "validation": 50_000}
 RUN_WEIGHTS = weights_lib.RUN_WEIGHTS  # the weights a run leaves in its model_dir
+RECORD_KEY = weights_lib.RUN_RECORD_KEY  # config.json's record of them
 MODES = ("train", "eval", "train_and_eval")
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
 PRECISIONS = ("float32", "bfloat16", "float16")
@@ -41,9 +43,58 @@ class TrainingError(RuntimeError):
 # --- config and recipe ----------------------------------------------------------------------
 
 
+RECIPES = ("imagenet", "finetune")
+
+
+def recipe(model, name="imagenet"):
+    """The training defaults of recipe `name` for a variant: the `Config` fields (and the
+    augmentation) a recipe sets. The one place that defines them; `Config`, the flags of
+    train_imagenet.py and its --help all take them from here.
+
+    "imagenet": the paper's recipe (lr and weight decay by variant, for batch 512).
+    "finetune": fine-tuning (from `--weights`) and small datasets: a lower learning rate, a
+    one-epoch warmup, a short cosine, crop, flip and label smoothing only (no RandAugment,
+    mixup, cutmix or erasing), and a shorter EMA (warmed up, as on every recipe).
+    """
+    if name == "imagenet":
+        small = model in ("t2t_vit_7", "t2t_vit_10", "t2t_vit_12")
+        large = any(model.endswith(s) for s in ("_19", "_24"))
+        return dict(
+            learning_rate=1e-3 if small else 5e-4,
+            weight_decay=0.03 if small else (0.065 if large else 0.05),
+            epochs=310,
+            warmup_epochs=5,
+            cooldown_epochs=10,
+            warmup_lr=1e-6,
+            min_lr=1e-5,
+            drop_path_rate=0.1,
+            ema_decay=0.99996,
+            aug=data_lib.Augmentation(),
+        )
+    if name == "finetune":
+        return dict(
+            learning_rate=1e-4,
+            weight_decay=0.05,
+            epochs=30,
+            warmup_epochs=1,
+            cooldown_epochs=0,
+            warmup_lr=1e-6,
+            min_lr=1e-6,
+            drop_path_rate=0.1,
+            ema_decay=0.9998,
+            aug=data_lib.Augmentation(
+                randaugment_ops=0, mixup_alpha=0.0, cutmix_alpha=0.0, random_erasing=0.0
+            ),
+        )
+    raise TrainingError(f"--recipe must be one of {RECIPES}, received {name!r}.")
+
+
+RECIPE_FIELDS = tuple(recipe("t2t_vit_14"))
+
+
 @dataclasses.dataclass
 class Config:
-    """Everything a run needs; `None` fields take the paper's recipe for `model`."""
+    """Everything a run needs; `None` fields take their value from `recipe` (see there)."""
 
     model: str = "t2t_vit_14"
     model_dir: str = "runs/t2t_vit_14"
@@ -52,22 +103,23 @@ class Config:
     mode: str = "train_and_eval"
     strategy: str = "default"
     tpu: str = None
+    recipe: str = "imagenet"  # the defaults of the None fields below: RECIPES
     image_size: int = 224
     num_classes: int = 1000
     label_offset: int = 1
     batch_size: int = 512  # global
-    epochs: int = 310  # including the cooldown
-    warmup_epochs: int = 5
-    cooldown_epochs: int = 10
+    epochs: int = None  # including the cooldown
+    warmup_epochs: int = None
+    cooldown_epochs: int = None
     learning_rate: float = None  # for batch 512, scaled linearly with batch_size
-    warmup_lr: float = 1e-6
-    min_lr: float = 1e-5
+    warmup_lr: float = None
+    min_lr: float = None
     weight_decay: float = None
     grad_clip: float = None
-    drop_path_rate: float = 0.1
-    ema_decay: float = 0.99996
+    drop_path_rate: float = None
+    ema_decay: float = None
     mixed_precision: str = None  # None: bfloat16 on TPU, float32 elsewhere
-    weights: str = None
+    weights: str = None  # start from: "imagenet" (a release), a file or a run's model_dir
     crop_pct: float = 0.9
     eval_batch_size: int = None
     steps_per_loop: int = 100
@@ -79,7 +131,7 @@ class Config:
     deterministic_data: bool = False  # reproducible input order (slower); for tests
     max_checkpoints: int = 3
     skip_bad_records: bool = False  # skip (and log) unreadable records instead of stopping
-    aug: data_lib.Augmentation = dataclasses.field(default_factory=data_lib.Augmentation)
+    aug: data_lib.Augmentation = None
 
     def to_json(self):
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -90,16 +142,6 @@ def _positive(value):
     return isinstance(value, (int, float)) and 0 < value < 1e38
 
 
-def recipe(model):
-    """The paper's learning rate (batch 512) and weight decay for a variant."""
-    small = model in ("t2t_vit_7", "t2t_vit_10", "t2t_vit_12")
-    large = any(model.endswith(s) for s in ("_19", "_24"))
-    return dict(
-        learning_rate=1e-3 if small else 5e-4,
-        weight_decay=0.03 if small else (0.065 if large else 0.05),
-    )
-
-
 def resolve(config):
     """Fills the recipe defaults and checks the config; returns a new Config."""
     config = dataclasses.replace(config)
@@ -108,11 +150,11 @@ def resolve(config):
             f"Unknown --model {config.model!r}. "
             f"Known variants: {', '.join(keras_t2t.list_models())}."
         )
-    defaults = recipe(config.model)
-    if config.learning_rate is None:
-        config.learning_rate = defaults["learning_rate"]
-    if config.weight_decay is None:
-        config.weight_decay = defaults["weight_decay"]
+    if config.recipe not in RECIPES:
+        raise TrainingError(f"--recipe must be one of {RECIPES}, received {config.recipe!r}.")
+    for field, value in recipe(config.model, config.recipe).items():
+        if getattr(config, field) is None:
+            setattr(config, field, value)
     if config.mixed_precision is None:
         config.mixed_precision = "bfloat16" if config.strategy == "tpu" else "float32"
     for flag, value, allowed in (
@@ -272,6 +314,49 @@ def build_model(config):
     )
 
 
+def no_weight_decay(model):
+    """The official groups (timm's add_weight_decay with `no_weight_decay() = {"cls_token"}`):
+    no decay on 1-D tensors (norms, biases), biases and the class token.
+
+    Chosen by variable, not by Keras' `var_names`: those patterns are searched in the backend
+    variable's name, which is the whole path under TensorFlow, so "token" would also match
+    every weight of `tokens_to_token`, which then went undecayed.
+    """
+    return [
+        v
+        for v in model.trainable_variables
+        if len(v.shape) <= 1 or v.path.endswith("/bias") or v.path.endswith("cls_token/token")
+    ]
+
+
+class AdamW(keras.optimizers.AdamW):
+    """Keras' AdamW with PyTorch's epsilon: the update is
+    `lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)`, as `torch.optim.AdamW`
+    (which trained the released weights) computes it.
+
+    Keras adds epsilon to the uncorrected `sqrt(v)`, which is the torch update with an
+    epsilon of `eps / sqrt(1 - beta2^t)`: 32x larger at the first step and still 2x at step
+    290, so small gradients move their weights less than the official code moves them. The
+    decoupled weight decay (`w -= lr * wd * w` before the update) is Keras' and torch's alike.
+    """
+
+    def update_step(self, gradient, variable, learning_rate):
+        dtype = variable.dtype
+        lr = ops.cast(learning_rate, dtype)
+        gradient = ops.cast(gradient, dtype)
+        step = ops.cast(self.iterations + 1, dtype)
+        beta_1_power = ops.power(ops.cast(self.beta_1, dtype), step)
+        beta_2_power = ops.power(ops.cast(self.beta_2, dtype), step)
+        index = self._get_variable_index(variable)
+        m, v = self._momentums[index], self._velocities[index]
+        self.assign_add(m, ops.multiply(ops.subtract(gradient, m), 1 - self.beta_1))
+        self.assign_add(v, ops.multiply(ops.subtract(ops.square(gradient), v), 1 - self.beta_2))
+        denominator = ops.add(
+            ops.divide(ops.sqrt(v), ops.sqrt(1 - beta_2_power)), ops.cast(self.epsilon, dtype)
+        )
+        self.assign_sub(variable, ops.divide(ops.multiply(m, lr / (1 - beta_1_power)), denominator))
+
+
 def build_optimizer(config, steps_per_epoch, model):
     peak = config.learning_rate * config.batch_size / 512.0
     warmup = config.warmup_epochs * steps_per_epoch
@@ -283,15 +368,14 @@ def build_optimizer(config, steps_per_epoch, model):
         warmup_target=peak if warmup else None,
         warmup_steps=warmup,
     )
-    optimizer = keras.optimizers.AdamW(
+    optimizer = AdamW(
         learning_rate=schedule,
         weight_decay=config.weight_decay,
         beta_1=0.9,
         beta_2=0.999,
         epsilon=1e-8,
     )
-    # No decay on biases, norms (1-D tensors), the class token and the position table.
-    optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta", "token", "pos_embed"])
+    optimizer.exclude_from_weight_decay(var_list=no_weight_decay(model))
     if config.mixed_precision == "float16":
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     optimizer.build(model.trainable_variables)
@@ -331,8 +415,8 @@ class Trainer:
         previous = check_compatible(config, checkpoint_dir)
         if self.chief:
             record = json.loads(config.to_json())
-            if previous and "weights" in previous:  # the weights the run has written so far
-                record["weights"] = previous["weights"]
+            if previous and RECORD_KEY in previous:  # the weights the run has written so far
+                record[RECORD_KEY] = previous[RECORD_KEY]
             with tf.io.gfile.GFile(os.path.join(config.model_dir, "config.json"), "w") as f:
                 json.dump(record, f, indent=2, sort_keys=True)
 
@@ -711,15 +795,15 @@ class Trainer:
         finally:
             self.ema.swap()
         record = json.loads(self.config.to_json())
-        record["weights"] = dict(RUN_WEIGHTS, step=step, best=None)
+        record[RECORD_KEY] = dict(RUN_WEIGHTS, step=step, best=None)
         if results:
             best = "ema" if results["ema_top1"] > results["top1"] else "raw"
-            record["weights"].update(best=best, top1=results["top1"], ema_top1=results["ema_top1"])
+            record[RECORD_KEY].update(best=best, top1=results["top1"], ema_top1=results["ema_top1"])
         with tf.io.gfile.GFile(os.path.join(folder, "config.json"), "w") as f:
             json.dump(record, f, indent=2, sort_keys=True)
         logger.info(
             "Wrote the raw and EMA weights to %s (%s).",
-            folder, f"the {record['weights']['best']} weights scored better" if results
+            folder, f"the {record[RECORD_KEY]['best']} weights scored better" if results
             else "not evaluated",
         )  # fmt: skip
 
