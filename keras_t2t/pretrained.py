@@ -191,7 +191,7 @@ def check_integrity(release, path, origin):
         bad = path + ".bad"
         os.replace(path, bad)
         raise WeightsDownloadError(
-            f"The file downloaded from {origin} is not the released {release.file_name}: "
+            f"The file {path} (from {origin}) is not the released {release.file_name}: "
             f"{'; '.join(problems)}. It was moved to {bad}. A truncated download or a wrong "
             f"mirror ({URL_VARIABLE}={os.environ.get(URL_VARIABLE, '')!r}) does this; call "
             f"again to download it anew."
@@ -204,7 +204,8 @@ def download(release):
 
     folder = cache_dir()
     path = os.path.join(folder, release.file_name)
-    if os.path.isfile(path):
+    if os.path.isfile(path):  # downloaded before, or put there by hand
+        check_integrity(release, path, path)
         return path
     origin = url(release)
     partial = f"{release.file_name}.{os.getpid()}.partial"  # workers may share the cache
@@ -251,6 +252,8 @@ def weights_file(release):
             classifier_activation=None,
         )
     except ValueError as error:
+        if release.sha384 is not None:  # the released file itself, checked: not its fault
+            raise
         bad = source + ".bad"
         os.replace(source, bad)
         raise WeightsDownloadError(

@@ -303,3 +303,18 @@ def test_evaluation_script_takes_a_release_name(mirror, keras_home, monkeypatch)
     assert model.output_shape == (None, 10) and model.input_shape == (None, 64, 64, 3)
     with pytest.raises(ValueError, match="needs --model"):
         evaluate_imagenet.build_model("imagenet")
+
+
+def test_file_put_in_the_cache_by_hand_is_checked_too(keras_home, monkeypatch):
+    register_tiny_releases(monkeypatch)
+    monkeypatch.setenv(pretrained.URL_VARIABLE, closed_port_url())
+    keras_home.mkdir(parents=True)
+    placed = keras_home / "t2t_tiny_performer.pth.tar"
+    placed.write_bytes(b"x" * (DATA / "t2t_tiny_performer.pth.tar").stat().st_size)  # same size
+    with pytest.raises(pretrained.WeightsDownloadError, match="its sha384 is"):
+        load("t2t_tiny_performer")
+    assert (keras_home / "t2t_tiny_performer.pth.tar.bad").is_file()
+    shutil.copy(DATA / "t2t_tiny_performer.pth.tar", placed)  # the right file: used offline
+    io = np.load(DATA / "t2t_tiny_performer_io.npz")
+    logits = np.asarray(load("t2t_tiny_performer")(io["images_nchw"].transpose(0, 2, 3, 1)))
+    np.testing.assert_allclose(logits, io["logits"], atol=1e-4)
