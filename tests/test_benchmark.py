@@ -47,3 +47,18 @@ def test_benchmark_rejects_unknown_model():
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 2 and "unknown model 't2t_vit_15'" in result.stderr
+
+
+def test_fidelity_benchmark_runs_ours_on_its_own_data(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "fidelity.py"), "--which=ours", "--seeds=0",
+         "--epochs=2", "--train_per_class=4", "--val_per_class=2", "--image_size=32",
+         "--batch_size=8", f"--data_dir={tmp_path / 'records'}"],
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(ROOT)),
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "seed 0 keras-t2t top-1" in result.stdout
+    assert "ours      mean" in result.stdout and "official" not in result.stdout.split("AdamW")[1]
+    manifest = json.loads((tmp_path / "records" / "manifest-validation.json").read_text())
+    assert manifest["records"] == 20
