@@ -12,6 +12,19 @@ import pytest  # noqa: E402
 DATA = pathlib.Path(__file__).parent / "data"
 GOLDEN = json.loads((DATA / "MANIFEST.json").read_text())
 TINY_ARCH = dict(embed_dim=64, depth=2, num_heads=2, mlp_ratio=2.0)
+# The start of a `python -c` script in which torch cannot be imported, as where it is absent.
+WITHOUT_TORCH = """
+import sys
+
+
+class NoTorch:  # any import of torch now fails, as where it is not installed
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "torch":
+            raise ModuleNotFoundError(f"No module named {name!r}")
+
+
+sys.meta_path.insert(0, NoTorch())
+"""
 
 
 @pytest.fixture(autouse=True)

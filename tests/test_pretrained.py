@@ -14,7 +14,7 @@ import threading
 
 import numpy as np
 import pytest
-from conftest import DATA, GOLDEN, register_tiny_releases
+from conftest import DATA, GOLDEN, WITHOUT_TORCH, register_tiny_releases
 
 import keras_t2t
 from keras_t2t import models, pretrained
@@ -252,18 +252,7 @@ def test_damaged_cached_conversion_is_made_again(mirror, keras_home, monkeypatch
     assert converted.stat().st_size > 1000
 
 
-NO_TORCH = """
-import sys
-
-
-class NoTorch:  # any import of torch now fails, as where it is not installed
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] == "torch":
-            raise ModuleNotFoundError(f"No module named {name!r}")
-
-
-sys.meta_path.insert(0, NoTorch())
-import numpy as np
+NO_TORCH = WITHOUT_TORCH + """import numpy as np
 from conftest import register_tiny_releases
 import keras_t2t
 register_tiny_releases()

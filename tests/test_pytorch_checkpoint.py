@@ -8,7 +8,7 @@ import re
 
 import numpy as np
 import pytest
-from conftest import DATA
+from conftest import DATA, WITHOUT_TORCH
 
 from keras_t2t import pytorch_checkpoint
 
@@ -118,18 +118,7 @@ def test_truncated_and_garbage_files(tmp_path, fmt):
         pytorch_checkpoint.load(str(path))
 
 
-NO_TORCH = """
-import sys
-
-
-class NoTorch:  # any import of torch now fails, as where it is not installed
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] == "torch":
-            raise ModuleNotFoundError(f"No module named {name!r}")
-
-
-sys.meta_path.insert(0, NoTorch())
-import numpy as np
+NO_TORCH = WITHOUT_TORCH + """import numpy as np
 from conftest import tiny_model
 io = np.load(sys.argv[2])
 model = tiny_model(sys.argv[3], weights=sys.argv[1], input_shape=None,
@@ -159,7 +148,7 @@ def test_converter_without_torch_skips_only_the_official_comparison(tmp_path):
     import subprocess
     import sys
 
-    script = NO_TORCH.split("import numpy")[0] + (
+    script = WITHOUT_TORCH + (
         "from keras_t2t import convert\nsys.exit(convert.main(sys.argv[1:]))\n"
     )
     root = pathlib.Path(__file__).resolve().parents[1]
