@@ -28,7 +28,8 @@ setup(
         "tfds": ["tensorflow-datasets>=4.9"],
         "tflite": ["ai-edge-litert>=2.0"],
         "serving": ["tensorflow-serving-api>=2.20"],
-        "test": ["pytest>=8", "ruff>=0.6"],
+        "viz": ["matplotlib>=3.7"],
+        "test": ["pytest>=8", "ruff>=0.6", "matplotlib>=3.7"],
     },
     entry_points={"console_scripts": ["keras-t2t-convert=keras_t2t.convert:main"]},
     classifiers=[

@@ -47,6 +47,7 @@ from keras_t2t.models import (  # noqa: E402
     create_model,
     feature_maps_model,
     list_models,
+    pyramid_model,
 )
 
 __version__ = "0.1.0"
@@ -70,4 +71,5 @@ __all__ = [
     "layers",
     "list_models",
     "preprocess_input",
+    "pyramid_model",
 ]

@@ -355,15 +355,25 @@ class TokenPerformer(keras.layers.Layer):
         half_norm = 0.5 * ops.sum(u * u, axis=-1, keepdims=True)
         return ops.exp(wtu - half_norm) * (self.FEATURE_SCALE / math.sqrt(self.num_features))
 
-    def call(self, inputs, training=None):
+    def _kernel(self, inputs):
+        """(phi(q), phi(k), v, normalizer + epsilon), phi in float32 and scaled."""
         k, q, v = ops.split(self.kqv(self.norm1(inputs)), 3, axis=-1)
         kp = self._feature_map(ops.cast(k, "float32"))  # (B, T, m)
         qp = self._feature_map(ops.cast(q, "float32"))  # (B, T, m)
-        v32 = ops.cast(v, "float32")
         denominator = ops.matmul(qp, ops.sum(kp, axis=1)[:, :, None])  # (B, T, 1)
-        kptv = ops.matmul(ops.transpose(kp, (0, 2, 1)), v32)  # (B, m, token_dim)
-        epsilon = self.epsilon * self.FEATURE_SCALE**2
-        y = ops.matmul(qp, kptv) / (denominator + epsilon)  # (B, T, token_dim)
+        return qp, kp, v, denominator + self.epsilon * self.FEATURE_SCALE**2
+
+    def attention_weights(self, inputs):
+        """The kernel attention made explicit, `(batch, T, T)`: phi(q) phi(k)^T divided by the
+        layer's normalizer, so that `y = A v` and rows sum to 1 (less the epsilon).
+        For inspection (`keras_t2t.explain`); the layer itself never forms this matrix."""
+        qp, kp, _, denominator = self._kernel(inputs)
+        return ops.matmul(qp, ops.transpose(kp, (0, 2, 1))) / denominator
+
+    def call(self, inputs, training=None):
+        qp, kp, v, denominator = self._kernel(inputs)
+        kptv = ops.matmul(ops.transpose(kp, (0, 2, 1)), ops.cast(v, "float32"))  # (B, m, D)
+        y = ops.matmul(qp, kptv) / denominator  # (B, T, token_dim)
         y = ops.cast(y, self.compute_dtype)
         x = v + self.proj_dropout(self.proj(y), training=training)
         return x + self.mlp(self.norm2(x), training=training)
@@ -415,10 +425,17 @@ class TokenTransformer(keras.layers.Layer):
     def compute_output_shape(self, input_shape):
         return (*input_shape[:-1], self.token_dim)
 
-    def call(self, inputs, training=None):
+    def _attention(self, inputs):
         q, k, v = ops.split(self.qkv(self.norm1(inputs)), 3, axis=-1)
-        y = ops.matmul(_softmax(ops.matmul(q * self.scale, ops.transpose(k, (0, 2, 1)))), v)
-        x = v + self.proj(y)
+        return _softmax(ops.matmul(q * self.scale, ops.transpose(k, (0, 2, 1)))), v
+
+    def attention_weights(self, inputs):
+        """The softmax attention, `(batch, T, T)` (for `keras_t2t.explain`)."""
+        return self._attention(inputs)[0]
+
+    def call(self, inputs, training=None):
+        attention, v = self._attention(inputs)
+        x = v + self.proj(ops.matmul(attention, v))
         return x + self.mlp(self.norm2(x), training=training)
 
     def get_config(self):
@@ -543,14 +560,21 @@ class MultiHeadSelfAttention(keras.layers.Layer):
     def compute_output_shape(self, input_shape):
         return input_shape
 
-    def call(self, inputs, training=None):
-        tokens, dim = inputs.shape[1], inputs.shape[2]
+    def _attention(self, inputs):
         # One transpose to (3, batch, heads, tokens, head_dim), plain batched matmuls, one
         # transpose back: faster on CPU than `ops.dot_product_attention`'s einsums. The scale
         # is applied to q (cheaper than to the logits; exact for the power-of-two 0.125).
-        qkv = ops.reshape(self.qkv(inputs), (-1, tokens, 3, self.num_heads, self.head_dim))
+        qkv = ops.reshape(self.qkv(inputs), (-1, inputs.shape[1], 3, self.num_heads, self.head_dim))
         q, k, v = ops.unstack(ops.transpose(qkv, (2, 0, 3, 1, 4)), 3, axis=0)
-        attention = _softmax(ops.matmul(q * self.scale, ops.transpose(k, (0, 1, 3, 2))))
+        return _softmax(ops.matmul(q * self.scale, ops.transpose(k, (0, 1, 3, 2)))), v
+
+    def attention_weights(self, inputs):
+        """The softmax attention, `(batch, heads, T, T)` (for `keras_t2t.explain`)."""
+        return self._attention(inputs)[0]
+
+    def call(self, inputs, training=None):
+        tokens, dim = inputs.shape[1], inputs.shape[2]
+        attention, v = self._attention(inputs)
         y = ops.transpose(ops.matmul(attention, v), (0, 2, 1, 3))  # (B, T, heads, head_dim)
         y = self.proj(ops.reshape(y, (-1, tokens, dim)))
         return self.proj_dropout(y, training=training)

@@ -312,6 +312,26 @@ def feature_maps_model(model):
     )
 
 
+def pyramid_model(model):
+    """A backbone for detection and segmentation heads: a model that returns a dict of
+    feature maps by level, in the style of KerasHub's `pyramid_outputs`.
+
+    `"P2"` stride 4 `(side/4, side/4, 64)` and `"P3"` stride 8 `(side/8, side/8, 64)`: the
+    two T2T maps; `"P4"` stride 16 `(side/16, side/16, embed_dim)`: the final-norm patch
+    tokens as a map; `"P5"` stride 32: P4 max-pooled 2x2 (as ViTDet makes its coarser
+    levels). Every level is a 4-D NHWC map, ready for an FPN. Shares its weights with
+    `model` (built with or without its head).
+    """
+    features = feature_maps_model(model)
+    maps = features.output
+    p5 = keras.layers.MaxPooling2D(2, padding="same", name="p5_pool")(maps["tokens"])
+    return keras.Model(
+        features.input,
+        {"P2": maps["t2t_1"], "P3": maps["t2t_2"], "P4": maps["tokens"], "P5": p5},
+        name=f"{model.name}_pyramid",
+    )
+
+
 @keras.saving.register_keras_serializable(package="keras_t2t")
 class TokenPatches(keras.layers.Layer):
     """Drops the class token: `(batch, 1 + tokens, dim)` -> `(batch, tokens, dim)`."""

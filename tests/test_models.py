@@ -222,3 +222,41 @@ def test_xla_forward_and_train_step(tokens_type):
     np.testing.assert_allclose(np.asarray(forward(x)), np.asarray(model(x)), atol=1e-5)
     losses = _fit_steps(model, jit_compile=True)
     assert np.all(np.isfinite(losses))
+
+
+def _fpn_segmenter(pyramid, classes, width=32):
+    """The README's FPN head: laterals 1x1, top-down upsampling, logits at full size."""
+    inputs = keras.Input(pyramid.input.shape[1:])
+    levels = pyramid(inputs)
+    x = keras.layers.Conv2D(width, 1)(levels["P5"])
+    for name in ("P4", "P3", "P2"):
+        x = keras.layers.UpSampling2D(2)(x) + keras.layers.Conv2D(width, 1)(levels[name])
+    x = keras.layers.Conv2D(classes, 3, padding="same")(x)
+    return keras.Model(inputs, keras.layers.UpSampling2D(4, interpolation="bilinear")(x))
+
+
+def test_pyramid_model_feeds_an_fpn_segmentation_head():
+    backbone = keras_t2t.T2TViT7(include_top=False, input_shape=(64, 64, 3))
+    pyramid = keras_t2t.pyramid_model(backbone)
+    shapes = {k: tuple(v.shape[1:]) for k, v in pyramid.output.items()}
+    assert shapes == {"P2": (16, 16, 64), "P3": (8, 8, 64), "P4": (4, 4, 256), "P5": (2, 2, 256)}
+    images = np.random.default_rng(0).uniform(0, 255, (2, 64, 64, 3)).astype("float32")
+    levels = pyramid(images)
+    maps = keras_t2t.feature_maps_model(backbone)(images)
+    np.testing.assert_allclose(levels["P4"], maps["tokens"], atol=1e-6)
+    np.testing.assert_allclose(levels["P5"][:, 0, 0], np.max(maps["tokens"][:, :2, :2], (1, 2)))
+    # A segmentation head on the pyramid trains: the mask of the bright square.
+    segmenter = _fpn_segmenter(pyramid, 2)
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0, 100, (16, 64, 64, 3)).astype("float32")
+    masks = np.zeros((16, 64, 64), "int32")
+    for i, (top, left) in enumerate(rng.integers(0, 40, (16, 2))):
+        images[i, top : top + 24, left : left + 24] += 150
+        masks[i, top : top + 24, left : left + 24] = 1
+    segmenter.compile(
+        keras.optimizers.Adam(1e-3),
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    history = segmenter.fit(images, masks, batch_size=8, epochs=6, verbose=0).history["loss"]
+    assert segmenter.output_shape == (None, 64, 64, 2)
+    assert history[-1] < 0.7 * history[0], history

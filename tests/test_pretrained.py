@@ -252,7 +252,9 @@ def test_damaged_cached_conversion_is_made_again(mirror, keras_home, monkeypatch
     assert converted.stat().st_size > 1000
 
 
-NO_TORCH = WITHOUT_TORCH + """import numpy as np
+NO_TORCH = (
+    WITHOUT_TORCH
+    + """import numpy as np
 from conftest import register_tiny_releases
 import keras_t2t
 register_tiny_releases()
@@ -263,6 +265,7 @@ logits = np.asarray(model(io["images_nchw"].transpose(0, 2, 3, 1)))
 assert "torch" not in sys.modules
 print("max abs diff", float(np.abs(logits - io["logits"]).max()))
 """
+)
 
 
 def test_imagenet_weights_without_torch_then_offline(mirror, tmp_path):

@@ -118,7 +118,9 @@ def test_truncated_and_garbage_files(tmp_path, fmt):
         pytorch_checkpoint.load(str(path))
 
 
-NO_TORCH = WITHOUT_TORCH + """import numpy as np
+NO_TORCH = (
+    WITHOUT_TORCH
+    + """import numpy as np
 from conftest import tiny_model
 io = np.load(sys.argv[2])
 model = tiny_model(sys.argv[3], weights=sys.argv[1], input_shape=None,
@@ -127,6 +129,7 @@ logits = np.asarray(model(io["images_nchw"].transpose(0, 2, 3, 1)))
 assert "torch" not in sys.modules
 print("max abs diff", float(np.abs(logits - io["logits"]).max()))
 """
+)
 
 
 def test_official_weights_load_without_torch(golden):

@@ -1,0 +1,295 @@
+"""What T2T-ViT looks at: attention maps, attention rollout to pixels, the T2T feature maps.
+
+    python -m keras_t2t.explain photo.jpg --model=t2t_vit_7 --weights=imagenet --output=DIR
+
+The model is not changed: these functions run its layers one by one, eagerly, and ask each
+attention layer for its weights (`attention_weights`), so a normal model carries no extra
+outputs and pays nothing.
+
+>>> import numpy as np, keras_t2t
+>>> from keras_t2t import explain
+>>> model = keras_t2t.T2TViT7(input_shape=(32, 32, 3), classes=10)
+>>> images = np.zeros((1, 32, 32, 3), "float32")
+>>> {k: v.shape for k, v in explain.attention_maps(model, images).items()}["t2t_1"]
+(1, 64, 64)
+>>> explain.attention_rollout(model, images).shape
+(1, 32, 32)
+"""
+
+import argparse
+import os
+import sys
+
+import numpy as np
+
+# The soft splits of the T2T module: (kernel, stride, padding), as in layers.T2TModule.
+SOFT_SPLITS = ((7, 4, 2), (3, 2, 1), (3, 2, 1))
+
+
+def _blocks(model):
+    blocks = []
+    while True:
+        try:
+            blocks.append(model.get_layer(f"blocks_{len(blocks)}"))
+        except ValueError:
+            return blocks
+
+
+def _forward(model, images, collect):
+    """Runs `model` layer by layer up to the final norm; `collect(name, layer, inputs)` sees
+    the input of every attention layer. Returns the T2T maps and the final tokens."""
+    x = np.asarray(images, "float32")
+    if any(layer.name == "preprocessing" for layer in model.layers):
+        x = model.get_layer("preprocessing")(x)
+    t2t = model.get_layer("tokens_to_token")
+    split = t2t.soft_split0(x)
+    collect("t2t_1", t2t.attention1, split)
+    map1 = t2t.restructure(t2t.attention1(split))
+    split = t2t.soft_split1(map1)
+    collect("t2t_2", t2t.attention2, split)
+    map2 = t2t.restructure(t2t.attention2(split))
+    x = t2t.project(t2t.soft_split2(map2))
+    x = model.get_layer("pos_embed")(model.get_layer("cls_token")(x))
+    for i, block in enumerate(_blocks(model)):
+        collect(f"block_{i}", block.attn, block.norm1(x))
+        x = block(x)
+    return map1, map2, model.get_layer("norm")(x)
+
+
+def attention_maps(model, images):
+    """The attention of every layer, as NumPy arrays, for images as `model` takes them.
+
+    Returns a dict: `"t2t_1"` and `"t2t_2"`, `(batch, T, T)`, the attention of the two T2T
+    layers over their soft-split tokens (the transformer T2T layer's softmax; the performer's
+    kernel attention made explicit, phi(q) phi(k)^T over its normalizer, rows summing to 1);
+    `"block_0"` ... `"block_{depth-1}"`, `(batch, heads, 1 + N, 1 + N)`, the backbone's
+    softmax attention (token 0 is the class token). Equal to the official code's (tested).
+    """
+    maps = {}
+    _forward(model, images, lambda name, layer, x: maps.__setitem__(
+        name, np.asarray(layer.attention_weights(x), "float32")))  # fmt: skip
+    return maps
+
+
+def spread(relevance, kernel, stride, padding, size):
+    """Carries relevance on the tokens of a soft split back to its input grid.
+
+    `relevance` `(batch, out, out)`: each token's value is spread evenly over the pixels of its
+    `kernel` x `kernel` window (the windows overlap; padding pixels are dropped). The
+    transpose of the unfold with uniform weights. Returns `(batch, size, size)`.
+    """
+    batch, out = relevance.shape[0], relevance.shape[1]
+    padded = np.zeros((batch, size + 2 * padding + kernel, size + 2 * padding + kernel))
+    share = relevance / (kernel * kernel)
+    for di in range(kernel):
+        for dj in range(kernel):
+            padded[:, di : di + stride * out : stride, dj : dj + stride * out : stride] += share
+    return padded[:, padding : padding + size, padding : padding + size]
+
+
+def _with_residual(attention):
+    """Identity mixing (Abnar & Zuidema): A' = (A + I) / 2, rows renormalized."""
+    mixed = 0.5 * attention + 0.5 * np.eye(attention.shape[-1])
+    return mixed / mixed.sum(-1, keepdims=True)
+
+
+def _mix(attention, relevance):
+    """Relevance over a layer's outputs -> over its inputs: r_in = r_out A'."""
+    return np.einsum("bt,bts->bs", relevance, _with_residual(attention))
+
+
+def attention_rollout(model, images, maps=None):
+    """One relevance map per image at the input resolution, `(batch, H, W)`, non-negative.
+
+    Method: attention rollout (Abnar & Zuidema, 2020) through the backbone, then back through
+    the T2T module:
+    1. Backbone: each block's attention, averaged over heads, is mixed with the identity (the
+       residual), A' = (A + I) / 2 with rows renormalized, and the blocks are multiplied from
+       the last to the first. The class token's row gives a weight to each patch token.
+    2. The patch tokens are the windows of the third soft split (3x3, stride 2, padding 1)
+       over the second T2T map: each token's weight is spread evenly over its window (`spread`,
+       the transpose of the unfold); overlapping windows add up.
+    3. The second T2T layer mixes its tokens (one per position of that map) with its
+       attention and a residual (its "v" shortcut): the same identity mixing carries the
+       weights to its input tokens, which are the windows of the second soft split (3x3,
+       stride 2) over the first T2T map, spread the same way.
+    4. Likewise through the first T2T layer and its soft split (7x7, stride 4, padding 2)
+       onto the image pixels.
+    Maps already computed by `attention_maps` can be passed as `maps`.
+    """
+    maps = attention_maps(model, images) if maps is None else maps
+    size = model.input_shape[1]
+    blocks = sorted((k for k in maps if k.startswith("block_")), key=lambda k: int(k[6:]))
+    rollout = None
+    for name in blocks:
+        mixed = _with_residual(maps[name].mean(axis=1))
+        rollout = mixed if rollout is None else np.einsum("bij,bjk->bik", mixed, rollout)
+    relevance = rollout[:, 0, 1:]  # the class token's weight on each patch token
+    sides = [size // 4, size // 8, size // 16]
+    relevance = relevance.reshape(-1, sides[2], sides[2])
+    relevance = spread(relevance, *SOFT_SPLITS[2], sides[1])  # onto the second T2T map
+    relevance = _mix(maps["t2t_2"], relevance.reshape(len(relevance), -1))
+    relevance = spread(relevance.reshape(-1, sides[1], sides[1]), *SOFT_SPLITS[1], sides[0])
+    relevance = _mix(maps["t2t_1"], relevance.reshape(len(relevance), -1))
+    relevance = spread(relevance.reshape(-1, sides[0], sides[0]), *SOFT_SPLITS[0], size)
+    return np.maximum(relevance, 0.0).astype("float32")
+
+
+def feature_maps(model, images):
+    """The T2T maps and the token grid as NumPy arrays, for pictures as the paper's Fig. 2:
+    `"t2t_1"` `(batch, H/4, W/4, 64)`, `"t2t_2"` `(batch, H/8, W/8, 64)`, `"tokens"`
+    `(batch, H/16, W/16, embed_dim)` (the final-norm patch tokens)."""
+    map1, map2, tokens = _forward(model, images, lambda *_: None)
+    side = model.input_shape[1] // 16
+    tokens = np.asarray(tokens)[:, 1:]
+    return {
+        "t2t_1": np.asarray(map1),
+        "t2t_2": np.asarray(map2),
+        "tokens": tokens.reshape(len(tokens), side, side, -1),
+    }
+
+
+# --- command line ---------------------------------------------------------------------------
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ImportError(
+            "The pictures of keras_t2t.explain need matplotlib: pip install keras-t2t[viz] "
+            "(or pip install matplotlib). attention_maps, attention_rollout and feature_maps "
+            "work without it."
+        ) from None
+    return plt
+
+
+def _load_image(path, size, crop_pct):
+    import tensorflow as tf
+
+    from keras_t2t.imagenet import resize_and_center_crop
+
+    try:
+        image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+    except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError) as error:
+        raise ValueError(
+            f"{path!r} is not a readable image file ({error.message.strip()})."
+        ) from None
+    return resize_and_center_crop(image, size, crop_pct).numpy()
+
+
+def _grid(maps, columns=8):
+    """The first channels of a `(h, w, c)` map as one tiled image, each channel normalized."""
+    h, w, c = maps.shape
+    count = min(c, columns * 4)
+    rows = -(-count // columns)
+    tiles = np.ones((rows * (h + 1), columns * (w + 1))) * np.nan
+    for i in range(count):
+        channel = maps[..., i]
+        low, high = channel.min(), channel.max()
+        r, col = divmod(i, columns)
+        tiles[r * (h + 1) : r * (h + 1) + h, col * (w + 1) : col * (w + 1) + w] = (
+            (channel - low) / (high - low) if high > low else 0.0
+        )
+    return tiles
+
+
+def write_pictures(model, image, name, output, top=None):
+    """Writes `<name>_rollout.png` (the image with the rollout over it) and
+    `<name>_t2t_maps.png` (channels of both T2T maps, as the paper's Fig. 2); returns paths."""
+    plt = _pyplot()
+    batch = image[None].astype("float32")
+    rollout = attention_rollout(model, batch)[0]
+    maps = feature_maps(model, batch)
+    paths = []
+    figure, axes = plt.subplots(1, 2, figsize=(8, 4.4))
+    axes[0].imshow(image.astype("uint8"))
+    axes[0].set_title("input")
+    axes[1].imshow(image.astype("uint8"))
+    axes[1].imshow(rollout / max(rollout.max(), 1e-12), cmap="jet", alpha=0.5)
+    axes[1].set_title("attention rollout")
+    if top:
+        figure.suptitle(" | ".join(top), fontsize=8)
+    for axis in axes:
+        axis.axis("off")
+    paths.append(os.path.join(output, f"{name}_rollout.png"))
+    figure.savefig(paths[-1], dpi=100, bbox_inches="tight")
+    plt.close(figure)
+    figure, axes = plt.subplots(1, 2, figsize=(12, 6.4))
+    for axis, key, stride in zip(axes, ("t2t_1", "t2t_2"), (4, 8)):
+        axis.imshow(_grid(maps[key][0]), cmap="viridis")
+        axis.set_title(f"T2T map {key[-1]} (stride {stride}), 32 of 64 channels")
+        axis.axis("off")
+    paths.append(os.path.join(output, f"{name}_t2t_maps.png"))
+    figure.savefig(paths[-1], dpi=100, bbox_inches="tight")
+    plt.close(figure)
+    return paths
+
+
+def _top5(model, image):
+    probabilities = np.asarray(model(image[None].astype("float32")))[0]
+    if probabilities.min() < 0 or abs(probabilities.sum() - 1) > 1e-3:
+        probabilities = np.exp(probabilities - probabilities.max())
+        probabilities /= probabilities.sum()
+    best = np.argsort(-probabilities)[:5]
+    if len(probabilities) == 1000:
+        try:
+            from keras_t2t.imagenet import decode_predictions
+
+            return [f"{n} {p:.2f}" for _, n, p in decode_predictions(probabilities[None])[0]]
+        except Exception:  # the class names are downloaded by Keras; without network, ids
+            pass
+    return [f"class {i} {probabilities[i]:.2f}" for i in best]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="python -m keras_t2t.explain",
+        description="Writes attention-rollout and T2T feature-map pictures (PNG) per image.",
+    )
+    parser.add_argument("images", nargs="+", help="JPEG/PNG/... files")
+    parser.add_argument("--model", help="variant, e.g. t2t_vit_7 (default: the run's)")
+    parser.add_argument(
+        "--weights", help="imagenet, a .pth.tar / .weights.h5 file or a run's --model_dir"
+    )
+    parser.add_argument("--image_size", type=int, help="default: that of the weights, or 224")
+    parser.add_argument("--crop_pct", type=float, help="default: as the weights were evaluated")
+    parser.add_argument("--output", required=True, help="folder for the PNG files")
+    args = parser.parse_args(argv)
+    try:
+        plt = _pyplot()
+        del plt
+        import keras_t2t
+        from keras_t2t import export
+        from keras_t2t import weights as weights_lib
+
+        name, size, classes = weights_lib.run_architecture(
+            args.weights, args.model, args.image_size
+        )
+        if name is None:
+            raise ValueError("--model is required (unless --weights is a run's --model_dir).")
+        shape = None if size is None else (size, size, 3)
+        model = keras_t2t.create_model(
+            name, weights=args.weights, input_shape=shape, classes=classes
+        )
+        crop_pct = args.crop_pct or export.serving_crop_pct(model, args.weights)
+        os.makedirs(args.output, exist_ok=True)
+        for path in args.images:
+            image = _load_image(path, model.input_shape[1], crop_pct)
+            stem = os.path.splitext(os.path.basename(path))[0]
+            top = _top5(model, image) if args.weights else None
+            for written in write_pictures(model, image, stem, args.output, top):
+                print(written)
+            if top:
+                print(f"{path}: {', '.join(top)}")
+    except (ValueError, ImportError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

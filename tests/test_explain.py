@@ -1,0 +1,150 @@
+"""keras_t2t.explain: attention maps against the official code, rollout, feature maps, CLI."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import WITHOUT_TORCH, tiny_model
+
+import keras_t2t
+from keras_t2t import explain, reference
+from keras_t2t import weights as weights_lib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _golden_model(golden, **kwargs):
+    return tiny_model(
+        golden["tokens_type"], weights=golden["checkpoint"], include_preprocessing=False,
+        classifier_activation=None, **kwargs,
+    )  # fmt: skip
+
+
+@pytest.mark.torch
+def test_attention_maps_equal_the_officials(golden):
+    pytest.importorskip("torch")
+    official = {}
+    logits = reference.official_logits(
+        weights_lib.read_official_checkpoint(golden["checkpoint"]), golden["images_nchw"], 2,
+        attention=official,
+    ).detach().numpy()  # fmt: skip
+    np.testing.assert_allclose(logits, golden["logits"], atol=1e-4)  # the reference is official
+    ours = explain.attention_maps(_golden_model(golden), golden["images"])
+    assert sorted(ours) == sorted(official) == ["block_0", "block_1", "t2t_1", "t2t_2"]
+    assert ours["t2t_1"].shape == (4, 256, 256) and ours["block_0"].shape == (4, 2, 17, 17)
+    for name, attention in official.items():
+        np.testing.assert_allclose(ours[name], attention.detach().numpy(), atol=1e-5, err_msg=name)
+
+
+def test_attention_maps_leave_the_model_as_it_was():
+    model = keras_t2t.T2TViT7(input_shape=(48, 48, 3), classes=5)
+    outputs = len(model.outputs)
+    images = np.random.default_rng(0).uniform(0, 255, (2, 48, 48, 3)).astype("float32")
+    maps = explain.attention_maps(model, images)  # any input size (a multiple of 16)
+    assert maps["t2t_1"].shape == (2, 144, 144) and maps["t2t_2"].shape == (2, 36, 36)
+    assert maps["block_6"].shape == (2, 4, 10, 10) and len(model.outputs) == outputs
+    np.testing.assert_allclose(maps["block_3"].sum(-1), 1.0, rtol=1e-5)
+    # Made explicit, the performer's kernel attention is a distribution too (the golden
+    # weights, scaled up, sit where the 1e-8 of the normalizer dominates; these do not).
+    for name in ("t2t_1", "t2t_2"):
+        np.testing.assert_allclose(maps[name].sum(-1), 1.0, atol=1e-4)
+
+
+def test_rollout_has_the_image_size_and_follows_the_attention():
+    model = keras_t2t.T2TViT7(input_shape=(64, 64, 3), classes=5)
+    images = np.random.default_rng(0).uniform(0, 255, (2, 64, 64, 3)).astype("float32")
+    rollout = explain.attention_rollout(model, images)
+    assert rollout.shape == (2, 64, 64) and np.all(np.isfinite(rollout)) and rollout.min() >= 0
+
+    # Constructed: every backbone block's class token attends to patch token 5 alone (row 1,
+    # column 1 of the 4x4 grid); the T2T layers attend to themselves.
+    maps = explain.attention_maps(model, images)
+    for name in maps:
+        if name.startswith("block_"):
+            attention = np.zeros_like(maps[name])
+            attention[..., :, :] = np.eye(attention.shape[-1])
+            attention[..., 0, :] = 0.0
+            attention[..., 0, 1 + 5] = 1.0
+            maps[name] = attention
+        else:
+            maps[name] = np.broadcast_to(np.eye(maps[name].shape[-1]), maps[name].shape).copy()
+    focused = explain.attention_rollout(model, images, maps=maps)[0]
+    # Token (1, 1) of the stride-16 grid is the window around position 2 of the stride-8
+    # map, around position 4 of the stride-4 map, whose 7x7 window covers pixels 14..20:
+    # the relevance is centred on pixel 17 and covers nothing far from it.
+    grid = np.arange(64)
+    total = focused.sum()
+    centroid = (focused.sum(1) @ grid / total, focused.sum(0) @ grid / total)
+    assert centroid == pytest.approx((17.0, 17.0), abs=0.5)
+    assert focused[40:].sum() == 0 and focused[:, 40:].sum() == 0
+    row, column = np.unravel_index(np.argmax(focused), focused.shape)
+    assert 8 <= row <= 26 and 8 <= column <= 26, (row, column)
+
+
+def test_spread_is_the_transpose_of_the_unfold():
+    """<spread(r), x> equals <r, unfold-mean(x)> for any r and x: the adjoint."""
+    import tensorflow as tf
+
+    from keras_t2t.layers import SoftSplit
+
+    rng = np.random.default_rng(0)
+    for kernel, stride, padding in explain.SOFT_SPLITS:
+        size = 16
+        x = rng.standard_normal((1, size, size, 1)).astype("float32")
+        windows = np.asarray(SoftSplit(kernel, stride, padding)(tf.constant(x)))  # (1, T, k*k)
+        out = int(np.sqrt(windows.shape[1]))
+        r = rng.standard_normal((1, out, out))
+        lhs = float(np.sum(explain.spread(r, kernel, stride, padding, size) * x[..., 0]))
+        rhs = float(np.sum(r.reshape(1, -1) * windows.mean(-1)))
+        assert lhs == pytest.approx(rhs, rel=1e-5)
+
+
+def test_feature_maps_are_the_feature_model_s():
+    model = keras_t2t.T2TViT7(input_shape=(32, 32, 3), classes=5)
+    images = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    ours = explain.feature_maps(model, images)
+    expected = keras_t2t.feature_maps_model(model)(images)
+    for key, shape in (("t2t_1", (2, 8, 8, 64)), ("t2t_2", (2, 4, 4, 64)),
+                       ("tokens", (2, 2, 2, 256))):  # fmt: skip
+        assert ours[key].shape == shape
+        np.testing.assert_allclose(ours[key], np.asarray(expected[key]), atol=1e-5)
+
+
+def _photo(path, seed=0):
+    import tensorflow as tf
+
+    image = np.random.default_rng(seed).integers(0, 256, (50, 70, 3), dtype=np.uint8)
+    path.write_bytes(tf.io.encode_jpeg(image).numpy())
+    return path
+
+
+def test_cli_writes_pictures(tmp_path):
+    pytest.importorskip("matplotlib")
+    photo = _photo(tmp_path / "photo.jpg")
+    weights = tmp_path / "t2t_vit_7.weights.h5"
+    keras_t2t.T2TViT7(input_shape=(32, 32, 3), classes=10).save_weights(weights)
+    code = explain.main([str(photo), "--model=t2t_vit_7", f"--weights={weights}",
+                         "--image_size=32", f"--output={tmp_path / 'out'}"])  # fmt: skip
+    assert code == 0
+    written = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert written == ["photo_rollout.png", "photo_t2t_maps.png"]
+    for name in written:
+        assert (tmp_path / "out" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert explain.main(["missing.jpg", "--model=t2t_vit_7", f"--output={tmp_path}"]) == 2
+
+
+def test_cli_without_matplotlib_says_how_to_install_it(tmp_path):
+    script = WITHOUT_TORCH.replace('"torch"', '"matplotlib"') + (
+        "from keras_t2t import explain\nsys.exit(explain.main(sys.argv[1:]))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(_photo(tmp_path / "p.jpg")), "--model=t2t_vit_7",
+         f"--output={tmp_path}"],
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(ROOT)),
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "pip install keras-t2t[viz]" in result.stderr and "Traceback" not in result.stderr
