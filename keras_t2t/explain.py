@@ -262,19 +262,10 @@ def main(argv=None):
     try:
         plt = _pyplot()
         del plt
-        import keras_t2t
         from keras_t2t import export
-        from keras_t2t import weights as weights_lib
+        from keras_t2t.models import model_for_command_line
 
-        name, size, classes = weights_lib.run_architecture(
-            args.weights, args.model, args.image_size
-        )
-        if name is None:
-            raise ValueError("--model is required (unless --weights is a run's --model_dir).")
-        shape = None if size is None else (size, size, 3)
-        model = keras_t2t.create_model(
-            name, weights=args.weights, input_shape=shape, classes=classes
-        )
+        model = model_for_command_line(args.model, args.weights, args.image_size)
         crop_pct = args.crop_pct or export.serving_crop_pct(model, args.weights)
         os.makedirs(args.output, exist_ok=True)
         for path in args.images:

@@ -358,6 +358,18 @@ def create_model(name, **kwargs):
     return T2TViT(**MODEL_CONFIGS[key], **kwargs)
 
 
+def model_for_command_line(model=None, weights=None, image_size=None, classes=None):
+    """The model that a command line's `--model`, `--weights`, `--image_size` and `--classes`
+    name; those left out come from the training run when `--weights` is its model_dir."""
+    from keras_t2t import weights as weights_lib
+
+    name, size, classes = weights_lib.run_architecture(weights, model, image_size, classes)
+    if name is None:
+        raise ValueError("--model is required (unless --weights is a run's --model_dir).")
+    shape = None if size is None else (size, size, 3)
+    return create_model(name, weights=weights, input_shape=shape, classes=classes)
+
+
 BASE_DOCSTRING = """Instantiates the {title} model (Yuan et al., "Tokens-to-Token ViT", ICCV 2021).
 
     {description} ImageNet top-1 of the released weights: {top1}%.

@@ -84,9 +84,8 @@ def main(argv=None):
 
     import tensorflow as tf
 
-    import keras_t2t
     from keras_t2t import export
-    from keras_t2t import weights as weights_lib
+    from keras_t2t.models import model_for_command_line
 
     formats = [f.strip() for f in args.format.split(",") if f.strip()]
     try:
@@ -97,15 +96,7 @@ def main(argv=None):
                 raise ValueError(
                     f"Unknown --format {fmt!r}; choose from {', '.join(export.FORMATS)}."
                 )
-        name, size, classes = weights_lib.run_architecture(
-            args.weights, args.model, args.image_size, args.classes
-        )
-        if name is None:
-            raise ValueError("--model is required (unless --weights is a run's --model_dir).")
-        shape = None if size is None else (size, size, 3)
-        model = keras_t2t.create_model(
-            name, weights=args.weights, input_shape=shape, classes=classes
-        )
+        model = model_for_command_line(args.model, args.weights, args.image_size, args.classes)
         crop_pct = args.crop_pct or export.serving_crop_pct(model, args.weights)
         samples = None
         if args.representative_data:
