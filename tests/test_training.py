@@ -838,3 +838,33 @@ def test_flags_take_their_defaults_from_the_recipe(tmp_path):
     assert config.aug.cutmix_alpha == finetune["aug"].cutmix_alpha
     defaults = trainer.Config()
     assert (config.batch_size, config.image_size) == (defaults.batch_size, defaults.image_size)
+
+
+def test_only_input_pipeline_errors_become_bad_data(tiny_records, tmp_path, monkeypatch):
+    """An InvalidArgumentError from the model's side (an XLA or TPU compilation failure, a
+    shape error) keeps its type and message: it is not blamed on the TFRecords."""
+    failure = tf.errors.InvalidArgumentError(
+        None, None, "XLA compilation failed: Unsupported op in the cluster [Op:train_loop]"
+    )
+
+    def failing_loop(self):
+        def loop(iterator, steps):
+            raise failure
+
+        return loop
+
+    def failing_evaluation(model, dataset, strategy):
+        raise failure
+
+    with monkeypatch.context() as patch:
+        patch.setattr(trainer, "evaluate_model", failing_evaluation)
+        with pytest.raises(tf.errors.InvalidArgumentError, match="XLA compilation failed"):
+            _run_config(tiny_records, tmp_path / "run_eval", epochs=1, warmup_epochs=0)
+    monkeypatch.setattr(trainer.Trainer, "_build_train_loop", failing_loop)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="XLA compilation failed"):
+        _run_config(tiny_records, tmp_path / "run", mode="train")
+    # What the input pipeline raises still becomes a one-line "Bad data" message.
+    assert trainer.is_data_error(tf.errors.DataLossError(None, None, "corrupted record at 12"))
+    decoding = "Unknown image file format\n [[while/body/_1/while/IteratorGetNext]]"
+    assert trainer.is_data_error(tf.errors.InvalidArgumentError(None, None, decoding))
+    assert not trainer.is_data_error(failure)

@@ -85,6 +85,8 @@ def evaluate(
     try:
         return trainer.evaluate_model(net, dataset, strategy)
     except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as error:
+        if not trainer.is_data_error(error):
+            raise
         raise trainer.TrainingError(trainer._data_error_message(error)) from None
 
 

@@ -654,6 +654,8 @@ class Trainer:
         try:
             return evaluate_model(self.model, self._eval_dataset(), self.strategy)
         except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as error:
+            if not is_data_error(error):
+                raise
             raise self._bad_data(error, "validation") from None
         finally:
             if ema:
@@ -686,6 +688,8 @@ class Trainer:
                 try:
                     train_loop(iterator, tf.constant(steps))
                 except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as error:
+                    if not is_data_error(error):
+                        raise
                     raise self._bad_data(error, "train") from None
                 loss = float(self.loss_sum.read_value().numpy()) / steps
                 self.loss_sum.assign(0.0)
@@ -951,6 +955,23 @@ def _first_line(error):
 def _duration(seconds):
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+# Where TF says an error came from the input pipeline: the iterator op of the step, or the
+# tf.data iterator chain ("Iterator::Root::Prefetch::...").
+_INPUT_PIPELINE_MARKERS = ("IteratorGetNext", "Iterator::", "MultiDeviceIterator")
+
+
+def is_data_error(error):
+    """Whether an error raised by a step comes from reading, parsing or decoding the data.
+
+    Only those become "Bad data" messages; anything else (an XLA or TPU compilation failure,
+    a shape error in the model) keeps its own type, message and traceback.
+    """
+    if isinstance(error, tf.errors.DataLossError):
+        return True
+    text = getattr(error, "message", None) or str(error)
+    return any(marker in text for marker in _INPUT_PIPELINE_MARKERS)
 
 
 def _data_error_message(error):
