@@ -20,20 +20,13 @@ if __package__ in (None, ""):
 
 from absl import app, flags
 
-from training import data as data_lib  # noqa: F401  (its errors are caught in main)
+from training import data as data_lib
+from training import trainer as _trainer
 
 FLAGS = flags.FLAGS
-
-
-def _defaults():
-    """The defaults, defined once in training.trainer: `Config` and the recipes."""
-    from training import trainer
-
-    return trainer, trainer.Config(), {name: trainer.recipe("t2t_vit_14", name)
-                                       for name in trainer.RECIPES}  # fmt: skip
-
-
-_trainer, _C, _R = _defaults()
+# The defaults are defined once, in training.trainer: `Config` and the recipes.
+_C = _trainer.Config()
+_R = {name: _trainer.recipe("t2t_vit_14", name) for name in _trainer.RECIPES}
 
 
 def _recipe_help(text, field, aug=False):
