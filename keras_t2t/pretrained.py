@@ -154,13 +154,12 @@ def url(release):
 def cache_dir():
     """Keras' cache folder for our files, as `keras.utils.get_file` chooses it."""
     base = os.path.expanduser(os.environ.get("KERAS_HOME") or os.path.join("~", ".keras"))
+    try:
+        os.makedirs(base, exist_ok=True)
+    except OSError:
+        pass
     if not os.access(base, os.W_OK):
-        try:
-            os.makedirs(base, exist_ok=True)
-        except OSError:
-            base = os.path.join("/tmp", ".keras")
-        if not os.access(base, os.W_OK):
-            base = os.path.join("/tmp", ".keras")
+        base = os.path.join("/tmp", ".keras")
     return os.path.join(base, CACHE_SUBDIR)
 
 

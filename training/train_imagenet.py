@@ -179,11 +179,6 @@ def config_from_flags():
         values["strategy"] = "tpu"
     if values["model_dir"] is None:
         values["model_dir"] = os.path.join("runs", values["model"])
-    if values["model"] not in _trainer.keras_t2t.MODEL_CONFIGS:
-        raise trainer.TrainingError(
-            f"Unknown --model {values['model']!r}. "
-            f"Known variants: {', '.join(_trainer.keras_t2t.list_models())}."
-        )
     aug = trainer.recipe(values["model"], values["recipe"])["aug"]
     given = {field: values.pop(flag) for flag, field in AUG_FLAGS.items()}
     aug = dataclasses.replace(aug, **{k: v for k, v in given.items() if v is not None})
