@@ -590,6 +590,15 @@ class MultiHeadSelfAttention(keras.layers.Layer):
         return config
 
 
+def _replica():
+    """(replicas in sync, this replica's id) inside a `tf.distribute` replica context, else
+    (1, 0)."""
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return 1, 0
+    return context.num_replicas_in_sync, context.replica_id_in_sync_group
+
+
 @_register
 class StochasticDepth(keras.layers.Layer):
     """Drop the whole residual branch per sample with probability `rate` while training.
@@ -607,8 +616,14 @@ class StochasticDepth(keras.layers.Layer):
         if not training or self.rate == 0.0:
             return inputs
         keep = 1.0 - self.rate
-        shape = (ops.shape(inputs)[0],) + (1,) * (len(inputs.shape) - 1)
-        mask = ops.floor(keep + keras.random.uniform(shape, seed=self.seed_generator))
+        batch = ops.shape(inputs)[0]
+        shape = (batch,) + (1,) * (len(inputs.shape) - 1)
+        replicas, replica = _replica()
+        # Under a tf.distribute strategy the seed state is the same on every replica: draw a
+        # row per replica and keep this replica's, so that replicas drop different samples.
+        uniform = keras.random.uniform((replicas, batch), seed=self.seed_generator)
+        uniform = ops.reshape(ops.take(uniform, replica, axis=0), shape)
+        mask = ops.floor(keep + uniform)
         return inputs / ops.cast(keep, inputs.dtype) * ops.cast(mask, inputs.dtype)
 
     def compute_output_shape(self, input_shape):

@@ -4,11 +4,14 @@ Sources: TFRecords in the layout written by the TPU ImageNet converter (`train-0
 `validation-00000-of-00128`, in one folder or in `train/` and `validation/` subfolders, local
 or `gs://`), with features `image/encoded` and `image/class/label`; or TFDS `imagenet2012`.
 
-Training: random resized crop (scale 0.08-1, ratio 3/4-4/3), flip, RandAugment per image,
-random erasing, label smoothing, then mixup / cutmix per batch. Evaluation: resize the short
-side to `image_size / crop_pct` (bicubic), center crop, as the official evaluation. Images
-leave the pipeline as float32 RGB in [0, 255] (the models normalize inside), labels as
-one-hot (training) or integer (evaluation) class indices. Batches have static shapes.
+Training: random resized crop (scale 0.08-1, ratio 3/4-4/3; a JPEG is decoded as its crop
+only), flip, RandAugment and random erasing per image (`training/augment.py`, timm's, from a
+per-image seed), label smoothing, then mixup / cutmix per batch (Keras core).
+
+Evaluation: resize the short side to `image_size / crop_pct` (bicubic), center crop, as the
+official evaluation. Images leave the pipeline as float32 (or bfloat16) RGB in [0, 255] (the
+models normalize inside; erased boxes hold unclipped noise), labels as one-hot (training) or
+integer (evaluation) class indices. Batches have static shapes.
 """
 
 import concurrent.futures
@@ -23,6 +26,7 @@ import time
 import tensorflow as tf
 
 from keras_t2t.imagenet import resize_and_center_crop
+from training import augment
 
 AUTOTUNE = tf.data.AUTOTUNE
 SPLITS = {"train": "train", "validation": "validation"}
@@ -44,7 +48,8 @@ class Augmentation:
     crop_scale_min: float = 0.08
     hflip: bool = True
     randaugment_ops: int = 2
-    randaugment_magnitude: float = 0.9  # timm's m9 of 10; its mstd 0.5 becomes +-0.05
+    randaugment_magnitude: float = 9.0  # timm's rand-m9-mstd0.5-inc1, on its 0-10 scale
+    randaugment_magnitude_std: float = 0.5
     mixup_alpha: float = 0.8
     cutmix_alpha: float = 1.0
     mix_switch_prob: float = 0.5
@@ -123,25 +128,50 @@ def decode(encoded):
     return tf.io.decode_image(encoded, channels=3, expand_animations=False)
 
 
-def random_resized_crop(image, image_size, scale_min, seed=None):
-    """Inception-style crop: area in [scale_min, 1], aspect ratio in [3/4, 4/3], bicubic."""
-    begin, size, _ = tf.image.sample_distorted_bounding_box(
-        tf.shape(image),
+def _crop_window(shape, scale_min, seed):
+    """(begin, size) of an Inception-style crop of an image of `shape`: area in
+    [scale_min, 1] of the image, aspect ratio in [3/4, 4/3] (`seed`: shape (2,))."""
+    begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        shape,
         bounding_boxes=tf.zeros((1, 0, 4)),
+        seed=seed,
         min_object_covered=0.0,
         aspect_ratio_range=(3.0 / 4.0, 4.0 / 3.0),
         area_range=(scale_min, 1.0),
         max_attempts=10,
         use_image_if_no_bounding_boxes=True,
-        seed=seed or 0,
     )
-    crop = tf.slice(image, begin, size)
+    return begin, size
+
+
+def random_resized_crop(image, image_size, scale_min, seed):
+    """Random-resized crop of encoded bytes (JPEG: only the crop is decoded, with
+    `decode_and_crop_jpeg`; PNG and others: decoded whole) or of a decoded uint8 image,
+    resized bicubic to `image_size` and rounded to integers, as timm's PIL crop gives."""
+    if image.dtype == tf.string:
+
+        def jpeg():
+            begin, size = _crop_window(tf.image.extract_jpeg_shape(image), scale_min, seed)
+            window = tf.stack([begin[0], begin[1], size[0], size[1]])
+            return tf.io.decode_and_crop_jpeg(image, window, channels=3)
+
+        def other():
+            decoded = decode(image)
+            begin, size = _crop_window(tf.shape(decoded), scale_min, seed)
+            return tf.slice(decoded, begin, size)
+
+        crop = tf.cond(tf.io.is_jpeg(image), jpeg, other)
+    else:
+        begin, size = _crop_window(tf.shape(image), scale_min, seed)
+        crop = tf.slice(image, begin, size)
     resized = tf.image.resize(crop, (image_size, image_size), method="bicubic")
-    return tf.ensure_shape(tf.clip_by_value(resized, 0.0, 255.0), (image_size, image_size, 3))
+    resized = tf.round(tf.clip_by_value(resized, 0.0, 255.0))
+    return tf.ensure_shape(resized, (image_size, image_size, 3))
 
 
 class Augmenter:
-    """Per-image and per-batch training augmentation with Keras core layers."""
+    """The training augmentation: per image (`image`, stateless, from a per-image seed) and
+    per batch (`batch`: Keras core's MixUp and CutMix)."""
 
     def __init__(self, aug, image_size, num_classes, seed=None):
         import keras
@@ -150,25 +180,13 @@ class Augmenter:
         self.image_size = image_size
         self.num_classes = num_classes
         self.randaugment = (
-            keras.layers.RandAugment(
-                value_range=(0, 255),
-                num_ops=aug.randaugment_ops,
-                factor=(
-                    aug.randaugment_magnitude - 0.05,
-                    min(aug.randaugment_magnitude + 0.05, 1.0),
-                ),
-                seed=seed,
+            augment.RandAugment(
+                aug.randaugment_ops, aug.randaugment_magnitude, aug.randaugment_magnitude_std
             )
             if aug.randaugment_ops
             else None
         )
-        self.erasing = (
-            keras.layers.RandomErasing(
-                factor=(aug.random_erasing, aug.random_erasing), value_range=(0, 255), seed=seed
-            )
-            if aug.random_erasing
-            else None
-        )
+        self.mix_seed = None if seed is None else seed + 1
         self.mixup = (
             keras.layers.MixUp(alpha=aug.mixup_alpha, seed=seed) if aug.mixup_alpha else None
         )
@@ -176,15 +194,19 @@ class Augmenter:
             keras.layers.CutMix(factor=aug.cutmix_alpha, seed=seed) if aug.cutmix_alpha else None
         )
 
-    def image(self, image, label):
+    def image(self, image, label, seed=None):
+        """`image`: encoded bytes or a uint8 image; `seed` (shape (2,)): the image's draws."""
         aug = self.aug
-        image = random_resized_crop(tf.cast(image, tf.float32), self.image_size, aug.crop_scale_min)
+        if seed is None:
+            seed = tf.random.uniform((2,), 0, 2**31 - 1, tf.int64)
+        crop_seed, flip_seed, randaugment_seed, erasing_seed = augment._split(seed, 4)
+        image = random_resized_crop(image, self.image_size, aug.crop_scale_min, crop_seed)
         if aug.hflip:
-            image = tf.image.random_flip_left_right(image)
+            image = tf.image.stateless_random_flip_left_right(image, flip_seed)
         if self.randaugment is not None:
-            image = tf.clip_by_value(self.randaugment(image, training=True), 0.0, 255.0)
-        if self.erasing is not None:
-            image = self.erasing(image, training=True)
+            image = self.randaugment(image, randaugment_seed)
+        if aug.random_erasing:
+            image = augment.random_erasing(image, erasing_seed, aug.random_erasing)
         target = tf.one_hot(label, self.num_classes)
         if aug.label_smoothing:
             target = target * (1.0 - aug.label_smoothing) + aug.label_smoothing / self.num_classes
@@ -194,7 +216,7 @@ class Augmenter:
         data = {"images": images, "labels": targets}
         if self.mixup is not None and self.cutmix is not None:
             data = tf.cond(
-                tf.random.uniform(()) < self.aug.mix_switch_prob,
+                tf.random.uniform((), seed=self.mix_seed) < self.aug.mix_switch_prob,
                 lambda: self.cutmix(data, training=True),
                 lambda: self.mixup(data, training=True),
             )
@@ -206,10 +228,12 @@ class Augmenter:
 
 
 def _examples(
-    source, input_context, shuffle, seed, num_classes, label_offset, skip_bad_records=None
-):
+    source, input_context, shuffle, seed, num_classes, label_offset, skip_bad_records=None,
+    decode_images=True,
+):  # fmt: skip
     # Element order follows the dataset options (`deterministic`), set by the callers.
-    """`(uint8 image, label)` pairs from a list of TFRecord files or a TFDS dataset.
+    """`(uint8 image, label)` pairs from a list of TFRecord files or a TFDS dataset; with
+    `decode_images=False`, `(encoded bytes, label)` from TFRecords (decoded later, cropped).
 
     `skip_bad_records`: None fails on the first bad record (the fast path); a dict
     `{shard: records}` (from `check_shards`) skips records that cannot be read, parsed or
@@ -254,9 +278,17 @@ def _examples(
 
     def parse(serialized):
         encoded, label = parse_record(serialized, num_classes, label_offset)
-        return decode(encoded), label
+        return (decode(encoded) if decode_images else encoded), label
 
     return dataset.map(parse, num_parallel_calls=AUTOTUNE)
+
+
+def pipeline_seed(seed, input_context=None):
+    """The seed of one input pipeline: `seed` for pipeline 0 (and a single host), a different
+    one for each other pipeline; None stays None (unseeded)."""
+    if seed is None or input_context is None:
+        return seed
+    return (int(seed) + 1_000_003 * input_context.input_pipeline_id) % 2**31
 
 
 def train_dataset(
@@ -271,22 +303,44 @@ def train_dataset(
     shuffle_buffer=10_000,
     deterministic=False,
     skip_bad_records=None,
+    image_dtype=tf.float32,
 ):
-    """Infinite training batches `(images [B, S, S, 3] float32, one-hot targets [B, C])`.
+    """Infinite training batches `(images [B, S, S, 3], one-hot targets [B, C])`, the images
+    in `image_dtype` (bfloat16 halves what goes to the device: it holds integer pixels
+    exactly, and rounds mixed and erased ones to its 8 significant bits).
 
     `source` is a list of TFRecord files or a TFDS dataset (`tfds_dataset`). `batch_size` is
     per input pipeline (the per-replica batch times the replicas this pipeline feeds).
     `skip_bad_records`: see `_examples`.
+
+    `seed` is folded with the input pipeline's id (`pipeline_seed`), so that every host draws
+    its own crops, RandAugment ops and mixing, reproducibly.
     """
+    seed = pipeline_seed(seed, input_context)
     augmenter = Augmenter(aug, image_size, num_classes, seed=seed)
+    # The shuffle buffer holds encoded JPEGs (about 110 kB each on ImageNet), not decoded
+    # images; each is decoded as its crop only (`random_resized_crop`).
     dataset = _examples(
-        source, input_context, True, seed, num_classes, label_offset, skip_bad_records
-    )
+        source, input_context, True, seed, num_classes, label_offset, skip_bad_records,
+        decode_images=False,
+    )  # fmt: skip
     dataset = dataset.shuffle(shuffle_buffer, seed=seed).repeat()
-    dataset = dataset.map(augmenter.image, num_parallel_calls=AUTOTUNE)
+    # One seed per image, in stream order: the stateless augmentation then gives the same
+    # images whatever the order in which the parallel map runs.
+    seeds = tf.data.Dataset.random(seed=seed).batch(2, drop_remainder=True)
+    dataset = tf.data.Dataset.zip(dataset, seeds).map(
+        lambda example, image_seed: augmenter.image(*example, image_seed),
+        num_parallel_calls=AUTOTUNE,
+    )
     dataset = dataset.batch(batch_size, drop_remainder=True)
     if augmenter.mixup is not None or augmenter.cutmix is not None:
-        dataset = dataset.map(augmenter.batch, num_parallel_calls=AUTOTUNE)
+        # Keras' layers draw from a stateful generator: one batch at a time when the run
+        # must be reproducible (the per-batch work is small beside the per-image work).
+        dataset = dataset.map(
+            augmenter.batch, num_parallel_calls=None if deterministic else AUTOTUNE
+        )
+    if image_dtype != tf.float32:
+        dataset = dataset.map(lambda images, targets: (tf.cast(images, image_dtype), targets))
     options = tf.data.Options()
     options.deterministic = deterministic
     return dataset.with_options(options).prefetch(AUTOTUNE)
@@ -301,10 +355,13 @@ def eval_dataset(
     label_offset=1,
     input_context=None,
     skip_bad_records=None,
+    num_batches=None,
 ):
     """Evaluation batches `(images, labels, mask)`: one pass over every record, in order.
 
     The last batch is padded to `batch_size` (static shapes for TPU); `mask` is 0 on padding.
+    `num_batches` (see `eval_batches`): pad with whole batches of padding up to that many, so
+    that every input pipeline gives the same number of batches.
     """
     dataset = _examples(
         source, input_context, False, None, num_classes, label_offset, skip_bad_records
@@ -315,11 +372,32 @@ def eval_dataset(
     )
     pad = tf.data.Dataset.from_tensors(
         (tf.zeros((image_size, image_size, 3)), tf.constant(0, tf.int32), 0.0)
-    ).repeat(batch_size - 1)
-    dataset = dataset.concatenate(pad).batch(batch_size, drop_remainder=True)
+    )
+    if num_batches is None:
+        dataset = dataset.concatenate(pad.repeat(batch_size - 1))
+        dataset = dataset.batch(batch_size, drop_remainder=True)
+    else:
+        dataset = dataset.concatenate(pad.repeat()).batch(batch_size).take(num_batches)
     options = tf.data.Options()
     options.deterministic = True
     return dataset.with_options(options).prefetch(AUTOTUNE)
+
+
+def eval_batches(examples, num_pipelines, batch_size, replicas_per_pipeline=1):
+    """The number of evaluation batches each of `num_pipelines` input pipelines gives: enough
+    for the fullest pipeline, rounded up to a multiple of the replicas a pipeline feeds.
+
+    `examples`: `{shard: records}` (files are sharded over pipelines as `_examples` does,
+    shard `i` to pipeline `i % num_pipelines`), or the total count (sharded example by
+    example, as TFDS is).
+    """
+    if isinstance(examples, dict):
+        counts = list(examples.values())
+        most = max(sum(counts[i::num_pipelines]) for i in range(num_pipelines))
+    else:
+        most = -(-int(examples) // num_pipelines)
+    step = batch_size * replicas_per_pipeline
+    return max(-(-most // step), 1) * replicas_per_pipeline
 
 
 def tfds_dataset(split, data_dir=None):

@@ -119,6 +119,7 @@ AUG_FLAGS = {  # flag -> Augmentation field
     "hflip": "hflip",
     "randaugment_ops": "randaugment_ops",
     "randaugment_magnitude": "randaugment_magnitude",
+    "randaugment_magnitude_std": "randaugment_magnitude_std",
     "mixup": "mixup_alpha",
     "cutmix": "cutmix_alpha",
     "label_smoothing": "label_smoothing",
@@ -134,7 +135,14 @@ flags.DEFINE_integer(
 flags.DEFINE_float(
     "randaugment_magnitude",
     None,
-    _recipe_help("RandAugment strength in [0, 1]", "randaugment_magnitude", True),
+    _recipe_help("RandAugment magnitude in [0, 10] (timm's m)", "randaugment_magnitude", True),
+)
+flags.DEFINE_float(
+    "randaugment_magnitude_std",
+    None,
+    _recipe_help(
+        "Std of the per-op RandAugment magnitude (timm's mstd)", "randaugment_magnitude_std", True
+    ),
 )
 flags.DEFINE_float("mixup", None, _recipe_help("Mixup alpha (0: off)", "mixup_alpha", True))
 flags.DEFINE_float("cutmix", None, _recipe_help("CutMix alpha (0: off)", "cutmix_alpha", True))

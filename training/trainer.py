@@ -267,11 +267,15 @@ class ExponentialMovingAverage(tf.Module):
         super().__init__(name="ema")
         self.decay = decay
         self.sources = list(variables)
+        # One copy per replica, each updated from its own (identical) weights with no
+        # communication: a mirrored average would cost a merge_call and a broadcast of the
+        # whole model every step. Reads (checkpoints, evaluation) take the first replica's.
         self.averages = [
             tf.Variable(
                 v.value,
                 trainable=False,
                 name=f"ema_{i}",
+                synchronization=tf.VariableSynchronization.ON_READ,
                 aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
             )
             for i, v in enumerate(self.sources)
@@ -285,16 +289,19 @@ class ExponentialMovingAverage(tf.Module):
         return tf.minimum(tf.cast(self.decay, tf.float32), (1.0 + step) / (10.0 + step))
 
     def update(self, step):
+        """Called in the replica context of the train step: updates this replica's copy."""
         decay = self.decay_at(step)
         for average, source in zip(self.averages, self.sources):
             value = tf.cast(source.value, average.dtype)
             average.assign(decay * average + (1.0 - decay) * value)
 
+    @tf.function
     def swap(self):
-        """Exchanges the model weights and the averages (call twice to undo)."""
-        for average, source in zip(self.averages, self.sources):
-            current = tf.identity(source.value)
-            source.assign(average)
+        """Exchanges the model weights and the averages (call twice to undo), in one graph."""
+        currents = [tf.identity(source.value) for source in self.sources]
+        averages = [tf.identity(average) for average in self.averages]
+        for average, source, current, value in zip(self.averages, self.sources, currents, averages):
+            source.assign(value)
             average.assign(current)
 
 
@@ -352,6 +359,27 @@ class AdamW(keras.optimizers.AdamW):
         self.assign_sub(variable, ops.divide(ops.multiply(m, lr / (1 - beta_1_power)), denominator))
 
 
+class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
+    """Keras' dynamic loss scaling, with the overflow check agreed by all replicas.
+
+    Keras checks the gradients of replica 0 alone, before they are summed: an inf on another
+    replica then enters the update (NaN weights), and under MultiWorkerMirroredStrategy the
+    workers can take different branches and hang in the next collective. Here every replica
+    all-reduces its finite flag first; when any replica overflowed, every replica's
+    gradients are made NaN, so every replica (replica 0 included) skips the step and halves
+    the scale.
+    """
+
+    def apply(self, grads, trainable_variables=None):
+        context = tf.distribute.get_replica_context()
+        if context is not None and context.num_replicas_in_sync > 1:
+            overflowed = tf.cast(tf.logical_not(self.check_finite(grads)), tf.float32)
+            overflowed = context.all_reduce(tf.distribute.ReduceOp.SUM, overflowed)
+            poison = tf.where(overflowed > 0, float("nan"), 1.0)
+            grads = [g if g is None else g * tf.cast(poison, g.dtype) for g in grads]
+        return super().apply(grads, trainable_variables)
+
+
 def build_optimizer(config, steps_per_epoch, model):
     peak = config.learning_rate * config.batch_size / 512.0
     warmup = config.warmup_epochs * steps_per_epoch
@@ -372,7 +400,7 @@ def build_optimizer(config, steps_per_epoch, model):
     )
     optimizer.exclude_from_weight_decay(var_list=no_weight_decay(model))
     if config.mixed_precision == "float16":
-        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+        optimizer = LossScaleOptimizer(optimizer)
     optimizer.build(model.trainable_variables)
     return optimizer, schedule
 
@@ -474,6 +502,7 @@ class Trainer:
         self.manager = self._checkpoint_manager(checkpoint_dir)
         self.preempted = False
         self._exported_step = None
+        self._eval_step = None
 
     # --- checkpoints ----------------------------------------------------------------------
 
@@ -600,6 +629,8 @@ class Trainer:
                 seed=seed,
                 deterministic=config.deterministic_data,
                 skip_bad_records=self._skip("train"),
+                # bfloat16 runs take bfloat16 images: half the bytes to the device.
+                image_dtype=tf.bfloat16 if config.mixed_precision == "bfloat16" else tf.float32,
             )
 
         return iter(self.strategy.distribute_datasets_from_function(dataset_fn))
@@ -608,15 +639,25 @@ class Trainer:
         config = self.config
 
         def dataset_fn(context):
+            batch_size = context.get_per_replica_batch_size(self.eval_batch_size)
+            # Every input pipeline (host) gives the same number of batches, a multiple of the
+            # replicas it feeds: with static shapes (TPU) a host that ran out first would end
+            # the pass early on the others, or hang them.
             return data_lib.eval_dataset(
                 self.eval_source,
-                context.get_per_replica_batch_size(self.eval_batch_size),
+                batch_size,
                 config.image_size,
                 config.num_classes,
                 crop_pct=config.crop_pct,
                 label_offset=config.label_offset,
                 input_context=context,
                 skip_bad_records=self._skip("validation"),
+                num_batches=data_lib.eval_batches(
+                    self.shards.get("validation") or self.eval_examples,
+                    context.num_input_pipelines,
+                    batch_size,
+                    context.num_replicas_in_sync // context.num_input_pipelines,
+                ),
             )
 
         return self.strategy.distribute_datasets_from_function(dataset_fn)
@@ -643,11 +684,18 @@ class Trainer:
     # --- evaluation -----------------------------------------------------------------------
 
     def evaluate(self, ema=False):
-        """top1, top5, loss over the validation set (of the EMA weights with `ema=True`)."""
+        """top1, top5, loss over the validation set (of the EMA weights with `ema=True`).
+
+        The step function is built once per run (the raw and EMA passes share it), and the
+        number of examples evaluated is checked against the validation set's."""
+        if self._eval_step is None:
+            self._eval_step = make_eval_step(self.model, self.strategy)
         if ema:
             self.ema.swap()
         try:
-            return evaluate_model(self.model, self._eval_dataset(), self.strategy)
+            results = evaluate_model(
+                self.model, self._eval_dataset(), self.strategy, step_fn=self._eval_step
+            )
         except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as error:
             if not is_data_error(error):
                 raise
@@ -655,6 +703,25 @@ class Trainer:
         finally:
             if ema:
                 self.ema.swap()
+        self._check_count(results["examples"])
+        return results
+
+    def _check_count(self, evaluated):
+        expected = self.eval_examples
+        if evaluated == expected:
+            return
+        message = (
+            f"The evaluation saw {evaluated:,} examples, but the validation set holds {expected:,}"
+        )
+        if self.config.skip_bad_records and evaluated < expected:
+            logger.warning("%s: --skip_bad_records left out the other %d.", message,
+                           expected - evaluated)  # fmt: skip
+            return
+        raise TrainingError(
+            f"{message}: the accuracy would be over the wrong set. The validation files "
+            f"changed during the run, or their record counts are wrong; check them (or "
+            f"rebuild them with training/build_tfrecords.py) and run again. Checkpoints are kept."
+        )
 
     def evaluate_both(self):
         raw, averaged = self.evaluate(), self.evaluate(ema=True)
@@ -807,8 +874,8 @@ class Trainer:
         )  # fmt: skip
 
 
-def evaluate_model(model, dataset, strategy):
-    """top1, top5, mean loss and count over a distributed `(images, labels, mask)` dataset."""
+def make_eval_step(model, strategy):
+    """The evaluation step: one `tf.function`, traced once, for every evaluation of a run."""
 
     @tf.function
     def eval_step(images, labels, mask):
@@ -827,9 +894,17 @@ def evaluate_model(model, dataset, strategy):
         sums = strategy.run(replica, args=(images, labels, mask))
         return strategy.reduce(tf.distribute.ReduceOp.SUM, sums, axis=None)
 
+    return eval_step
+
+
+def evaluate_model(model, dataset, strategy, step_fn=None):
+    """top1, top5, mean loss and count over a distributed `(images, labels, mask)` dataset.
+
+    `step_fn`: from `make_eval_step` (made here when None)."""
+    step_fn = step_fn or make_eval_step(model, strategy)
     totals = np.zeros(4)
     for images, labels, mask in dataset:  # data errors go to the caller, which names them
-        totals += np.asarray(eval_step(images, labels, mask))
+        totals += np.asarray(step_fn(images, labels, mask))
     count = max(totals[3], 1.0)
     return dict(
         loss=totals[0] / count,

@@ -1,0 +1,134 @@
+"""Checks that need two replicas, in a fresh process with two logical CPU devices (TF's
+device list is fixed at its first use). Prints one JSON object; `tests/test_distributed.py`
+reads it. Usage: python tests/_two_replicas.py"""
+
+import json
+import os
+import sys
+
+import numpy as np
+import tensorflow as tf
+
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import keras  # noqa: E402
+
+from keras_t2t import layers  # noqa: E402
+from training import trainer  # noqa: E402
+
+STRATEGY = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+
+
+def per_replica(function, *args):
+    """`function(replica_id, *args)` on each replica; its results as numpy, one per replica."""
+
+    @tf.function
+    def run():
+        def replica_fn():
+            replica = tf.distribute.get_replica_context().replica_id_in_sync_group
+            return function(replica, *args)
+
+        return STRATEGY.run(replica_fn)
+
+    return [
+        tf.nest.map_structure(lambda t: t.numpy().tolist(), value)
+        for value in STRATEGY.experimental_local_results(run())
+    ]
+
+
+def loss_scale_overflow_on_one_replica():
+    """Float16 loss scaling: an inf in replica 1's gradients only."""
+    with STRATEGY.scope():
+        variable = keras.Variable(np.ones(4, np.float32), name="w")
+        optimizer = trainer.LossScaleOptimizer(keras.optimizers.SGD(0.1))
+        optimizer.build([variable])
+    scale = float(optimizer.dynamic_scale.numpy())
+
+    def step(replica, inf_on):
+        overflow = tf.equal(replica, inf_on) & tf.equal(tf.range(4), 2)
+        gradient = tf.where(overflow, np.inf, scale)  # scaled gradients of 1 (or inf)
+        optimizer.apply_gradients([(gradient, variable)])
+        return tf.identity(variable.value)
+
+    overflow = per_replica(step, 1)  # replica 1 overflows: skipped everywhere
+    after_overflow = float(optimizer.dynamic_scale.numpy())
+    finite = per_replica(step, 5)  # no replica overflows: a normal step
+    return dict(
+        overflow_weights=overflow,
+        scale_before=scale,
+        scale_after_overflow=after_overflow,
+        finite_weights=finite,
+    )
+
+
+def drop_path_masks():
+    """The samples StochasticDepth keeps on each replica, twice from the same seed."""
+    runs = []
+    for _ in range(2):
+        with STRATEGY.scope():
+            layer = layers.StochasticDepth(0.5, seed=7)
+
+        def masks(replica, layer=layer):
+            return layer(tf.ones((32, 3, 2)), training=True)[:, 0, 0] > 0
+
+        runs.append(per_replica(masks))
+    return runs
+
+
+def ema_per_replica():
+    """Three EMA updates under two replicas, against the same on one device (numpy), and the
+    merge_calls the update makes (each one is a cross-replica synchronization)."""
+    with STRATEGY.scope():
+        weights = keras.Variable(np.arange(6, dtype=np.float32).reshape(2, 3), name="w")
+        ema = trainer.ExponentialMovingAverage([weights], decay=0.5)
+        step = tf.Variable(0, dtype=tf.int64)
+    calls = []
+    merge_call = tf.distribute.ReplicaContext.merge_call
+
+    def counting(self, *args, **kwargs):
+        calls.append(1)
+        return merge_call(self, *args, **kwargs)
+
+    @tf.function
+    def update(values):
+        def replica_fn(values):
+            weights.assign(values)
+            ema.update(step)
+
+        STRATEGY.run(replica_fn, args=(values,))
+
+    expected = np.arange(6, dtype=np.float32).reshape(2, 3)
+    tf.distribute.ReplicaContext.merge_call = counting
+    try:
+        for i in range(3):
+            values = np.full((2, 3), 10.0 * (i + 1), np.float32)
+            update(tf.constant(values))
+            decay = min(0.5, 1.0 / 10.0)  # decay_at(0): the warmed-up decay
+            expected = decay * expected + (1 - decay) * values
+    finally:
+        tf.distribute.ReplicaContext.merge_call = merge_call
+    replica_copies = [v.numpy().tolist() for v in STRATEGY.experimental_local_results(
+        ema.averages[0])]  # fmt: skip
+    before = weights.numpy().copy()
+    ema.swap()
+    swapped = weights.numpy().tolist()
+    ema.swap()
+    return dict(
+        ema=np.asarray(ema.averages[0].read_value()).tolist(),
+        expected=expected.tolist(),
+        replica_copies=replica_copies,
+        merge_calls=len(calls),
+        swapped=swapped,
+        restored=bool(np.array_equal(weights.numpy(), before)),
+    )
+
+
+if __name__ == "__main__":
+    results = dict(
+        loss_scale=loss_scale_overflow_on_one_replica(),
+        drop_path=drop_path_masks(),
+        ema=ema_per_replica(),
+    )
+    print("RESULTS " + json.dumps(results), flush=True)

@@ -1,0 +1,128 @@
+"""Correctness with more than one replica (issue #10): loss-scale overflow on one replica,
+per-replica drop-path masks, the per-replica EMA, per-pipeline input seeds and equal
+evaluation batches on every host. The replica checks run in one fresh process with two
+logical CPU devices (`tests/_two_replicas.py`)."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from training import build_tfrecords, data
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def two_replicas():
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(ROOT))
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "_two_replicas.py")],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    lines = [line for line in result.stdout.splitlines() if line.startswith("RESULTS ")]
+    assert result.returncode == 0 and lines, result.stdout[-3000:] + result.stderr[-3000:]
+    return json.loads(lines[0][len("RESULTS ") :])
+
+
+def test_float16_overflow_on_one_replica_skips_the_step_on_all(two_replicas):
+    # Keras checks replica 0 alone: the inf of replica 1 entered the sum (NaN weights).
+    result = two_replicas["loss_scale"]
+    for weights in result["overflow_weights"]:
+        np.testing.assert_array_equal(weights, [1.0] * 4)  # skipped, on both replicas
+    assert result["scale_after_overflow"] == result["scale_before"] / 2
+    # The next, finite step is applied: both replicas' unscaled gradients (2 each, at the
+    # old scale over the halved one) summed, times the learning rate 0.1.
+    for weights in result["finite_weights"]:
+        np.testing.assert_allclose(weights, [1.0 - 0.1 * 4] * 4, rtol=1e-6)
+
+
+def test_replicas_drop_different_samples_reproducibly(two_replicas):
+    first, second = two_replicas["drop_path"]
+    replica0, replica1 = np.array(first[0]), np.array(first[1])
+    assert replica0.shape == (32,)
+    assert (replica0 != replica1).sum() >= 4  # identical masks on every replica before
+    assert 4 <= replica0.sum() <= 28 and 4 <= replica1.sum() <= 28  # rate 0.5
+    assert first == second  # the same seed, the same masks
+
+
+def test_ema_is_per_replica_without_synchronization_and_matches_one_replica(two_replicas):
+    result = two_replicas["ema"]
+    np.testing.assert_allclose(result["ema"], result["expected"], rtol=1e-6)
+    for copy in result["replica_copies"]:
+        np.testing.assert_allclose(copy, result["expected"], rtol=1e-6)
+    # A mirrored average made a merge_call (and a broadcast) per variable per step.
+    assert result["merge_calls"] == 0
+    np.testing.assert_allclose(result["swapped"], result["expected"], rtol=1e-6)
+    assert result["restored"]
+
+
+@pytest.fixture(scope="module")
+def one_shard_twice(tmp_path_factory):
+    """The same shard under two names: two input pipelines then read identical records."""
+    folder = tmp_path_factory.mktemp("same")
+    rng = np.random.default_rng(0)
+    examples = [
+        build_tfrecords.make_example(
+            build_tfrecords.to_jpeg(rng.integers(0, 256, (48, 40, 3), dtype=np.uint8)),
+            1 + i % 3, "c", f"{i}.jpg", 48, 40,
+        )
+        for i in range(24)
+    ]  # fmt: skip
+    build_tfrecords.write_shards(iter(examples), str(folder), "train", 1)
+    first = data.list_files(str(folder), "train")[0]
+    second = first.replace("train-00000-of-00001", "train-00001-of-00002")
+    tf.io.gfile.copy(first, second)
+    return [first, second]
+
+
+def _first_batch(files, pipeline, seed):
+    context = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=pipeline)
+    aug = data.Augmentation(randaugment_ops=2, mixup_alpha=0.0, cutmix_alpha=0.0)
+    dataset = data.train_dataset(
+        files, 8, 32, 3, aug, input_context=context, seed=seed, shuffle_buffer=1,
+        deterministic=True,
+    )  # fmt: skip
+    return next(iter(dataset))[0].numpy()
+
+
+def test_input_pipelines_draw_different_augmentations_reproducibly(one_shard_twice):
+    # Both pipelines read the same records in the same order (shuffle buffer 1, one file
+    # each): only their random crops, flips and RandAugment can differ.
+    a, b = _first_batch(one_shard_twice, 0, seed=3), _first_batch(one_shard_twice, 1, seed=3)
+    assert np.abs(a - b).mean() > 5.0  # identical before: every pipeline had the same seed
+    np.testing.assert_array_equal(a, _first_batch(one_shard_twice, 0, seed=3))
+
+
+def test_every_pipeline_gives_the_same_number_of_evaluation_batches(tmp_path):
+    # Three shards of 5, 9 and 2 records over two hosts: 7 and 9 examples.
+    counts = {"a": 5, "b": 9, "c": 2}
+    assert data.eval_batches(counts, 2, 4) == 3  # ceil(9 / 4)
+    assert data.eval_batches(counts, 2, 4, replicas_per_pipeline=2) == 4  # a multiple of 2
+    assert data.eval_batches(16, 1, 4) == 4 and data.eval_batches(17, 2, 4) == 3  # TFDS
+    rng = np.random.default_rng(1)
+    for name, count in (("x", 5), ("y", 9), ("z", 2)):
+        examples = [
+            build_tfrecords.make_example(
+                build_tfrecords.to_jpeg(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)),
+                1, "c", f"{name}{i}.jpg", 20, 20,
+            )
+            for i in range(count)
+        ]  # fmt: skip
+        build_tfrecords.write_shards(iter(examples), str(tmp_path / name), "validation", 1)
+    files = [data.list_files(str(tmp_path / n), "validation")[0] for n in "xyz"]
+    batches, seen = [], 0
+    for pipeline in range(2):
+        context = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=pipeline)
+        dataset = data.eval_dataset(
+            files, 4, 16, 2, input_context=context, num_batches=3, label_offset=1
+        )
+        masks = [mask.numpy() for _, _, mask in dataset]
+        batches.append(len(masks))
+        seen += int(sum(m.sum() for m in masks))
+    assert batches == [3, 3] and seen == 16
