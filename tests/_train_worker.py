@@ -11,8 +11,12 @@ def main():
     out = sys.argv[2]
     logical_cpus = config.pop("_logical_cpus", 1)
     no_dropout = config.pop("_no_dropout", False)
+    import logging
+
     import numpy as np
     import tensorflow as tf
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # "Resumed from ..."
 
     if logical_cpus > 1:
         cpu = tf.config.list_physical_devices("CPU")[0]

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 
 import numpy as np
 import pytest
@@ -164,41 +165,93 @@ def _free_ports(count):
     return ports
 
 
-def test_two_multi_worker_processes_end_with_identical_weights(tiny_records, tmp_path):
-    ports = _free_ports(2)
-    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
-    config = tiny_config(
-        tiny_records,
-        tmp_path / "run",
-        strategy="multi_worker",
-        seed=5,
-        aug=dict(mixup_alpha=0.8, cutmix_alpha=1.0, randaugment_ops=2),
-    )
+def _start_workers(config, out_dir, count=2, cli=None):
+    """`count` MultiWorkerMirroredStrategy workers on local ports: `_train_worker.py` with
+    `config`, or train_imagenet.py with the arguments `cli`."""
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in _free_ports(count)]}
     processes = []
-    for index in range(2):
+    for index in range(count):
         env = dict(
             ENV,
             TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}),
         )
+        command = cli or [
+            sys.executable, str(WORKER), json.dumps(config), str(out_dir / f"w{index}.npz")
+        ]  # fmt: skip
         processes.append(subprocess.Popen(
-            [sys.executable, str(WORKER), json.dumps(config), str(tmp_path / f"w{index}.npz")],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         ))  # fmt: skip
+    return processes
+
+
+def _finish(processes, timeout=300):
     outputs = []
     for process in processes:
         try:
-            outputs.append(process.communicate(timeout=300)[0])
+            outputs.append(process.communicate(timeout=timeout)[0])
         finally:
             process.kill()
+    return outputs
+
+
+def test_multi_worker_runs_resume_from_the_chiefs_checkpoint(tiny_records, tmp_path):
+    # The first run stops after an epoch (step 3). The second trains to step 6 from the
+    # chief's checkpoint on both workers, although worker 1 kept no checkpoint of its own
+    # (its save failed, or it is a new worker): it restored its own scratch copy before, and
+    # started from step 0 while the chief went on from step 3.
+    config = tiny_config(
+        tiny_records, tmp_path / "run", strategy="multi_worker", seed=5, epochs=1, warmup_epochs=0,
+        aug=dict(mixup_alpha=0.8, cutmix_alpha=1.0, randaugment_ops=2),
+    )  # fmt: skip
+    for output in _finish(_start_workers(config, tmp_path)):
+        assert "REPLICAS 2 STEP 3" in output, output[-3000:]
+    shutil.rmtree(tmp_path / "run" / "workers" / "worker_1" / "checkpoints", ignore_errors=True)
+    config.update(epochs=2)
+    processes = _start_workers(config, tmp_path)
+    outputs = _finish(processes, timeout=180)
     for process, output in zip(processes, outputs):
         assert process.returncode == 0, output[-3000:]
         assert "REPLICAS 2 STEP 6" in output
+        assert "Resumed from" in output and "ckpt-3 at step 3" in output
     a, b = np.load(tmp_path / "w0.npz"), np.load(tmp_path / "w1.npz")
     for key in a.files:
         np.testing.assert_array_equal(a[key], b[key])
-    # Only the chief writes the results; the other worker's checkpoints go to a scratch dir.
+    # Only the chief writes the results and keeps checkpoints; the other worker's copies
+    # are deleted right after each save.
     assert (tmp_path / "run" / "eval_results.json").exists()
-    assert (tmp_path / "run" / "workers" / "worker_1" / "checkpoints").exists()
+    assert _latest_step(tmp_path / "run") == 6
+    assert not (tmp_path / "run" / "workers" / "worker_1" / "checkpoints").exists()
+
+
+def test_sigterm_to_one_worker_stops_both_with_a_checkpoint(tiny_records, tmp_path):
+    # --checkpoint_every=2: the chief's first checkpoint (step 2) says training is under way.
+    args = [
+        "--strategy=multi_worker", "--mode=train", "--epochs=1", "--steps_per_epoch=60",
+        "--steps_per_loop=1", "--warmup_epochs=0", "--checkpoint_every=2",
+    ]  # fmt: skip
+    cli = _cli(args, tmp_path / "run", tiny_records)
+    processes = _start_workers(None, tmp_path, cli=cli)
+    try:
+        _wait_for_checkpoint(tmp_path / "run", processes[0])
+        processes[1].send_signal(signal.SIGTERM)  # not the chief
+        start = time.time()
+        outputs = _finish(processes, timeout=90)
+        stopped = time.time() - start
+    finally:
+        for process in processes:
+            process.kill()
+    for process, output in zip(processes, outputs):
+        # Before: the chief died in the next collective (exit 1), its work since the last
+        # save lost; on a real cluster it could hang.
+        assert process.returncode == 143, output[-3000:]
+    assert stopped < 90
+    steps = {int(s) for o in outputs for s in re.findall(r"stopped by SIGTERM at step (\d+)", o)}
+    assert len(steps) == 1 and _latest_step(tmp_path / "run") == steps.pop() < 60
+    # The same two commands then finish the run (in loops of 20 steps, to be quick).
+    processes = _start_workers(None, tmp_path, cli=cli + ["--steps_per_loop=20"])
+    for process, output in zip(processes, _finish(processes)):
+        assert process.returncode == 0, output[-3000:]
+    assert _latest_step(tmp_path / "run") == 60
 
 
 def _cli(args, model_dir, data_dir):
@@ -869,3 +922,58 @@ def test_only_input_pipeline_errors_become_bad_data(tiny_records, tmp_path, monk
     decoding = "Unknown image file format\n [[while/body/_1/while/IteratorGetNext]]"
     assert trainer.is_data_error(tf.errors.InvalidArgumentError(None, None, decoding))
     assert not trainer.is_data_error(failure)
+
+
+def test_checkpoint_every_steps_and_a_failed_save_after_sigterm(tiny_records, tmp_path, caplog):
+    # Between the ends of epochs too (#10, item 10): every 2 steps here, in loops of 1.
+    config = trainer.Config(
+        **tiny_config(
+            tiny_records, tmp_path, mode="train", epochs=1, warmup_epochs=0, steps_per_epoch=7,
+            steps_per_loop=1, checkpoint_every="2",
+        ),
+        aug=data.Augmentation.none(),
+    )  # fmt: skip
+    run = trainer.Trainer(config)
+    caplog.set_level("INFO", logger="keras_t2t.training")
+    run.run()
+    saved = re.findall(r"Saved checkpoint \S+ckpt-(\d+)\.", caplog.text)
+    assert saved == ["2", "4", "6", "7"]  # 7: the end of the epoch
+    # A save after SIGTERM whose storage (or peer) is gone keeps the last good checkpoint.
+    def unavailable(*args, **kwargs):
+        raise tf.errors.UnavailableError(None, None, "Socket closed")
+
+    run.manager.save = unavailable
+    run.step.assign(9)
+    run._save_when_preempted(9)
+    assert _latest_step(tmp_path) == 7
+    assert re.search(
+        r"checkpoint at step 9 could not be saved \(UnavailableError: Socket closed\); the last "
+        r"good one, \S+ckpt-7, is kept", caplog.text
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("value", ["ten", "-2", "5s", "m", ""])
+def test_checkpoint_every_is_checked(value):
+    with pytest.raises(trainer.TrainingError, match="--checkpoint_every must be minutes"):
+        trainer.checkpoint_interval(value)
+
+
+def test_checkpoint_every_forms():
+    assert trainer.checkpoint_interval("10m") == (10.0, None)
+    assert trainer.checkpoint_interval("2000") == (None, 2000)
+    assert trainer.checkpoint_interval("0") == (None, None)
+
+
+def test_a_tpu_pod_refuses_paths_on_the_local_disk(tmp_path):
+    pod = types.SimpleNamespace(extended=types.SimpleNamespace(num_hosts=4))
+    config = trainer.Config(strategy="tpu", data_dir=str(tmp_path), model_dir="gs://b/run")
+    with pytest.raises(trainer.TrainingError, match=r"4 hosts.*--data_dir=\S+ is on this machine"):
+        trainer._check_pod_paths(config, pod)
+    config.model_dir = str(tmp_path / "run")
+    with pytest.raises(trainer.TrainingError, match="--data_dir=.* and --model_dir=.*gs://"):
+        trainer._check_pod_paths(config, pod)
+    config.data_dir, config.model_dir = "gs://b/imagenet", "gs://b/run"
+    trainer._check_pod_paths(config, pod)  # accepted
+    # One host (a single TPU VM, --tpu=local) reads its own disk.
+    config.data_dir = str(tmp_path)
+    trainer._check_pod_paths(config, types.SimpleNamespace(extended=types.SimpleNamespace()))

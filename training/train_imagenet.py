@@ -107,6 +107,12 @@ flags.DEFINE_integer(
 )
 flags.DEFINE_bool("jit_compile", _C.jit_compile, "Compile the forward and backward pass with XLA.")
 flags.DEFINE_integer("seed", _C.seed, "Random seed.")
+flags.DEFINE_string(
+    "checkpoint_every",
+    _C.checkpoint_every,
+    "Also save a checkpoint every N minutes (10m) or steps (2000), at the end of a loop of "
+    "--steps_per_loop; 0: at the ends of epochs only.",
+)
 flags.DEFINE_bool(
     "skip_bad_records",
     _C.skip_bad_records,
@@ -199,7 +205,7 @@ _OUR_FLAGS = {
     "cooldown_epochs", "learning_rate", "min_lr", "weight_decay", "grad_clip", "drop_path_rate",
     "ema_decay", "mode", "strategy", "tpu", "weights", "mixed_precision", "crop_pct",
     "steps_per_loop", "steps_per_epoch", "eval_every_epochs", "jit_compile", "seed",
-    "skip_bad_records", *AUG_FLAGS,
+    "skip_bad_records", "checkpoint_every", *AUG_FLAGS,
 }  # fmt: skip
 
 

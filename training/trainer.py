@@ -28,7 +28,6 @@ from training import data as data_lib
 
 logger = logging.getLogger("keras_t2t.training")
 
-IMAGENET_SIZES = {"train": 1_281_167, "validation": 50_000}
 RUN_WEIGHTS = weights_lib.RUN_WEIGHTS  # the weights a run leaves in its model_dir
 RECORD_KEY = weights_lib.RUN_RECORD_KEY  # config.json's record of them
 MODES = ("train", "eval", "train_and_eval")
@@ -127,6 +126,7 @@ class Config:
     seed: int = 0
     deterministic_data: bool = False  # reproducible input order (slower); for tests
     max_checkpoints: int = 3
+    checkpoint_every: str = "10m"  # also save every N minutes ("10m") or steps ("2000"); "0": off
     skip_bad_records: bool = False  # skip (and log) unreadable records instead of stopping
     aug: data_lib.Augmentation = None
 
@@ -190,9 +190,28 @@ def resolve(config):
     for ok, message in checks:
         if not ok:
             raise TrainingError(message)
+    checkpoint_interval(config.checkpoint_every)  # refuses a malformed value now
     config.cooldown_epochs = min(config.cooldown_epochs, config.epochs - config.warmup_epochs - 1)
     config.cooldown_epochs = max(config.cooldown_epochs, 0)
     return config
+
+
+def checkpoint_interval(value):
+    """`--checkpoint_every` as `(minutes, steps)`, one of them None: "10m" is every 10
+    minutes, "2000" every 2,000 steps, "0" only at the ends of epochs (None, None)."""
+    text = str(value).strip().lower()
+    try:
+        number = float(text[:-1]) if text.endswith("m") else int(text)
+    except ValueError:
+        number = -1
+    if number < 0:
+        raise TrainingError(
+            f"--checkpoint_every must be minutes ending in m (10m), a number of steps (2000) "
+            f"or 0 (at the ends of epochs only), received {value!r}."
+        )
+    if number == 0:
+        return None, None
+    return (number, None) if text.endswith("m") else (None, number)
 
 
 # --- strategy -------------------------------------------------------------------------------
@@ -214,7 +233,13 @@ def make_strategy(config):
                 "--strategy=multi_worker reads the cluster from the TF_CONFIG environment "
                 "variable, which is not set. See the README for an example."
             )
-        return tf.distribute.MultiWorkerMirroredStrategy()
+        # NCCL all-reduces between GPUs (AUTO may pick ring); CPU workers use ring.
+        gpus = tf.config.list_physical_devices("GPU")
+        implementation = tf.distribute.experimental.CommunicationImplementation
+        options = tf.distribute.experimental.CommunicationOptions(
+            implementation=implementation.NCCL if gpus else implementation.AUTO
+        )
+        return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
     return tf.distribute.get_strategy()
 
 
@@ -226,8 +251,18 @@ def is_chief(strategy):
     return task_type is None or task_type == "chief" or (task_type == "worker" and task_id == 0)
 
 
+def is_multi_worker(strategy):
+    """Whether `strategy` spans more than one worker process (MultiWorkerMirroredStrategy)."""
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return False
+    spec = strategy.cluster_resolver.cluster_spec()
+    return sum(spec.num_tasks(job) for job in ("chief", "worker") if job in spec.jobs) > 1
+
+
 def worker_dir(model_dir, strategy):
-    """Non-chief workers write their (required) checkpoint copies to a scratch folder."""
+    """Non-chief workers write their summaries, and the checkpoint copies that every worker
+    must write (a save is collective), to a scratch folder; their checkpoints are deleted
+    right after each save, and every worker restores the chief's."""
     if is_chief(strategy):
         return model_dir
     resolver = strategy.cluster_resolver
@@ -244,8 +279,9 @@ def data_sources(config, split, cache=None):
     every record header; `cache` keeps the counts between restarts); TFDS needs no check.
     """
     if config.data_source == "tfds":
-        tfds_split = {"train": "train", "validation": "validation"}[split]
-        return data_lib.tfds_dataset(tfds_split, config.data_dir), IMAGENET_SIZES[split], None
+        # Opened by each input pipeline (host) in its dataset_fn, which reads its own files.
+        source = data_lib.TFDSSource(split, config.data_dir)
+        return source, source.num_examples, None
     files = data_lib.list_files(config.data_dir, split)
     counts = data_lib.check_shards(
         files, split, config.num_classes, config.skip_bad_records, cache=cache
@@ -425,6 +461,7 @@ class Trainer:
                 f"{replicas} replicas."
             )
         _check_tensorboard()
+        _check_pod_paths(config, self.strategy)
         self.chief = is_chief(self.strategy)
         self.dir = worker_dir(config.model_dir, self.strategy)
         try:
@@ -433,7 +470,8 @@ class Trainer:
             raise TrainingError(
                 f"Cannot create --model_dir {config.model_dir!r}: {_first_line(error)}"
             ) from None
-        checkpoint_dir = os.path.join(self.dir, "checkpoints")
+        # Every worker restores from the chief's checkpoints (see `restore` and `save`).
+        checkpoint_dir = os.path.join(config.model_dir, "checkpoints")
         # Before anything is written: a model_dir of another model is refused, its record kept.
         previous = check_compatible(config, checkpoint_dir)
         if self.chief:
@@ -500,7 +538,9 @@ class Trainer:
             data_rng=self.data_rng,
         )
         self.manager = self._checkpoint_manager(checkpoint_dir)
+        self.multi_worker = is_multi_worker(self.strategy)
         self.preempted = False
+        self._agree_fn = None
         self._exported_step = None
         self._eval_step = None
 
@@ -535,7 +575,9 @@ class Trainer:
             try:
                 verify_checkpoint(path)
             except (tf.errors.OpError, IndexError, OSError, ValueError) as error:
-                kept = quarantine_checkpoint(path)
+                # Only the chief renames files; the other workers read the same ones, and
+                # skip the same checkpoint.
+                kept = quarantine_checkpoint(path) if self.chief else "they are"
                 logger.warning(
                     "The checkpoint %s cannot be read (%s: %s); its files are kept as %s. "
                     "Trying the previous one.",
@@ -552,9 +594,11 @@ class Trainer:
                 ) from None
             restored = path
             break
-        if candidates and restored != self.manager.latest_checkpoint:
+        if candidates and restored != self.manager.latest_checkpoint and self.chief:
             rewrite_checkpoint_state(directory, restored)
             self.manager = self._checkpoint_manager(directory)
+        if self.multi_worker:
+            self._check_same_step()
         if restored:
             skipped = candidates.index(restored)
             logger.info(
@@ -567,10 +611,50 @@ class Trainer:
             logger.warning("No checkpoint in %s could be read: starting from scratch.", directory)
         return restored
 
+    def _check_same_step(self):
+        """Every worker must have restored the same checkpoint: TF does not re-synchronize
+        the variables after a restore, so workers that differ would diverge, then hang."""
+        step = float(self.step.numpy())
+        low, high = self._agree([-step, step])
+        if -low != high:
+            raise TrainingError(
+                f"The workers restored different checkpoints (steps {int(-low)} to "
+                f"{int(high)}): a worker cannot read {self.manager.directory} as the chief "
+                f"does. Give every worker the same --model_dir (on storage they all read, "
+                f"such as gs://) and start them again."
+            )
+
+    def _agree(self, values):
+        """The maximum of each of `values` over all workers (one all-reduce; every worker
+        must call it at the same point). Without workers, `values` themselves."""
+        if not self.multi_worker:
+            return [float(v) for v in values]
+        if self._agree_fn is None:
+            strategy = self.strategy
+
+            @tf.function
+            def agree(values):
+                def replica(values):  # (all_reduce has no MAX: gather, then reduce)
+                    context = tf.distribute.get_replica_context()
+                    return tf.reduce_max(context.all_gather(values[None], axis=0), axis=0)
+
+                return strategy.experimental_local_results(strategy.run(replica, (values,)))[0]
+
+            self._agree_fn = agree
+        return [float(v) for v in self._agree_fn(tf.constant(values, tf.float32)).numpy()]
+
     def save(self):
-        path = self.manager.save(checkpoint_number=int(self.step.numpy()))
-        logger.info("Saved checkpoint %s.", path)
-        return path
+        """Saves a checkpoint (every worker must call it: a save is collective). The chief's
+        goes to --model_dir; another worker's to its scratch folder, deleted right after."""
+        number = int(self.step.numpy())
+        if self.chief:
+            path = self.manager.save(checkpoint_number=number)
+            logger.info("Saved checkpoint %s.", path)
+            return path
+        scratch = os.path.join(self.dir, "checkpoints")
+        tf.train.CheckpointManager(self.checkpoint, scratch, max_to_keep=1).save(number)
+        tf.io.gfile.rmtree(scratch)
+        return None
 
     # --- steps ----------------------------------------------------------------------------
 
@@ -653,7 +737,9 @@ class Trainer:
                 input_context=context,
                 skip_bad_records=self._skip("validation"),
                 num_batches=data_lib.eval_batches(
-                    self.shards.get("validation") or self.eval_examples,
+                    self.shards.get("validation")
+                    or getattr(self.eval_source, "shard_lengths", None)  # TFDS
+                    or self.eval_examples,
                     context.num_input_pipelines,
                     batch_size,
                     context.num_replicas_in_sync // context.num_input_pipelines,
@@ -741,6 +827,8 @@ class Trainer:
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         step = int(self.step.numpy())
         start_step, start_time = step, time.time()
+        every_minutes, every_steps = checkpoint_interval(config.checkpoint_every)
+        saved_step, saved_time = step, time.time()
         results = None
         try:
             while step < self.total_steps:
@@ -769,11 +857,19 @@ class Trainer:
                         f"--mixed_precision=bfloat16."
                     )
                 self._log(writer, step, steps, loss, time.time() - tick, start_step, start_time)
-                if self.preempted:
-                    self.save()
+                due = (every_steps is not None and step - saved_step >= every_steps) or (
+                    every_minutes is not None and time.time() - saved_time >= every_minutes * 60
+                )
+                # One all-reduce: a SIGTERM to any worker stops them all, and they all save
+                # at the same step (a worker's clock alone must not start a collective save).
+                preempted, due = self._agree([self.preempted, due])
+                if preempted:
+                    self._save_when_preempted(step)
                     raise Preempted(step)
-                if step % self.steps_per_epoch == 0:
+                if step % self.steps_per_epoch == 0 or due:
                     self.save()
+                    saved_step, saved_time = step, time.time()
+                if step % self.steps_per_epoch == 0:
                     epoch = step // self.steps_per_epoch
                     if config.mode == "train_and_eval" and (
                         epoch % config.eval_every_epochs == 0 or step >= self.total_steps
@@ -784,6 +880,20 @@ class Trainer:
         finally:
             signal.signal(signal.SIGTERM, previous)
         return results
+
+    def _save_when_preempted(self, step):
+        """The save after SIGTERM. A peer or the storage may already be gone: a failed save
+        is reported, and the last good checkpoint (which a failed save never replaces) kept."""
+        try:
+            self.save()
+        except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
+                tf.errors.CancelledError, tf.errors.AbortedError) as error:  # fmt: skip
+            latest = self.manager.latest_checkpoint
+            logger.error(
+                "SIGTERM: the checkpoint at step %d could not be saved (%s: %s); the last good "
+                "one, %s, is kept: the run resumes from there.",
+                step, type(error).__name__, _first_line(error), latest or "none yet",
+            )  # fmt: skip
 
     def _on_sigterm(self, signum, frame):
         logger.warning("SIGTERM: saving a checkpoint after the current steps, then stopping.")
@@ -1004,6 +1114,25 @@ def check_compatible(config, checkpoint_dir):
             f"resume; nothing in {config.model_dir} was changed."
         )
     return previous
+
+
+def _check_pod_paths(config, strategy):
+    """On a TPU pod every host reads the data and writes the checkpoints itself: paths on the
+    client's local disk (the embedded digits cache among them) cannot work there."""
+    hosts = getattr(strategy.extended, "num_hosts", 1) if config.strategy == "tpu" else 1
+    local = [
+        f"--{flag}={path}"
+        for flag, path in (("data_dir", config.data_dir), ("model_dir", config.model_dir))
+        if config.data_source == "tfrecord" or flag == "model_dir"
+        if path and "://" not in path
+    ]
+    if hosts > 1 and local:
+        raise TrainingError(
+            f"This TPU slice has {hosts} hosts, which read the data and write the checkpoints "
+            f"themselves; {' and '.join(local)} is on this machine's disk. Put them on storage "
+            f"every host reads (gs://bucket/...). (Without --data_dir the run uses the "
+            f"embedded digits, a local cache: give a gs:// --data_dir on a pod.)"
+        )
 
 
 def _check_tensorboard():
