@@ -232,19 +232,15 @@ def _examples(
     decode_images=True,
 ):  # fmt: skip
     # Element order follows the dataset options (`deterministic`), set by the callers.
-    """`(uint8 image, label)` pairs from a list of TFRecord files or a TFDS dataset; with
-    `decode_images=False`, `(encoded bytes, label)` from TFRecords (decoded later, cropped).
+    """`(uint8 image, label)` pairs from a list of TFRecord files or a `TFDSSource`; with
+    `decode_images=False`, `(encoded bytes, label)` (decoded later, as their crop only).
 
     `skip_bad_records`: None fails on the first bad record (the fast path); a dict
     `{shard: records}` (from `check_shards`) skips records that cannot be read, parsed or
     decoded, and logs each with its shard, index and image/filename (`checked_records`).
     """
-    if isinstance(source, tf.data.Dataset):  # TFDS: decoded images, zero-based labels
-        dataset = source
-        if input_context is not None and input_context.num_input_pipelines > 1:
-            dataset = dataset.shard(
-                input_context.num_input_pipelines, input_context.input_pipeline_id
-            )
+    if isinstance(source, TFDSSource):  # zero-based labels; each pipeline reads its files
+        dataset = source.dataset(input_context, shuffle, seed, decode_images)
         return dataset.map(
             lambda image, label: (image, check_label(tf.cast(label, tf.int32), num_classes)),
             num_parallel_calls=AUTOTUNE,
@@ -309,7 +305,7 @@ def train_dataset(
     in `image_dtype` (bfloat16 halves what goes to the device: it holds integer pixels
     exactly, and rounds mixed and erased ones to its 8 significant bits).
 
-    `source` is a list of TFRecord files or a TFDS dataset (`tfds_dataset`). `batch_size` is
+    `source` is a list of TFRecord files or a `TFDSSource`. `batch_size` is
     per input pipeline (the per-replica batch times the replicas this pipeline feeds).
     `skip_bad_records`: see `_examples`.
 
@@ -400,15 +396,73 @@ def eval_batches(examples, num_pipelines, batch_size, replicas_per_pipeline=1):
     return max(-(-most // step), 1) * replicas_per_pipeline
 
 
-def tfds_dataset(split, data_dir=None):
-    """TFDS `imagenet2012` as `(uint8 image, zero-based label)` pairs (optional extra)."""
+class TFDSSource:
+    """A split of a prepared TFDS dataset (`imagenet2012` by default), opened by each input
+    pipeline itself (`dataset`): with `tfds.ReadConfig(input_context=...)` every host reads
+    only its own share of the files, not every file (the dataset is built inside the
+    strategy's `dataset_fn`, never on the client).
+
+    `shard_lengths` (`{shard: examples}`, in file order) tells how many examples each input
+    pipeline gets: TFDS gives pipeline `i` the files `i, i + n, ...`, as `_examples` does
+    with TFRecords. `builder`: an already made `tfds.core.DatasetBuilder` (for data prepared
+    elsewhere: `tfds.builder_from_directory`).
+    """
+
+    def __init__(self, split, data_dir=None, name="imagenet2012", builder=None):
+        tfds = _import_tfds()
+        if builder is None:
+            try:
+                builder = tfds.builder(name, data_dir=data_dir)
+            except Exception as error:  # unknown name, unreadable data_dir
+                raise DataError(f"TFDS cannot open {name!r}: {error}") from None
+        splits = builder.info.splits
+        if not tf.io.gfile.exists(os.fspath(builder.data_dir)) or split not in splits:
+            raise DataError(
+                f"TFDS {builder.name} is not prepared in {os.fspath(builder.data_dir)!r} (no "
+                f"{split!r} split there). Prepare it first; for imagenet2012, put the ILSVRC2012 "
+                f"tars in a folder and run `tfds build imagenet2012 --manual_dir=FOLDER "
+                f"--data_dir=DATA_DIR`, then pass --data_dir=DATA_DIR (gs:// on a TPU pod)."
+            )
+        self.builder, self.split = builder, split
+        info = splits[split]
+        self.num_examples = int(info.num_examples)
+        self.shard_lengths = {
+            f"{builder.name}-{split}-{i:05d}": int(n) for i, n in enumerate(info.shard_lengths)
+        }
+
+    def dataset(self, input_context=None, shuffle=False, seed=None, decode_images=True):
+        """`(image, zero-based label)` of this pipeline's files: a uint8 image, or with
+        `decode_images=False` the encoded bytes (decoded later, as their crop only)."""
+        tfds = _import_tfds()
+        pipelines = input_context.num_input_pipelines if input_context is not None else 1
+        if pipelines > len(self.shard_lengths):
+            raise DataError(
+                f"TFDS {self.builder.name} {self.split} has {len(self.shard_lengths)} files, "
+                f"fewer than the {pipelines} input pipelines (hosts) that read it."
+            )
+        read_config = tfds.ReadConfig(
+            input_context=input_context if pipelines > 1 else None,
+            shuffle_seed=seed,
+            interleave_cycle_length=16,
+            try_autocache=False,
+        )
+        return self.builder.as_dataset(
+            split=self.split,
+            as_supervised=True,
+            shuffle_files=shuffle,
+            read_config=read_config,
+            decoders=None if decode_images else {"image": tfds.decode.SkipDecoding()},
+        )
+
+
+def _import_tfds():
     try:
         import tensorflow_datasets as tfds
     except ImportError as error:
         raise DataError(
             "--data_source=tfds needs tensorflow-datasets: pip install keras-t2t[tfds]"
         ) from error
-    return tfds.load("imagenet2012", split=split, data_dir=data_dir, as_supervised=True)
+    return tfds
 
 
 # --- shard checks -------------------------------------------------------------------------------
