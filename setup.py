@@ -29,7 +29,8 @@ setup(
         "tflite": ["ai-edge-litert>=2.0"],
         "serving": ["tensorflow-serving-api>=2.20"],
         "viz": ["matplotlib>=3.7"],
-        "test": ["pytest>=8", "ruff>=0.6", "matplotlib>=3.7"],
+        "jax": ["jax>=0.4.30"],
+        "test": ["pytest>=8", "ruff>=0.6", "matplotlib>=3.7", "jax>=0.4.30"],
     },
     entry_points={"console_scripts": ["keras-t2t-convert=keras_t2t.convert:main"]},
     classifiers=[

@@ -1,4 +1,5 @@
-"""keras_t2t: T2T-ViT (Tokens-to-Token Vision Transformer) for Keras 3 and TensorFlow.
+"""keras_t2t: T2T-ViT (Tokens-to-Token Vision Transformer) for Keras 3: TensorFlow, JAX and
+PyTorch backends.
 
 >>> import keras_t2t
 >>> model = keras_t2t.T2TViT7(input_shape=(32, 32, 3), classes=10)
@@ -6,28 +7,56 @@
 (None, 10)
 """
 
-try:
-    import tensorflow as _tf  # noqa: F401
-except ImportError as error:  # pragma: no cover - exercised only without TensorFlow
-    raise ImportError(
-        "keras_t2t needs TensorFlow, which is not installed. keras-t2t does not install it "
-        "for you, so that it never adds a second TensorFlow distribution beside yours. "
-        "Install the flavour you want: `pip install keras-t2t[cpu]` (tensorflow-cpu), "
-        "`pip install keras-t2t[gpu]` (tensorflow), or `pip install keras-t2t[tpu]` "
-        "(tensorflow-tpu)."
-    ) from error
-
+import importlib.util as _importlib_util
 import os as _os
 
-_os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
-import keras as _keras  # noqa: E402
+def _backend():
+    """The Keras backend in use, or the one that `import keras` will pick (without importing
+    it: before keras, TensorFlow's absence must be reported by us)."""
+    import sys as _sys
 
-if _keras.backend.backend() != "tensorflow":  # pragma: no cover - depends on the user's env
-    raise ImportError(
-        f"keras_t2t runs on the TensorFlow backend of Keras, but KERAS_BACKEND is "
-        f"{_keras.backend.backend()!r}. Set KERAS_BACKEND=tensorflow before importing keras."
+    if "keras" in _sys.modules and hasattr(_sys.modules["keras"], "backend"):
+        return _sys.modules["keras"].backend.backend()
+    name = _os.environ.get("KERAS_BACKEND")
+    if name:
+        return name
+    config = _os.path.join(
+        _os.environ.get("KERAS_HOME") or _os.path.join(_os.path.expanduser("~"), ".keras"),
+        "keras.json",
     )
+    try:
+        import json as _json
+
+        with open(config) as f:
+            return _json.load(f).get("backend", "tensorflow")
+    except (OSError, ValueError):
+        return "tensorflow"
+
+
+if _backend() == "tensorflow" and _importlib_util.find_spec("tensorflow") is None:
+    raise ImportError(
+        "keras_t2t runs on Keras' TensorFlow backend here (KERAS_BACKEND is unset or "
+        "'tensorflow'), and TensorFlow is not installed. keras-t2t does not install it for "
+        "you, so that it never adds a second TensorFlow distribution beside yours. Install the "
+        "flavour you want: `pip install keras-t2t[cpu]` (tensorflow-cpu), `keras-t2t[gpu]` "
+        "(tensorflow) or `keras-t2t[tpu]` (tensorflow-tpu); or use JAX or PyTorch with "
+        "KERAS_BACKEND=jax or KERAS_BACKEND=torch."
+    )
+
+
+def require_tensorflow_backend(what):
+    """Raises ImportError unless Keras runs on TensorFlow: for `what` (the export and the
+    training script), which are TensorFlow programs."""
+    backend = _backend()
+    if backend != "tensorflow":
+        raise ImportError(
+            f"{what} runs on the TensorFlow backend of Keras, and KERAS_BACKEND is "
+            f"{backend!r}. Run it with KERAS_BACKEND=tensorflow: weights and .keras files saved "
+            f"under any backend load there. The models themselves (keras_t2t.T2TViT14, ...) "
+            f"run on TensorFlow, JAX and PyTorch."
+        )
+
 
 from keras_t2t import layers  # noqa: E402
 from keras_t2t.flops import count_flops  # noqa: E402

@@ -22,8 +22,7 @@ import sys
 
 import numpy as np
 
-# The soft splits of the T2T module: (kernel, stride, padding), as in layers.T2TModule.
-SOFT_SPLITS = ((7, 4, 2), (3, 2, 1), (3, 2, 1))
+from keras_t2t.layers import SOFT_SPLITS
 
 
 def _blocks(model):

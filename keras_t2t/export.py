@@ -17,10 +17,20 @@ import os
 
 import keras
 import numpy as np
-import tensorflow as tf
 
-from keras_t2t import layers as t2t_layers
-from keras_t2t.imagenet import CROP_PCT, IMAGENET_MEAN, IMAGENET_STD, resize_and_center_crop
+from keras_t2t import require_tensorflow_backend  # noqa: E402
+
+require_tensorflow_backend("keras_t2t.export (SavedModel and TFLite)")
+
+import tensorflow as tf  # noqa: E402
+
+from keras_t2t import layers as t2t_layers  # noqa: E402
+from keras_t2t.imagenet import (  # noqa: E402
+    CROP_PCT,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    resize_and_center_crop,
+)
 
 FORMATS = ("saved_model", "tflite")
 TFLITE_KINDS = ("float32", "float16", "dynamic_int8", "int8")

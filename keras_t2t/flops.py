@@ -4,7 +4,7 @@ The paper reports MACs; `count_flops(...) / 2` reproduces them (T2T-ViT-14 at 22
 Elementwise work (norms, activations, softmax, exp) is left out, as in the paper's counter.
 """
 
-SOFT_SPLITS = ((7, 4, 2), (3, 2, 1), (3, 2, 1))
+from keras_t2t.layers import SOFT_SPLITS
 
 
 def _grid(side, kernel, stride, padding):
@@ -78,7 +78,7 @@ def count_flops(model_or_name, image_size=None, classes=1000):
     4.8
     """
     if isinstance(model_or_name, str):
-        from keras_t2t.models import MODEL_CONFIGS
+        from keras_t2t.configs import MODEL_CONFIGS
 
         if model_or_name not in MODEL_CONFIGS:
             raise ValueError(

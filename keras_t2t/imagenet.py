@@ -3,7 +3,6 @@
 import math
 
 import numpy as np
-import tensorflow as tf
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -62,6 +61,8 @@ def resize_and_center_crop(image, image_size, crop_pct=CROP_PCT):
     the long side is truncated as torchvision does, the resized image is rounded to uint8 as
     PIL returns it, and the crop offset is rounded.
     """
+    import tensorflow as tf  # a tf.data op: TensorFlow, whatever the Keras backend
+
     scale_size = int(math.floor(image_size / crop_pct))
     shape = tf.shape(image)
     height, width = shape[0], shape[1]

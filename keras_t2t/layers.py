@@ -14,10 +14,12 @@ import math
 
 import keras
 import numpy as np
-import tensorflow as tf
 from keras import ops
 
 LAYER_NORM_EPSILON = 1e-5
+# The T2T module's three soft splits, (kernel, stride, padding): 4x, then 2x and 2x, so the
+# tokens are 1/16 of the image side. The one definition (models, weights and FLOPs read it).
+SOFT_SPLITS = ((7, 4, 2), (3, 2, 1), (3, 2, 1))
 
 _register = keras.saving.register_keras_serializable(package="keras_t2t")
 
@@ -32,19 +34,32 @@ def official_init():
     return keras.initializers.RandomNormal(stddev=0.02)
 
 
-def _dense(units, name, use_bias=True):
-    """A Dense layer with the official initialization (normal 0.02, zero bias)."""
+def _dense(units, name, use_bias=True, dtype=None):
+    """A Dense layer with the official initialization (normal 0.02, zero bias).
+
+    `dtype`: the parent's dtype policy (`dtype=self.dtype_policy`), so that a layer made with
+    `dtype="mixed_float16"` computes in float16 throughout, not only its own ops."""
     return keras.layers.Dense(
         units,
         use_bias=use_bias,
         kernel_initializer=official_init(),
         bias_initializer="zeros",
         name=name,
+        dtype=dtype,
     )
 
 
-def _layer_norm(name, epsilon=LAYER_NORM_EPSILON):
-    return LayerNorm(epsilon=epsilon, name=name)
+def _layer_norm(name, epsilon=LAYER_NORM_EPSILON, dtype=None):
+    return LayerNorm(epsilon=epsilon, name=name, dtype=dtype)
+
+
+def _tensorflow():
+    """The `tensorflow` module on the TensorFlow backend, else None (never imported there)."""
+    if keras.backend.backend() != "tensorflow":
+        return None
+    import tensorflow as tf
+
+    return tf
 
 
 def _check_int(name, value, minimum=1):
@@ -64,15 +79,15 @@ class LayerNorm(keras.layers.LayerNormalization):
     """LayerNormalization over the last axis, computed in float32 with plain reductions.
 
     The same weights (`gamma`, `beta`) and results as Keras' layer, about 20% faster on CPU
-    in TensorFlow graphs. Under XLA (where Keras' own is faster to train) and for other
-    configurations, Keras' implementation runs.
+    in TensorFlow graphs. Under XLA (where Keras' own is faster to train), on the JAX and
+    PyTorch backends and for other configurations, Keras' implementation runs.
     """
 
     def call(self, inputs):
         axes = [self.axis] if isinstance(self.axis, int) else list(self.axis)
         last = axes in ([-1], [len(inputs.shape) - 1])
         plain = self.center and self.scale and not getattr(self, "rms_scaling", False)
-        if not (last and plain) or _in_xla_context():
+        if not (last and plain) or not _tf_graph_without_xla():
             return super().call(inputs)
         x = ops.cast(inputs, "float32")
         mean = ops.mean(x, axis=-1, keepdims=True)
@@ -97,12 +112,21 @@ def patch_permutation(channels, kernel_size):
 
 
 def _in_xla_context():
-    """True while tracing a graph that XLA compiles (`jit_compile=True`, TPU)."""
+    """True while TensorFlow traces a graph that XLA compiles (`jit_compile=True`, TPU);
+    False on the other backends, which take the portable path everywhere."""
+    tf = _tensorflow()
+    if tf is None:
+        return False
     try:
         from tensorflow.python.ops import control_flow_util
     except ImportError:  # pragma: no cover - TF internals moved
         return False
     return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
+
+
+def _tf_graph_without_xla():
+    """Whether the TF-specific fast paths apply: the TensorFlow backend, outside XLA."""
+    return _tensorflow() is not None and not _in_xla_context()
 
 
 @_register
@@ -119,11 +143,12 @@ class SoftSplit(keras.layers.Layer):
         strides: step between windows.
         padding: zeros added on each side.
         implementation: `"patches"` uses `tf.image.extract_patches`; `"slices"` gathers the
-            same values with k*k strided slices and a concatenation, which converts to TFLite
-            builtin ops; `"auto"` (default) takes slices when the graph is compiled by XLA
-            (CPU/GPU `jit_compile`, TPU), where XLA's lowering of extract_patches is up to 8x
-            slower, and extract_patches elsewhere, where it is 2x faster. All give identical
-            outputs.
+            same values with k*k strided slices and a concatenation (pure `keras.ops`), which
+            converts to TFLite builtin ops; `"auto"` (default) takes slices when the graph is
+            compiled by XLA (CPU/GPU `jit_compile`, TPU), where XLA's lowering of
+            extract_patches is up to 8x slower, and extract_patches elsewhere, where it is 2x
+            faster. On the JAX and PyTorch backends, which have no extract_patches, every
+            setting takes the slices. All give identical outputs.
 
     >>> import numpy as np
     >>> split = SoftSplit(kernel_size=3, strides=2, padding=1)
@@ -164,10 +189,10 @@ class SoftSplit(keras.layers.Layer):
         out_h, out_w = self._out_size(height), self._out_size(width)
         x = ops.pad(inputs, [[0, 0], [p, p], [p, p], [0, 0]]) if p else inputs
         implementation = self.implementation
-        if implementation == "auto":
-            implementation = "slices" if _in_xla_context() else "patches"
+        if implementation == "auto" or _tensorflow() is None:
+            implementation = "patches" if _tf_graph_without_xla() else "slices"
         if implementation == "patches":
-            patches = tf.image.extract_patches(
+            patches = _tensorflow().image.extract_patches(
                 x, sizes=[1, k, k, 1], strides=[1, s, s, 1], rates=[1, 1, 1, 1], padding="VALID"
             )
         else:
@@ -244,13 +269,15 @@ class Mlp(keras.layers.Layer):
         )
         self.dropout_rate = _check_rate("dropout_rate", dropout_rate)
         self.hidden_dropout = bool(hidden_dropout)
-        self.fc1 = _dense(self.hidden_units, "fc1")
-        self.dropout = keras.layers.Dropout(self.dropout_rate, name="dropout")
+        self.fc1 = _dense(self.hidden_units, "fc1", dtype=self.dtype_policy)
+        self.dropout = keras.layers.Dropout(
+            self.dropout_rate, name="dropout", dtype=self.dtype_policy
+        )
         self.fc2 = None
 
     def build(self, input_shape):
         units = self.output_units or input_shape[-1]
-        self.fc2 = _dense(units, "fc2")
+        self.fc2 = _dense(units, "fc2", dtype=self.dtype_policy)
         self.fc1.build(input_shape)
         self.fc2.build((*input_shape[:-1], self.hidden_units))
 
@@ -261,7 +288,7 @@ class Mlp(keras.layers.Layer):
         # In TF graphs, 2-D (rows, features) lets oneDNN fuse the matmul, bias and GELU (fc1 of
         # T2T-ViT-14 is 30% faster); XLA fuses by itself, and its training step is 1.4x
         # slower with the reshapes, so they are left out there.
-        flatten = len(inputs.shape) > 2 and not _in_xla_context()
+        flatten = len(inputs.shape) > 2 and _tf_graph_without_xla()
         x = ops.reshape(inputs, (-1, inputs.shape[-1])) if flatten else inputs
         x = keras.activations.gelu(self.fc1(x), approximate=False)
         if self.hidden_dropout:
@@ -313,15 +340,19 @@ class TokenPerformer(keras.layers.Layer):
         self.dropout_rate = _check_rate("dropout_rate", dropout_rate)
         self.epsilon = float(epsilon)
         self.layer_norm_epsilon = float(layer_norm_epsilon)
-        self.norm1 = _layer_norm("norm1", self.layer_norm_epsilon)
-        self.kqv = _dense(3 * self.token_dim, "kqv")
-        self.proj = _dense(self.token_dim, "proj")
-        self.proj_dropout = keras.layers.Dropout(self.dropout_rate, name="proj_dropout")
-        self.norm2 = _layer_norm("norm2", self.layer_norm_epsilon)
+        policy = self.dtype_policy
+        self.norm1 = _layer_norm("norm1", self.layer_norm_epsilon, dtype=policy)
+        self.kqv = _dense(3 * self.token_dim, "kqv", dtype=policy)
+        self.proj = _dense(self.token_dim, "proj", dtype=policy)
+        self.proj_dropout = keras.layers.Dropout(
+            self.dropout_rate, name="proj_dropout", dtype=policy
+        )
+        self.norm2 = _layer_norm("norm2", self.layer_norm_epsilon, dtype=policy)
         # The official Token_performer.mlp: Linear, GELU, Linear, Dropout (one dropout).
         self.mlp = Mlp(
-            self.token_dim, self.token_dim, self.dropout_rate, hidden_dropout=False, name="mlp"
-        )
+            self.token_dim, self.token_dim, self.dropout_rate, hidden_dropout=False, name="mlp",
+            dtype=policy,
+        )  # fmt: skip
 
     def build(self, input_shape):
         self.norm1.build(input_shape)
@@ -406,11 +437,14 @@ class TokenTransformer(keras.layers.Layer):
         self.token_dim = _check_int("token_dim", token_dim)
         self.mlp_ratio = float(mlp_ratio)
         self.layer_norm_epsilon = float(layer_norm_epsilon)
-        self.norm1 = _layer_norm("norm1", self.layer_norm_epsilon)
-        self.qkv = _dense(3 * self.token_dim, "qkv", use_bias=False)
-        self.proj = _dense(self.token_dim, "proj")
-        self.norm2 = _layer_norm("norm2", self.layer_norm_epsilon)
-        self.mlp = Mlp(int(self.token_dim * self.mlp_ratio), self.token_dim, name="mlp")
+        policy = self.dtype_policy
+        self.norm1 = _layer_norm("norm1", self.layer_norm_epsilon, dtype=policy)
+        self.qkv = _dense(3 * self.token_dim, "qkv", use_bias=False, dtype=policy)
+        self.proj = _dense(self.token_dim, "proj", dtype=policy)
+        self.norm2 = _layer_norm("norm2", self.layer_norm_epsilon, dtype=policy)
+        self.mlp = Mlp(
+            int(self.token_dim * self.mlp_ratio), self.token_dim, name="mlp", dtype=policy
+        )
         self.scale = None
 
     def build(self, input_shape):
@@ -491,15 +525,17 @@ class T2TModule(keras.layers.Layer):
         self.embed_dim = _check_int("embed_dim", embed_dim)
         self.token_dim = _check_int("token_dim", token_dim)
         self.soft_split_implementation = soft_split_implementation
-        split = dict(implementation=soft_split_implementation)
-        self.soft_split0 = SoftSplit(7, 4, 2, **split, name="soft_split0")
-        self.soft_split1 = SoftSplit(3, 2, 1, **split, name="soft_split1")
-        self.soft_split2 = SoftSplit(3, 2, 1, **split, name="soft_split2")
+        policy = self.dtype_policy
+        split = dict(implementation=soft_split_implementation, dtype=policy)
+        (k0, s0, p0), (k1, s1, p1), (k2, s2, p2) = SOFT_SPLITS
+        self.soft_split0 = SoftSplit(k0, s0, p0, **split, name="soft_split0")
+        self.soft_split1 = SoftSplit(k1, s1, p1, **split, name="soft_split1")
+        self.soft_split2 = SoftSplit(k2, s2, p2, **split, name="soft_split2")
         t2t_layer = T2T_LAYERS[tokens_type]
-        self.attention1 = t2t_layer(token_dim=self.token_dim, name="attention1")
-        self.attention2 = t2t_layer(token_dim=self.token_dim, name="attention2")
-        self.restructure = Restructure(name="restructure")
-        self.project = _dense(self.embed_dim, "project")
+        self.attention1 = t2t_layer(token_dim=self.token_dim, name="attention1", dtype=policy)
+        self.attention2 = t2t_layer(token_dim=self.token_dim, name="attention2", dtype=policy)
+        self.restructure = Restructure(name="restructure", dtype=policy)
+        self.project = _dense(self.embed_dim, "project", dtype=policy)
 
     def build(self, input_shape):
         shape = self.soft_split0.compute_output_shape(input_shape)
@@ -544,7 +580,9 @@ class MultiHeadSelfAttention(keras.layers.Layer):
         self.dropout_rate = _check_rate("dropout_rate", dropout_rate)
         self.qkv = None
         self.proj = None
-        self.proj_dropout = keras.layers.Dropout(self.dropout_rate, name="proj_dropout")
+        self.proj_dropout = keras.layers.Dropout(
+            self.dropout_rate, name="proj_dropout", dtype=self.dtype_policy
+        )
 
     def build(self, input_shape):
         dim = input_shape[-1]
@@ -552,8 +590,8 @@ class MultiHeadSelfAttention(keras.layers.Layer):
             raise ValueError(f"The width {dim} must be divisible by `num_heads`={self.num_heads}.")
         self.head_dim = dim // self.num_heads
         self.scale = self.qk_scale or self.head_dim**-0.5
-        self.qkv = _dense(3 * dim, "qkv", use_bias=self.qkv_bias)
-        self.proj = _dense(dim, "proj")
+        self.qkv = _dense(3 * dim, "qkv", use_bias=self.qkv_bias, dtype=self.dtype_policy)
+        self.proj = _dense(dim, "proj", dtype=self.dtype_policy)
         self.qkv.build(input_shape)
         self.proj.build(input_shape)
 
@@ -592,7 +630,10 @@ class MultiHeadSelfAttention(keras.layers.Layer):
 
 def _replica():
     """(replicas in sync, this replica's id) inside a `tf.distribute` replica context, else
-    (1, 0)."""
+    (1, 0) (always on the JAX and PyTorch backends)."""
+    tf = _tensorflow()
+    if tf is None:
+        return 1, 0
     context = tf.distribute.get_replica_context()
     if context is None or context.num_replicas_in_sync == 1:
         return 1, 0
@@ -658,17 +699,21 @@ class TransformerBlock(keras.layers.Layer):
         self.dropout_rate = _check_rate("dropout_rate", dropout_rate)
         self.drop_path_rate = _check_rate("drop_path_rate", drop_path_rate)
         self.layer_norm_epsilon = float(layer_norm_epsilon)
-        self.norm1 = _layer_norm("norm1", self.layer_norm_epsilon)
+        policy = self.dtype_policy
+        self.norm1 = _layer_norm("norm1", self.layer_norm_epsilon, dtype=policy)
         self.attn = MultiHeadSelfAttention(
-            self.num_heads, self.qkv_bias, self.qk_scale, self.dropout_rate, name="attn"
-        )
-        self.drop_path = StochasticDepth(self.drop_path_rate, name="drop_path")
-        self.norm2 = _layer_norm("norm2", self.layer_norm_epsilon)
+            self.num_heads, self.qkv_bias, self.qk_scale, self.dropout_rate, name="attn",
+            dtype=policy,
+        )  # fmt: skip
+        self.drop_path = StochasticDepth(self.drop_path_rate, name="drop_path", dtype=policy)
+        self.norm2 = _layer_norm("norm2", self.layer_norm_epsilon, dtype=policy)
         self.mlp = None
 
     def build(self, input_shape):
         dim = input_shape[-1]
-        self.mlp = Mlp(int(dim * self.mlp_ratio), dim, self.dropout_rate, name="mlp")
+        self.mlp = Mlp(
+            int(dim * self.mlp_ratio), dim, self.dropout_rate, name="mlp", dtype=self.dtype_policy
+        )
         for layer in (self.norm1, self.attn, self.norm2, self.mlp):
             layer.build(input_shape)
 

@@ -15,34 +15,17 @@ import keras
 from keras import ops
 
 from keras_t2t import layers as t2t_layers
+from keras_t2t.configs import (  # noqa: F401 (list_models, variant_of: re-exported)
+    DEFAULT_IMAGE_SIZE,
+    MODEL_CONFIGS,
+    PATCH_FACTOR,
+    POOLING_MODES,
+    list_models,
+    variant_of,
+)
 from keras_t2t.imagenet import IMAGENET_MEAN, IMAGENET_STD
 
 logger = logging.getLogger("keras_t2t")
-
-# Paper and official-registry facts (see README): parameters are totals, frozen tensors included.
-MODEL_CONFIGS = {
-    "t2t_vit_7": dict(tokens_type="performer", embed_dim=256, depth=7, num_heads=4, mlp_ratio=2.0),
-    "t2t_vit_10": dict(tokens_type="performer", embed_dim=256, depth=10, num_heads=4, mlp_ratio=2.0),
-    "t2t_vit_12": dict(tokens_type="performer", embed_dim=256, depth=12, num_heads=4, mlp_ratio=2.0),
-    "t2t_vit_14": dict(tokens_type="performer", embed_dim=384, depth=14, num_heads=6, mlp_ratio=3.0),
-    "t2t_vit_19": dict(tokens_type="performer", embed_dim=448, depth=19, num_heads=7, mlp_ratio=3.0),
-    "t2t_vit_24": dict(tokens_type="performer", embed_dim=512, depth=24, num_heads=8, mlp_ratio=3.0),
-    "t2t_vit_t_14": dict(tokens_type="transformer", embed_dim=384, depth=14, num_heads=6, mlp_ratio=3.0),
-    "t2t_vit_t_19": dict(tokens_type="transformer", embed_dim=448, depth=19, num_heads=7, mlp_ratio=3.0),
-    "t2t_vit_t_24": dict(tokens_type="transformer", embed_dim=512, depth=24, num_heads=8, mlp_ratio=3.0),
-    # Paper ablations of the official registry, without released weights.
-    "t2t_vit_14_resnext": dict(tokens_type="performer", embed_dim=384, depth=14, num_heads=32, mlp_ratio=3.0),
-    "t2t_vit_14_wide": dict(tokens_type="performer", embed_dim=768, depth=4, num_heads=12, mlp_ratio=3.0),
-}  # fmt: skip
-
-DEFAULT_IMAGE_SIZE = 224
-POOLING_MODES = (None, "token", "avg", "max")
-PATCH_FACTOR = 16  # the T2T module reduces each side by 4 * 2 * 2
-
-
-def list_models():
-    """The official snake-case names that `create_model` accepts."""
-    return sorted(MODEL_CONFIGS)
 
 
 def _input_shape(input_shape, input_tensor, default_size):
@@ -99,6 +82,7 @@ def T2TViT(
     drop_path_rate=0.0,
     dropout_rate=0.0,
     soft_split_implementation="auto",
+    dtype=None,
 ):
     """Builds a T2T-ViT of any configuration; the variant builders call this.
 
@@ -113,7 +97,8 @@ def T2TViT(
         include_preprocessing, drop_path_rate, dropout_rate: see `T2TViT14`.
         soft_split_implementation: `"auto"` (default: strided slices under XLA, else
             `tf.image.extract_patches`), `"patches"` or `"slices"` (strided slices: the same
-            values, TFLite builtins only).
+            values, TFLite builtins only; the only one on JAX and PyTorch).
+        dtype: see `T2TViT14`.
 
     Returns:
         A functional `keras.Model`.
@@ -173,11 +158,12 @@ def T2TViT(
         token_dim,
         soft_split_implementation=soft_split_implementation,
         name="tokens_to_token",
+        dtype=dtype,
     )
     x, _ = t2t(x, return_feature_maps=True)
-    x = t2t_layers.ClassToken(name="cls_token")(x)
-    x = t2t_layers.PositionEmbedding(name="pos_embed")(x)
-    x = keras.layers.Dropout(dropout_rate, name="pos_drop")(x)
+    x = t2t_layers.ClassToken(name="cls_token", dtype=dtype)(x)
+    x = t2t_layers.PositionEmbedding(name="pos_embed", dtype=dtype)(x)
+    x = keras.layers.Dropout(dropout_rate, name="pos_drop", dtype=dtype)(x)
     rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
     for i, rate in enumerate(rates):
         x = t2t_layers.TransformerBlock(
@@ -188,19 +174,21 @@ def T2TViT(
             dropout_rate=dropout_rate,
             drop_path_rate=rate,
             name=f"blocks_{i}",
+            dtype=dtype,
         )(x)
-    x = t2t_layers.LayerNorm(epsilon=t2t_layers.LAYER_NORM_EPSILON, name="norm")(x)
+    x = t2t_layers.LayerNorm(epsilon=t2t_layers.LAYER_NORM_EPSILON, name="norm", dtype=dtype)(x)
 
     if include_top:
-        x = _pool(x, "token")
+        x = _pool(x, "token", dtype)
         x = keras.layers.Dense(
             classes,
             kernel_initializer=t2t_layers.official_init(),
             name="head",
+            dtype=dtype,
         )(x)
         x = keras.layers.Activation(classifier_activation, dtype="float32", name="predictions")(x)
     elif pooling is not None:
-        x = _pool(x, pooling)
+        x = _pool(x, pooling, dtype)
 
     inputs = keras.utils.get_source_inputs(input_tensor) if input_tensor is not None else images
     model = keras.Model(inputs, x, name=name)
@@ -211,15 +199,6 @@ def T2TViT(
         if release is not None:
             model.pretrained_release = release  # how its inputs must be prepared
     return model
-
-
-def variant_of(architecture):
-    """The name of the official variant with exactly this architecture, or None."""
-    defaults = dict(token_dim=64, qkv_bias=False, qk_scale=None)
-    for name, config in MODEL_CONFIGS.items():
-        if {**defaults, **config} == {**defaults, **architecture}:
-            return name
-    return None
 
 
 def _run_release(weights):
@@ -263,8 +242,8 @@ def _read_weights(weights, architecture, input_shape, input_tensor):
         return weights_lib.read_weights(pretrained.weights_file(release), architecture), release
 
 
-def _pool(x, mode):
-    return TokenPooling(mode, name=f"{mode}_pool")(x)
+def _pool(x, mode, dtype=None):
+    return TokenPooling(mode, name=f"{mode}_pool", dtype=dtype)(x)
 
 
 @keras.saving.register_keras_serializable(package="keras_t2t")
@@ -400,6 +379,10 @@ BASE_DOCSTRING = """Instantiates the {title} model (Yuan et al., "Tokens-to-Toke
         drop_path_rate: stochastic depth, rates linearly from 0 to this over the blocks.
         dropout_rate: dropout after the position table and in the blocks (attention
             projection and MLP), as the official `drop_rate`.
+        dtype: the dtype policy of the model's layers (`"mixed_bfloat16"`,
+            `"mixed_float16"`, ...), so that a model carries its own; default None: Keras'
+            global policy. The preprocessing, the performer's random-feature attention,
+            the softmaxes and the output stay float32.
 
     Returns:
         A `keras.Model`.
@@ -430,6 +413,7 @@ def _builder(config_name, builder_name, title, top1):
         include_preprocessing=True,
         drop_path_rate=0.0,
         dropout_rate=0.0,
+        dtype=None,
     ):
         return T2TViT(
             **MODEL_CONFIGS[config_name],
@@ -444,6 +428,7 @@ def _builder(config_name, builder_name, title, top1):
             include_preprocessing=include_preprocessing,
             drop_path_rate=drop_path_rate,
             dropout_rate=dropout_rate,
+            dtype=dtype,
         )
 
     builder.__name__ = builder.__qualname__ = builder_name

@@ -23,7 +23,8 @@ import re
 import numpy as np
 
 from keras_t2t import pytorch_checkpoint
-from keras_t2t.layers import patch_permutation
+from keras_t2t.configs import MODEL_CONFIGS, list_models
+from keras_t2t.layers import SOFT_SPLITS, patch_permutation
 
 logger = logging.getLogger("keras_t2t")
 
@@ -35,7 +36,8 @@ KERAS_SUFFIX = ".weights.h5"
 STATE_DICT_KEYS = ("state_dict_ema", "state_dict", "model", "net")
 POS_EMBED = "pos_embed/pos_embed"
 HEAD_KERNEL = "head/kernel"
-KERNEL_SIDES = {1: 7, 2: 3}  # soft split read by attention1 / attention2
+# The soft split read by attention1 / attention2, and by the project layer.
+KERNEL_SIDES = {stage + 1: kernel for stage, (kernel, _, _) in enumerate(SOFT_SPLITS)}
 
 
 @dataclasses.dataclass
@@ -209,7 +211,6 @@ def infer_config(state_dict):
 
 def guess_variant(config):
     """The official variant name whose architecture matches `config`, or None."""
-    from keras_t2t.models import MODEL_CONFIGS
 
     keys = ("tokens_type", "embed_dim", "depth", "mlp_ratio")
     for name, row in MODEL_CONFIGS.items():
@@ -229,7 +230,6 @@ def resolve_architecture(found, model=None, num_heads=None, source="the checkpoi
     `model` names the variant (default: the official variant whose shapes match);
     `num_heads` overrides the heads, and alone describes a custom architecture.
     """
-    from keras_t2t.models import MODEL_CONFIGS, list_models
 
     if model is None:
         model = guess_variant(found)
@@ -281,7 +281,7 @@ def _patch_reader(key, in_channels, token_dim):
         stage = int(match.group(1))
         return (in_channels if stage == 1 else token_dim), KERNEL_SIDES[stage]
     if key == "tokens_to_token.project.weight":
-        return token_dim, 3
+        return token_dim, KERNEL_SIDES[3]
     return None
 
 
@@ -289,7 +289,9 @@ def official_to_state(state_dict, source="state dict"):
     """Maps an official state dict (`{name: ndarray}`) to a `WeightsState` in Keras layout."""
     config = infer_config(state_dict)
     token_dim = config["token_dim"]
-    in_channels = state_dict["tokens_to_token.attention1.norm1.weight"].shape[0] // 49
+    in_channels = state_dict["tokens_to_token.attention1.norm1.weight"].shape[0] // (
+        KERNEL_SIDES[1] ** 2
+    )
     arrays, names, file_shapes = {}, {}, {}
     for key, value in state_dict.items():
         path, is_kernel = _keras_path(key)

@@ -70,7 +70,7 @@ def test_builders_use_the_applications_signature():
         params = list(inspect.signature(getattr(keras_t2t, builder)).parameters)
         assert params[: len(APPLICATIONS_SIGNATURE)] == APPLICATIONS_SIGNATURE
         assert params[len(APPLICATIONS_SIGNATURE) :] == [
-            "include_preprocessing", "drop_path_rate", "dropout_rate",
+            "include_preprocessing", "drop_path_rate", "dropout_rate", "dtype",
         ]  # fmt: skip
 
 

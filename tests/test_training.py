@@ -938,6 +938,7 @@ def test_checkpoint_every_steps_and_a_failed_save_after_sigterm(tiny_records, tm
     run.run()
     saved = re.findall(r"Saved checkpoint \S+ckpt-(\d+)\.", caplog.text)
     assert saved == ["2", "4", "6", "7"]  # 7: the end of the epoch
+
     # A save after SIGTERM whose storage (or peer) is gone keeps the last good checkpoint.
     def unavailable(*args, **kwargs):
         raise tf.errors.UnavailableError(None, None, "Socket closed")

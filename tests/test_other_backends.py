@@ -1,0 +1,54 @@
+"""Runs `test_portable.py` under JAX and PyTorch (#13), each in its own process (a Keras
+backend is chosen once per process; the two run side by side), with a `.keras` file written
+here on TensorFlow for them to load."""
+
+import importlib.util
+import os
+import pathlib
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+from tests.conftest import tiny_model
+
+PORTABLE = pathlib.Path(__file__).parent / "test_portable.py"
+BACKENDS = [b for b in ("jax", "torch") if importlib.util.find_spec(b) is not None]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not BACKENDS, reason="neither jax nor torch is installed")
+def test_the_portable_tests_pass_under_jax_and_torch(tmp_path):
+    assert keras.backend.backend() == "tensorflow"
+    model = tiny_model(input_shape=(32, 32, 3), classes=5)
+    images = np.random.default_rng(1).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    path = str(tmp_path / "written_on_tensorflow.keras")
+    model.save(path)
+    np.savez(path + ".npz", images=images, outputs=np.asarray(model(images)))
+    processes = {}
+    for backend in BACKENDS:
+        env = dict(os.environ, KERAS_BACKEND=backend, KERAS_T2T_FOREIGN_KERAS=path)
+        if backend == "jax":  # two CPU devices, for the DataParallel test
+            env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+        processes[backend] = subprocess.Popen(
+            [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
+             str(PORTABLE)],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            cwd=PORTABLE.parent.parent,
+        )  # fmt: skip
+    outputs = {}
+    try:
+        for backend, process in processes.items():
+            outputs[backend] = process.communicate(timeout=900)[0]
+    finally:
+        for process in processes.values():
+            process.kill()
+    for backend, process in processes.items():
+        output = outputs[backend]
+        assert process.returncode == 0, f"{backend}:\n{output[-6000:]}"
+        skipped = [line for line in output.splitlines() if line.startswith("SKIPPED")]
+        # Only what is another backend's own may be skipped (the DataParallel fit is JAX's).
+        assert all("JAX's" in line for line in skipped), (backend, skipped)
+    assert set(BACKENDS) == {"jax", "torch"}, f"only {BACKENDS} installed: install the other"
