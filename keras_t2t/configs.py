@@ -3,6 +3,8 @@
 Kept apart from `models` (the builders) and `weights` (the loaders), which both read it.
 """
 
+import math
+
 # Paper and official-registry facts (see README): parameters are totals, frozen tensors included.
 MODEL_CONFIGS = {
     "t2t_vit_7": dict(tokens_type="performer", embed_dim=256, depth=7, num_heads=4, mlp_ratio=2.0),
@@ -21,7 +23,10 @@ MODEL_CONFIGS = {
 
 DEFAULT_IMAGE_SIZE = 224
 POOLING_MODES = (None, "token", "avg", "max")
-PATCH_FACTOR = 16  # the T2T module reduces each side by 4 * 2 * 2
+# The T2T module's three soft splits, (kernel, stride, padding): 4x, then 2x and 2x. The one
+# definition of this geometry (layers, weights, FLOPs and explain read it).
+SOFT_SPLITS = ((7, 4, 2), (3, 2, 1), (3, 2, 1))
+PATCH_FACTOR = math.prod(stride for _, stride, _ in SOFT_SPLITS)  # 16: tokens per image side
 
 
 def list_models():

@@ -22,7 +22,7 @@ import sys
 
 import numpy as np
 
-from keras_t2t.layers import SOFT_SPLITS
+from keras_t2t.configs import SOFT_SPLITS
 
 
 def _blocks(model):

@@ -4,7 +4,7 @@ The paper reports MACs; `count_flops(...) / 2` reproduces them (T2T-ViT-14 at 22
 Elementwise work (norms, activations, softmax, exp) is left out, as in the paper's counter.
 """
 
-from keras_t2t.layers import SOFT_SPLITS
+from keras_t2t.configs import SOFT_SPLITS
 
 
 def _grid(side, kernel, stride, padding):

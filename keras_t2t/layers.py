@@ -16,10 +16,9 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_t2t.configs import SOFT_SPLITS
+
 LAYER_NORM_EPSILON = 1e-5
-# The T2T module's three soft splits, (kernel, stride, padding): 4x, then 2x and 2x, so the
-# tokens are 1/16 of the image side. The one definition (models, weights and FLOPs read it).
-SOFT_SPLITS = ((7, 4, 2), (3, 2, 1), (3, 2, 1))
 
 _register = keras.saving.register_keras_serializable(package="keras_t2t")
 

@@ -23,8 +23,8 @@ import re
 import numpy as np
 
 from keras_t2t import pytorch_checkpoint
-from keras_t2t.configs import MODEL_CONFIGS, list_models
-from keras_t2t.layers import SOFT_SPLITS, patch_permutation
+from keras_t2t.configs import MODEL_CONFIGS, SOFT_SPLITS, list_models
+from keras_t2t.layers import patch_permutation
 
 logger = logging.getLogger("keras_t2t")
 
