@@ -3,6 +3,7 @@
     python benchmarks/benchmark.py                         # T2T-ViT-14 at 224, the full run
     python benchmarks/benchmark.py --models=t2t_vit_7,t2t_vit_14,t2t_vit_t_14 --output=bench.json
     python benchmarks/benchmark.py --short                 # seconds; what CI runs
+    python benchmarks/benchmark.py --backend=jax           # the same model on JAX (or torch)
 
 Prints, and writes to --output as JSON:
 - the peak matmul throughput of TensorFlow here, float32 and bfloat16 (GFLOP/s);
@@ -11,7 +12,14 @@ Prints, and writes to --output as JSON:
   a `tf.function` and XLA, the TFLite float32 model with XNNPACK, and a training step (forward,
   backward, AdamW), each also as a percentage of the matching peak;
 - a profile of the forward pass split into the T2T module, attention, MLP and the rest;
-- the peak memory (resident set) of a training step, in a fresh process.
+- the peak memory (resident set) of a training step, in a fresh process;
+- ablations (`--ablations`): the same `tf.function` with each TF-graph fast path of the layers
+  turned off in turn (Keras' LayerNormalization; the portable paths of `xla_compilation`).
+
+`--backend=jax|torch` runs on that Keras backend instead (in this process: the backend is set
+before Keras is imported): its matmul peak, `model.predict`, a compiled forward pass
+(`jax.jit` of `stateless_call`; on PyTorch, the eager call under `torch.no_grad`) and
+`train_on_batch` (AdamW; XLA on JAX), in float32 and mixed bfloat16.
 """
 
 import argparse
@@ -24,14 +32,32 @@ import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+BACKENDS = ("tensorflow", "jax", "torch")
+
+
+def _requested_backend(argv):
+    """The --backend value in argv (Keras reads KERAS_BACKEND once, when it is imported)."""
+    for i, arg in enumerate(argv):
+        if arg.startswith("--backend="):
+            return arg.split("=", 1)[1]
+        if arg == "--backend" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+if __name__ == "__main__" and _requested_backend(sys.argv[1:]) in BACKENDS:
+    os.environ["KERAS_BACKEND"] = _requested_backend(sys.argv[1:])
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
 
 import keras_t2t  # noqa: E402
+from keras_t2t import layers as t2t_layers  # noqa: E402
+
+if keras.backend.backend() == "tensorflow":
+    import tensorflow as tf
 
 
 def timed(fn, min_time, min_runs=3, warmup=1):
@@ -73,11 +99,21 @@ def build(name, image_size, policy, **kwargs):
         keras.mixed_precision.set_global_policy("float32")
 
 
+def forward(model, xla, training=False):
+    """`model`'s call, with the layers told whether XLA compiles it (`xla_compilation`)."""
+
+    def call(x):
+        with t2t_layers.xla_compilation(xla):
+            return model(x, training=training)
+
+    return call
+
+
 def inference_paths(model, images, min_time):
     """images/s of `model` on `images` through predict, tf.function and XLA."""
     batch = images.shape[0]
-    function = tf.function(lambda x: model(x, training=False))
-    xla = tf.function(lambda x: model(x, training=False), jit_compile=True)
+    function = tf.function(forward(model, xla=False))
+    xla = tf.function(forward(model, xla=True), jit_compile=True)
     tensor = tf.constant(images)
     results = {}
     results["predict"] = batch / timed(
@@ -85,6 +121,30 @@ def inference_paths(model, images, min_time):
     )
     results["tf_function"] = batch / timed(lambda: function(tensor).numpy(), min_time)
     results["xla"] = batch / timed(lambda: xla(tensor).numpy(), min_time)
+    return results
+
+
+def ablations(model, images, min_time):
+    """images/s of the float32 `tf.function` at full speed, then with each TF-graph fast path
+    of the layers turned off: Keras' LayerNormalization instead of `LayerNorm`'s plain
+    reductions; and every portable path at once (what `xla_compilation(True)` selects: strided
+    slices for the soft split, the 3-D MLP, Keras' LayerNormalization) in the same plain
+    graph. Each is its own `tf.function`, timed the same way."""
+    batch = images.shape[0]
+    tensor = tf.constant(images)
+
+    def rate(xla):
+        function = tf.function(forward(model, xla=xla))
+        return batch / timed(lambda: function(tensor).numpy(), min_time)
+
+    results = {"tf_paths": rate(False)}
+    ours = t2t_layers.LayerNorm.call
+    t2t_layers.LayerNorm.call = keras.layers.LayerNormalization.call
+    try:
+        results["keras_layernorm"] = rate(False)
+    finally:
+        t2t_layers.LayerNorm.call = ours
+    results["portable_paths"] = rate(True)
     return results
 
 
@@ -112,7 +172,7 @@ def train_step_throughput(model, batch, min_time, jit_compile=True):
     @tf.function(jit_compile=jit_compile)
     def step(x, y):
         with tf.GradientTape() as tape:
-            logits = tf.cast(model(x, training=True), tf.float32)
+            logits = tf.cast(forward(model, jit_compile, training=True)(x), tf.float32)
             loss = tf.reduce_mean(
                 keras.losses.categorical_crossentropy(y, logits, from_logits=True)
             )
@@ -135,7 +195,11 @@ def profile(model, images, min_time):
     normed = block.norm1(tokens)
 
     def ms(fn):
-        compiled = tf.function(fn, jit_compile=True)
+        def traced():
+            with t2t_layers.xla_compilation(True):
+                return fn()
+
+        compiled = tf.function(traced, jit_compile=True)
         return 1000 * timed(lambda: compiled().numpy(), min_time)
 
     total = ms(lambda: model(tensor, training=False))
@@ -165,7 +229,7 @@ def t2t_module_train_step(name, image_size, batch):
 
     @tf.function(jit_compile=True)
     def step(x):
-        with tf.GradientTape() as tape:
+        with tf.GradientTape() as tape, t2t_layers.xla_compilation(True):
             loss = tf.reduce_mean(tf.square(module(x, training=True)))
         return tape.gradient(loss, module.trainable_variables)
 
@@ -244,6 +308,20 @@ def run(args):
                     print(
                         f"  inference {key:28s} {ips:8.1f} images/s {pct(ips, dtype):5.1f}% of peak"
                     )
+            if dtype == "float32" and args.ablations:
+                batch = max(args.batch_sizes)
+                images = (
+                    np.random.default_rng(0)
+                    .uniform(0, 255, (batch, args.image_size, args.image_size, 3))
+                    .astype("float32")
+                )
+                for path, ips in ablations(model, images, args.min_time).items():
+                    key = f"float32/tf_function_{path}/batch_{batch}"
+                    entry.setdefault("ablations", {})[key] = dict(
+                        images_per_second=ips, pct_of_peak=pct(ips, "float32")
+                    )
+                    print(f"  ablation  {key:40s} {ips:8.1f} images/s "
+                          f"{pct(ips, 'float32'):5.1f}% of peak")  # fmt: skip
             if dtype == "float32" and not args.skip_tflite:
                 image = np.random.default_rng(1).uniform(0, 255, (args.image_size,) * 2 + (3,))
                 ips = tflite_throughput(model, image, args.min_time, os.cpu_count())
@@ -295,6 +373,137 @@ def run(args):
     return report
 
 
+# --- JAX and PyTorch ------------------------------------------------------------------------
+
+
+def _sync(value):
+    """Waits for `value` (JAX dispatches asynchronously; PyTorch on the CPU does not)."""
+    if keras.backend.backend() == "jax":
+        value.block_until_ready()
+    return value
+
+
+def portable_peak(dtype, size, min_time):
+    """GFLOP/s of a square matmul chain on the current backend (compiled by `jax.jit` on JAX,
+    eager on PyTorch)."""
+    a = keras.ops.cast(keras.random.normal((size, size), seed=0), dtype)
+    b = keras.ops.cast(keras.random.normal((size, size), seed=1) / size**0.5, dtype)
+
+    def chain(x, b):
+        for _ in range(4):
+            x = keras.ops.matmul(x, b)
+        return x
+
+    if keras.backend.backend() == "jax":
+        import jax
+
+        chain = jax.jit(chain)
+    seconds = timed(lambda: _sync(chain(a, b)), min_time)
+    return 4 * 2 * size**3 / seconds / 1e9
+
+
+def compiled_forward(model):
+    """The inference call that the backend runs fastest: `jax.jit` of `stateless_call` on JAX;
+    the eager call under `torch.no_grad()` on PyTorch."""
+    if keras.backend.backend() == "jax":
+        import jax
+
+        call = jax.jit(lambda t, f, x: model.stateless_call(t, f, x, training=False)[0])
+
+        def forward(x):
+            # The values are read at each call: `predict` and `fit` replace their buffers.
+            trainable = [v.value for v in model.trainable_variables]
+            frozen = [v.value for v in model.non_trainable_variables]
+            return _sync(call(trainable, frozen, x))
+
+        return forward
+    import torch
+
+    def call(x):
+        with torch.no_grad():
+            return model(x, training=False)
+
+    return call
+
+
+def _portable_rows(name, policy, dtype, args, entry, pct):
+    """Inference and training rows of one model in one dtype policy, into `entry`."""
+    compiled_name = "jit" if keras.backend.backend() == "jax" else "eager_no_grad"
+    model = keras_t2t.create_model(
+        name,
+        input_shape=(args.image_size, args.image_size, 3),
+        classifier_activation=None,
+        dtype=policy,
+    )
+    call = compiled_forward(model)
+    for batch in args.batch_sizes:
+        images = (
+            np.random.default_rng(0)
+            .uniform(0, 255, (batch, args.image_size, args.image_size, 3))
+            .astype("float32")
+        )
+        paths = {
+            "predict": lambda: model.predict(images, batch_size=batch, verbose=0),  # noqa: B023
+            compiled_name: lambda: call(images),  # noqa: B023
+        }
+        for path, fn in paths.items():
+            ips = batch / timed(fn, args.min_time)
+            key = f"{dtype}/{path}/batch_{batch}"
+            entry["inference"][key] = dict(images_per_second=ips, pct_of_peak=pct(ips, dtype))
+            print(f"  inference {key:28s} {ips:8.1f} images/s {pct(ips, dtype):5.1f}% of peak")
+    batch = args.train_batch
+    classes = model.output_shape[-1]
+    rng = np.random.default_rng(2)
+    x = rng.uniform(0, 255, (batch, args.image_size, args.image_size, 3)).astype("float32")
+    y = np.eye(classes, dtype="float32")[rng.integers(0, classes, batch)]
+    model.compile(
+        optimizer=keras.optimizers.AdamW(1e-4, weight_decay=0.05),
+        loss=keras.losses.CategoricalCrossentropy(from_logits=True),
+        jit_compile=keras.backend.backend() == "jax",
+    )
+    ips = batch / timed(lambda: model.train_on_batch(x, y), args.min_time)
+    train_pct = 3 * pct(ips, dtype)
+    entry[f"train_step_{dtype}_batch_{batch}"] = dict(images_per_second=ips, pct_of_peak=train_pct)
+    print(f"  training step {dtype} batch {batch}: {ips:.1f} images/s "
+          f"{train_pct:.1f}% of peak (3x forward FLOPs)")  # fmt: skip
+
+
+def run_portable(args):
+    """The benchmark on the JAX or PyTorch backend: peak, inference and training step."""
+    backend = keras.backend.backend()
+    module = __import__(backend)
+    report = dict(
+        machine=dict(
+            processor=platform.processor() or platform.machine(),
+            cores=os.cpu_count(),
+            backend=backend,
+            **{backend: module.__version__},
+            keras=keras.__version__,
+        ),
+        settings=vars(args),
+    )
+    print(f"Keras {keras.__version__} on {backend} {module.__version__}, {os.cpu_count()} cores")
+    size = 1024 if args.short else 4096
+    peaks = {dtype: portable_peak(dtype, size, args.min_time) for dtype in ("float32", "bfloat16")}
+    report["peak_gflops"] = peaks
+    print(f"peak matmul ({size}x{size}): float32 {peaks['float32']:.0f} GFLOP/s, "
+          f"bfloat16 {peaks['bfloat16']:.0f} GFLOP/s")  # fmt: skip
+    report["models"] = {}
+    for name in args.models:
+        flops = keras_t2t.count_flops(name, args.image_size)
+        entry = dict(image_size=args.image_size, gflops_per_image=flops / 1e9, inference={})
+        report["models"][name] = entry
+        print(f"\n{name} at {args.image_size}: {flops / 1e9:.2f} GFLOP per image")
+
+        def pct(images_per_second, dtype, flops=flops):
+            return 100 * images_per_second * flops / 1e9 / peaks[dtype]
+
+        for policy, dtype in (("float32", "float32"), ("mixed_bfloat16", "bfloat16")):
+            _portable_rows(name, policy, dtype, args, entry, pct)
+            keras.backend.clear_session()
+    return report
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="t2t_vit_14", help="comma-separated variants")
@@ -307,11 +516,22 @@ def main(argv=None):
     parser.add_argument("--skip_tflite", action="store_true")
     parser.add_argument("--skip_profile", action="store_true")
     parser.add_argument("--skip_memory", action="store_true")
+    parser.add_argument(
+        "--backend", choices=BACKENDS, default=keras.backend.backend(),
+        help="the Keras backend to measure (default: this process's, KERAS_BACKEND)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--ablations", action="store_true",
+        help="also time the float32 tf.function with each TF-graph fast path turned off",
+    )  # fmt: skip
     parser.add_argument("--short", action="store_true", help="a quick run of every path (CI)")
     parser.add_argument("--output", help="write the figures to this JSON file")
     args = parser.parse_args(argv)
     if args.short:
+        args.ablations = args.ablations or args.backend == "tensorflow"
         args.models, args.image_size, args.batch_sizes = "t2t_vit_7", 32, "1,2"
+        if args.backend != "tensorflow":
+            args.batch_sizes = "2"  # each batch size is another compilation
         args.train_batch, args.memory_batch, args.memory_sizes = 2, 2, "32"
         args.min_time = 0.0
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -320,7 +540,15 @@ def main(argv=None):
     for name in args.models:
         if name not in keras_t2t.MODEL_CONFIGS:
             parser.error(f"unknown model {name!r}; known: {', '.join(keras_t2t.list_models())}")
-    report = run(args)
+    if args.backend != keras.backend.backend():
+        parser.error(
+            f"--backend={args.backend}, but Keras was already imported with the "
+            f"{keras.backend.backend()} backend; run this script with --backend on its "
+            f"command line (or KERAS_BACKEND={args.backend})"
+        )
+    if args.backend != "tensorflow" and args.ablations:
+        parser.error("--ablations times TensorFlow graphs; use it with --backend=tensorflow")
+    report = run(args) if args.backend == "tensorflow" else run_portable(args)
     if args.output:
         with open(args.output, "w") as f:
             json.dump(report, f, indent=2)

@@ -69,7 +69,11 @@ def with_soft_split(model, implementation):
 
 
 def serving_fn(model):
-    """uint8 images -> dict of the named outputs, whatever the model's head and preprocessing."""
+    """uint8 images -> dict of the named outputs, whatever the model's head and preprocessing.
+
+    Traced as a plain TensorFlow graph (TF Serving and TFLite do not compile with XLA), so the
+    model takes its fast paths for plain graphs even where it is exported on a GPU machine.
+    """
     has_preprocessing = any(layer.name == "preprocessing" for layer in model.layers)
     activation = model.get_layer("predictions").activation
     softmax_head = getattr(activation, "__name__", "") == "softmax"
@@ -80,7 +84,8 @@ def serving_fn(model):
         x = tf.cast(images, tf.float32)
         if not has_preprocessing:
             x = (x - mean) / std
-        outputs = tf.cast(model(x, training=False), tf.float32)
+        with t2t_layers.xla_compilation(False):
+            outputs = tf.cast(model(x, training=False), tf.float32)
         probabilities = outputs if softmax_head else tf.nn.softmax(outputs, axis=-1)
         return {
             "probabilities": probabilities,

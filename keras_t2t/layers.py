@@ -10,6 +10,9 @@ row-major order, and a soft-split patch vector is ordered `(i * k + j) * C + c` 
 are permuted once when they are loaded (`keras_t2t.weights`), so inference pays nothing.
 """
 
+import contextlib
+import contextvars
+import functools
 import math
 
 import keras
@@ -78,8 +81,9 @@ class LayerNorm(keras.layers.LayerNormalization):
     """LayerNormalization over the last axis, computed in float32 with plain reductions.
 
     The same weights (`gamma`, `beta`) and results as Keras' layer, about 20% faster on CPU
-    in TensorFlow graphs. Under XLA (where Keras' own is faster to train), on the JAX and
-    PyTorch backends and for other configurations, Keras' implementation runs.
+    in TensorFlow graphs. For graphs that XLA compiles (where Keras' own is faster to train;
+    see `xla_compilation`), on the JAX and PyTorch backends and for other configurations,
+    Keras' implementation runs.
     """
 
     def call(self, inputs):
@@ -110,22 +114,52 @@ def patch_permutation(channels, kernel_size):
     return np.arange(channels * kk).reshape(channels, kk).T.reshape(-1)
 
 
-def _in_xla_context():
-    """True while TensorFlow traces a graph that XLA compiles (`jit_compile=True`, TPU);
-    False on the other backends, which take the portable path everywhere."""
-    tf = _tensorflow()
-    if tf is None:
-        return False
+_XLA = contextvars.ContextVar("keras_t2t_xla", default=None)
+
+
+@contextlib.contextmanager
+def xla_compilation(enabled=True):
+    """Tells the layers whether XLA will compile the TensorFlow graphs traced inside.
+
+    On the TensorFlow backend three layers have two implementations with the same results:
+    one fast in plain TensorFlow graphs (`SoftSplit` through `tf.image.extract_patches`, the
+    MLP on 2-D rows, `LayerNorm` with plain reductions) and one fast under XLA (strided
+    slices, the 3-D MLP, Keras' LayerNormalization). Where no such scope is open, XLA is
+    assumed when TensorFlow sees a GPU or TPU (where Keras' `jit_compile="auto"` and TPUs
+    compile with XLA) and not on a CPU-only machine (where Keras does not, nor does TF
+    Serving). Open it where that guess is wrong, around the code that traces the model::
+
+        @tf.function(jit_compile=True)
+        def forward(images):
+            with keras_t2t.layers.xla_compilation():
+                return model(images, training=False)
+
+    The training script, the exports and the benchmarks open it themselves. Only speed
+    depends on it: every choice gives the same outputs. JAX and PyTorch always take the
+    portable implementations.
+    """
+    token = _XLA.set(bool(enabled))
     try:
-        from tensorflow.python.ops import control_flow_util
-    except ImportError:  # pragma: no cover - TF internals moved
-        return False
-    return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
+        yield
+    finally:
+        _XLA.reset(token)
+
+
+@functools.cache
+def _has_accelerator():
+    tf = _tensorflow()
+    return bool(tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("TPU"))
+
+
+def _compiled_by_xla():
+    """Whether the graph being traced is for XLA, as `xla_compilation` describes."""
+    enabled = _XLA.get()
+    return _has_accelerator() if enabled is None else enabled
 
 
 def _tf_graph_without_xla():
     """Whether the TF-specific fast paths apply: the TensorFlow backend, outside XLA."""
-    return _tensorflow() is not None and not _in_xla_context()
+    return _tensorflow() is not None and not _compiled_by_xla()
 
 
 @_register
@@ -143,11 +177,11 @@ class SoftSplit(keras.layers.Layer):
         padding: zeros added on each side.
         implementation: `"patches"` uses `tf.image.extract_patches`; `"slices"` gathers the
             same values with k*k strided slices and a concatenation (pure `keras.ops`), which
-            converts to TFLite builtin ops; `"auto"` (default) takes slices when the graph is
-            compiled by XLA (CPU/GPU `jit_compile`, TPU), where XLA's lowering of
-            extract_patches is up to 8x slower, and extract_patches elsewhere, where it is 2x
-            faster. On the JAX and PyTorch backends, which have no extract_patches, every
-            setting takes the slices. All give identical outputs.
+            converts to TFLite builtin ops; `"auto"` (default) takes slices for graphs that XLA
+            compiles (see `xla_compilation`), where XLA's lowering of extract_patches is up to
+            8x slower, and extract_patches elsewhere, where it is 2x faster. On the JAX and
+            PyTorch backends, which have no extract_patches, every setting takes the slices.
+            All give identical outputs.
 
     >>> import numpy as np
     >>> split = SoftSplit(kernel_size=3, strides=2, padding=1)
@@ -286,7 +320,7 @@ class Mlp(keras.layers.Layer):
     def call(self, inputs, training=None):
         # In TF graphs, 2-D (rows, features) lets oneDNN fuse the matmul, bias and GELU (fc1 of
         # T2T-ViT-14 is 30% faster); XLA fuses by itself, and its training step is 1.4x
-        # slower with the reshapes, so they are left out there.
+        # slower with the reshapes, so they are left out there (see `xla_compilation`).
         flatten = len(inputs.shape) > 2 and _tf_graph_without_xla()
         x = ops.reshape(inputs, (-1, inputs.shape[-1])) if flatten else inputs
         x = keras.activations.gelu(self.fc1(x), approximate=False)

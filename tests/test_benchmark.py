@@ -37,7 +37,54 @@ def test_benchmark_short_mode(tmp_path):
     assert entry["train_step_bfloat16_batch_2"]["images_per_second"] > 0
     assert entry["train_memory_model_32_batch_2"]["peak_rss_gib"] > 0
     assert entry["train_memory_t2t_32_batch_2"]["peak_rss_gib"] > 0
+    assert set(entry["ablations"]) == {
+        f"float32/tf_function_{path}/batch_2"
+        for path in ("tf_paths", "keras_layernorm", "portable_paths")
+    }
     assert "% of peak" in result.stdout
+
+
+@pytest.mark.slow
+def test_benchmark_short_mode_on_jax_and_torch(tmp_path):
+    """--backend=jax and --backend=torch, side by side (each its own process and backend)."""
+    runs = {}
+    for backend in ("jax", "torch"):
+        runs[backend] = subprocess.Popen(
+            [sys.executable, str(ROOT / "benchmarks" / "benchmark.py"), "--short",
+             f"--backend={backend}", f"--output={tmp_path / backend}.json"],
+            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(ROOT),
+                     KERAS_BACKEND="tensorflow"),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+    for backend, process in runs.items():
+        stdout, stderr = process.communicate(timeout=900)
+        assert process.returncode == 0, (backend, stderr[-3000:])
+        report = json.loads((tmp_path / f"{backend}.json").read_text())
+        assert report["machine"]["backend"] == backend
+        assert "tensorflow" not in report["machine"]
+        entry = report["models"]["t2t_vit_7"]
+        compiled = "jit" if backend == "jax" else "eager_no_grad"
+        assert set(entry["inference"]) == {
+            f"{dtype}/{path}/batch_{batch}"
+            for dtype in ("float32", "bfloat16")
+            for path in ("predict", compiled)
+            for batch in (2,)
+        }
+        for figures in entry["inference"].values():
+            assert figures["images_per_second"] > 0 and figures["pct_of_peak"] > 0
+        assert entry["train_step_float32_batch_2"]["images_per_second"] > 0
+        assert entry["train_step_bfloat16_batch_2"]["images_per_second"] > 0
+        assert f"on {backend}" in stdout
+
+
+def test_benchmark_refuses_ablations_off_tensorflow():
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "benchmark.py"), "--backend=torch",
+         "--ablations"],
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(ROOT)),
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 2 and "use it with --backend=tensorflow" in result.stderr
 
 
 def test_benchmark_rejects_unknown_model():

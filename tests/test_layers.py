@@ -285,15 +285,71 @@ def _graph_ops(fn, *args):
     return ops_
 
 
-def test_auto_soft_split_uses_slices_under_xla_only():
+def test_auto_soft_split_follows_xla_compilation():
     import tensorflow as tf
 
     split = layers.SoftSplit(3, 2, 1)
     spec = tf.TensorSpec((1, 8, 8, 4))
-    assert "ExtractImagePatches" in _graph_ops(tf.function(lambda t: split(t)), spec)
-    xla_ops = _graph_ops(tf.function(lambda t: split(t), jit_compile=True), spec)
+
+    def traced(xla, jit_compile):
+        def call(t):
+            with layers.xla_compilation(xla):
+                return split(t)
+
+        return _graph_ops(tf.function(call, jit_compile=jit_compile), spec)
+
+    assert "ExtractImagePatches" in traced(False, jit_compile=False)
+    xla_ops = traced(True, jit_compile=True)
     assert "ExtractImagePatches" not in xla_ops and "StridedSlice" in xla_ops
+    # No scope: XLA is assumed only where TensorFlow sees a GPU or TPU (none in CI).
+    assert not tf.config.list_logical_devices("GPU")
+    assert "ExtractImagePatches" in _graph_ops(tf.function(lambda t: split(t)), spec)
+    # The scope is restored on exit, nested or not.
+    with layers.xla_compilation(True):
+        with layers.xla_compilation(False):
+            assert layers._tf_graph_without_xla()
+        assert not layers._tf_graph_without_xla()
+    assert layers._tf_graph_without_xla()
     x = np.random.default_rng(10).normal(size=(2, 8, 8, 4)).astype("float32")
+
+    def under_xla(t):
+        with layers.xla_compilation():
+            return split(t)
+
     np.testing.assert_array_equal(
-        np.asarray(tf.function(split, jit_compile=True)(x)), np.asarray(split(x))
+        np.asarray(tf.function(under_xla, jit_compile=True)(x)), np.asarray(split(x))
     )
+
+
+def test_layer_norm_and_mlp_take_their_xla_paths_in_the_scope(monkeypatch):
+    import tensorflow as tf
+
+    calls = []
+    keras_call = keras.layers.LayerNormalization.call
+    monkeypatch.setattr(
+        keras.layers.LayerNormalization,
+        "call",
+        lambda self, x: calls.append(1) or keras_call(self, x),
+    )
+    norm, mlp = layers.LayerNorm(epsilon=1e-5), layers.Mlp(8)
+    spec = tf.TensorSpec((2, 5, 4))
+    x = np.random.default_rng(11).normal(size=(2, 5, 4)).astype("float32")
+    outputs = {}
+    for xla in (False, True):
+
+        def call(t, xla=xla):
+            with layers.xla_compilation(xla):
+                return norm(t), mlp(t)
+
+        function = tf.function(call)
+        ops_ = _graph_ops(function, spec)
+        outputs[xla] = [np.asarray(o) for o in function(x)]
+        # Keras' LayerNormalization is traced only for XLA; the MLP's 2-D rows only without.
+        assert (len(calls) > 0) == xla, xla
+        # On 3-D inputs, Dense contracts through a Tensordot; the 2-D rows need none.
+        graph = function.get_concrete_function(spec).graph
+        tensordot = any("mlp" in op.name and "Tensordot" in op.name
+                        for op in graph.get_operations())  # fmt: skip
+        assert tensordot == xla, (xla, sorted(ops_))
+    for ours, portable in zip(outputs[False], outputs[True]):
+        np.testing.assert_allclose(ours, portable, rtol=1e-5, atol=1e-5)

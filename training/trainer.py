@@ -23,6 +23,7 @@ import tensorflow as tf
 from keras import ops
 
 import keras_t2t
+from keras_t2t import layers as t2t_layers
 from keras_t2t import weights as weights_lib
 from training import data as data_lib
 
@@ -663,9 +664,11 @@ class Trainer:
         global_batch = float(config.batch_size)
         scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
 
+        xla = bool(config.jit_compile) or isinstance(strategy, tf.distribute.TPUStrategy)
+
         @tf.function(jit_compile=config.jit_compile)
         def gradients(images, targets):
-            with tf.GradientTape() as tape:
+            with tf.GradientTape() as tape, t2t_layers.xla_compilation(xla):
                 logits = tf.cast(model(images, training=True), tf.float32)
                 per_example = keras.losses.categorical_crossentropy(
                     targets, logits, from_logits=True
@@ -987,10 +990,13 @@ class Trainer:
 def make_eval_step(model, strategy):
     """The evaluation step: one `tf.function`, traced once, for every evaluation of a run."""
 
+    xla = isinstance(strategy, tf.distribute.TPUStrategy)  # TPUs compile every graph
+
     @tf.function
     def eval_step(images, labels, mask):
         def replica(images, labels, mask):
-            logits = tf.cast(model(images, training=False), tf.float32)
+            with t2t_layers.xla_compilation(xla):
+                logits = tf.cast(model(images, training=False), tf.float32)
             loss = keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
             top5 = tf.math.in_top_k(labels, logits, k=min(5, logits.shape[-1]))
             top1 = tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels)
