@@ -30,7 +30,7 @@ setup(
         "serving": ["tensorflow-serving-api>=2.20"],
         "viz": ["matplotlib>=3.7"],
         "jax": ["jax>=0.4.30"],
-        "test": ["pytest>=8", "ruff>=0.6", "matplotlib>=3.7", "jax>=0.4.30"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6", "matplotlib>=3.7", "jax>=0.4.30"],
     },
     entry_points={"console_scripts": ["keras-t2t-convert=keras_t2t.convert:main"]},
     classifiers=[
