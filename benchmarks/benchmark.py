@@ -60,6 +60,11 @@ if keras.backend.backend() == "tensorflow":
     import tensorflow as tf
 
 
+def _policies(dtypes):
+    """(Keras dtype policy, compute dtype) for each of `dtypes`."""
+    return [("float32" if d == "float32" else f"mixed_{d}", d) for d in dtypes]
+
+
 def timed(fn, min_time, min_runs=3, warmup=1):
     """Median seconds of one call of `fn` (after `warmup` calls), over >= min_runs calls and
     >= min_time seconds."""
@@ -272,14 +277,13 @@ def run(args):
         settings=vars(args),
     )
     print(f"TensorFlow {tf.__version__}, Keras {keras.__version__}, {os.cpu_count()} cores")
-    size = 1024 if args.short else 4096
-    peaks = {
-        "float32": peak_matmul(tf.float32, size, args.min_time),
-        "bfloat16": peak_matmul(tf.bfloat16, size, args.min_time),
-    }
+    size = args.peak_size
+    peaks = {dtype: peak_matmul(getattr(tf, dtype), size, args.min_time) for dtype in args.dtypes}
     report["peak_gflops"] = peaks
-    print(f"peak matmul ({size}x{size}): float32 {peaks['float32']:.0f} GFLOP/s, "
-          f"bfloat16 {peaks['bfloat16']:.0f} GFLOP/s")  # fmt: skip
+    print(
+        f"peak matmul ({size}x{size}): "
+        + ", ".join(f"{dtype} {gflops:.0f} GFLOP/s" for dtype, gflops in peaks.items())
+    )
     report["models"] = {}
     for name in args.models:
         flops = keras_t2t.count_flops(name, args.image_size)
@@ -291,7 +295,7 @@ def run(args):
         def pct(images_per_second, policy, flops=flops):
             return 100 * images_per_second * flops / 1e9 / peaks[policy]
 
-        for policy, dtype in (("float32", "float32"), ("mixed_bfloat16", "bfloat16")):
+        for policy, dtype in _policies(args.dtypes):
             model = build(name, args.image_size, policy)
             for batch in args.batch_sizes:
                 images = (
@@ -483,11 +487,13 @@ def run_portable(args):
         settings=vars(args),
     )
     print(f"Keras {keras.__version__} on {backend} {module.__version__}, {os.cpu_count()} cores")
-    size = 1024 if args.short else 4096
-    peaks = {dtype: portable_peak(dtype, size, args.min_time) for dtype in ("float32", "bfloat16")}
+    size = args.peak_size
+    peaks = {dtype: portable_peak(dtype, size, args.min_time) for dtype in args.dtypes}
     report["peak_gflops"] = peaks
-    print(f"peak matmul ({size}x{size}): float32 {peaks['float32']:.0f} GFLOP/s, "
-          f"bfloat16 {peaks['bfloat16']:.0f} GFLOP/s")  # fmt: skip
+    print(
+        f"peak matmul ({size}x{size}): "
+        + ", ".join(f"{dtype} {gflops:.0f} GFLOP/s" for dtype, gflops in peaks.items())
+    )
     report["models"] = {}
     for name in args.models:
         flops = keras_t2t.count_flops(name, args.image_size)
@@ -498,7 +504,7 @@ def run_portable(args):
         def pct(images_per_second, dtype, flops=flops):
             return 100 * images_per_second * flops / 1e9 / peaks[dtype]
 
-        for policy, dtype in (("float32", "float32"), ("mixed_bfloat16", "bfloat16")):
+        for policy, dtype in _policies(args.dtypes):
             _portable_rows(name, policy, dtype, args, entry, pct)
             keras.backend.clear_session()
     return report
@@ -512,6 +518,14 @@ def main(argv=None):
     parser.add_argument("--train_batch", type=int, default=32)
     parser.add_argument("--memory_batch", type=int, default=64)
     parser.add_argument("--memory_sizes", default="224,384")
+    parser.add_argument(
+        "--dtypes", default="float32,bfloat16",
+        help="compute dtypes to measure: float32 and/or bfloat16 (mixed_bfloat16 models)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--peak_size", type=int, default=4096,
+        help="side of the matmuls that measure the peak (1024 with --short)",
+    )  # fmt: skip
     parser.add_argument("--min_time", type=float, default=3.0, help="seconds per measurement")
     parser.add_argument("--skip_tflite", action="store_true")
     parser.add_argument("--skip_profile", action="store_true")
@@ -533,9 +547,13 @@ def main(argv=None):
         if args.backend != "tensorflow":
             args.batch_sizes = "2"  # each batch size is another compilation
         args.train_batch, args.memory_batch, args.memory_sizes = 2, 2, "32"
-        args.min_time = 0.0
+        args.min_time, args.peak_size = 0.0, 1024
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     args.batch_sizes = [int(b) for b in str(args.batch_sizes).split(",")]
+    args.dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    for dtype in args.dtypes:
+        if dtype not in ("float32", "bfloat16"):
+            parser.error(f"unknown dtype {dtype!r} in --dtypes; choose float32 and/or bfloat16")
     args.memory_sizes = [int(s) for s in str(args.memory_sizes).split(",")]
     for name in args.models:
         if name not in keras_t2t.MODEL_CONFIGS:
