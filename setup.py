@@ -27,6 +27,8 @@ setup(
         "train": ["scikit-learn>=1.3", "tensorboard>=2.20"],
         "tfds": ["tensorflow-datasets>=4.9"],
         "tflite": ["ai-edge-litert>=2.0"],
+        "onnx": ["tf2onnx>=1.16", "onnx>=1.14", "onnxruntime>=1.17"],
+        "openvino": ["openvino>=2024.0"],
         "serving": ["tensorflow-serving-api>=2.20"],
         "viz": ["matplotlib>=3.7"],
         "jax": ["jax>=0.4.30"],

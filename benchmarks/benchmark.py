@@ -153,6 +153,78 @@ def ablations(model, images, min_time):
     return results
 
 
+def engine_paths(model, batches, min_time):
+    """images/s of the exported model where it is deployed, on uint8 pixels (`batches`: a list
+    of float32 image batches): the SavedModel's `serving_default` (what TF Serving runs), ONNX
+    Runtime (float32) and OpenVINO (float32, and bfloat16 through INFERENCE_PRECISION_HINT).
+    An engine that is not installed is left out; a precision this CPU does not run gets an
+    error text instead of a figure. Keys: "<dtype>/<path>/batch_<n>". Each model is exported
+    once."""
+    import tempfile
+
+    from keras_t2t import export
+
+    pixels = [np.clip(np.round(images), 0, 255).astype(np.uint8) for images in batches]
+    runners = {}
+    with tempfile.TemporaryDirectory() as folder:
+        saved = export.export_saved_model(model, folder, "m", 1)
+        signature = tf.saved_model.load(saved).signatures["serving_default"]
+        runners["float32/serving_default"] = lambda x: signature(images=tf.constant(x))[
+            "probabilities"
+        ].numpy()
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            ort = None
+        if ort is not None:
+            path = export.export_onnx(model, os.path.join(folder, "m.onnx"))
+            session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+            runners["float32/onnxruntime"] = lambda x: session.run(None, {"images": x})
+        try:
+            import openvino as ov
+        except ImportError:
+            ov = None
+        if ov is not None:
+            xml = export.export_openvino(model, os.path.join(folder, "ov", "m.xml"))
+            core = ov.Core()
+            for dtype, hint in (("float32", ov.Type.f32), ("bfloat16", ov.Type.bf16)):
+                try:
+                    compiled = core.compile_model(xml, "CPU", {"INFERENCE_PRECISION_HINT": hint})
+                    granted = compiled.get_property("INFERENCE_PRECISION_HINT")
+                except RuntimeError as error:
+                    runners[f"{dtype}/openvino"] = str(error).strip().splitlines()[-1]
+                    continue
+                if granted != hint:
+                    runners[f"{dtype}/openvino"] = f"this CPU computes in {granted}, not {hint}"
+                    continue
+                runners[f"{dtype}/openvino"] = lambda x, c=compiled: c({"images": x})
+        results = {}
+        for x in pixels:
+            for path, run in runners.items():
+                key = f"{path}/batch_{x.shape[0]}"
+                if isinstance(run, str):
+                    results[key] = run
+                else:
+                    results[key] = x.shape[0] / timed(lambda run=run, x=x: run(x), min_time)
+    return results
+
+
+def ratios_to_openvino(inference):
+    """Adds `ratio_to_openvino` to every row with an OpenVINO row of the same dtype and batch
+    (OpenVINO running our own exported graph: the engine to beat on Intel CPUs), and prints
+    them."""
+    lines = []
+    for key, row in inference.items():
+        dtype, path, batch = key.split("/")
+        base = inference.get(f"{dtype}/openvino/{batch}", {}).get("images_per_second")
+        if base and "images_per_second" in row and path != "openvino":
+            row["ratio_to_openvino"] = row["images_per_second"] / base
+            lines.append(f"  {key:36s} {row['ratio_to_openvino']:5.2f}x OpenVINO")
+    if lines:
+        print("  ratio to OpenVINO on our exported graph, same dtype and batch:")
+        print("\n".join(lines))
+
+
 def tflite_throughput(model, image, min_time, threads):
     from ai_edge_litert.interpreter import Interpreter
 
@@ -293,6 +365,8 @@ def run(args):
               f"({flops / 2e9:.2f} GMACs)")  # fmt: skip
 
         def pct(images_per_second, policy, flops=flops):
+            if policy not in peaks:  # a dtype left out of --dtypes
+                return float("nan")
             return 100 * images_per_second * flops / 1e9 / peaks[policy]
 
         for policy, dtype in _policies(args.dtypes):
@@ -312,6 +386,24 @@ def run(args):
                     print(
                         f"  inference {key:28s} {ips:8.1f} images/s {pct(ips, dtype):5.1f}% of peak"
                     )
+            if dtype == "float32" and not args.skip_engines:
+                batches = [
+                    np.random.default_rng(0)
+                    .uniform(0, 255, (batch, args.image_size, args.image_size, 3))
+                    .astype("float32")
+                    for batch in args.batch_sizes
+                ]
+                for key, ips in engine_paths(model, batches, args.min_time).items():
+                    engine_dtype = key.split("/")[0]
+                    if isinstance(ips, str):
+                        entry["inference"][key] = dict(error=ips)
+                        print(f"  inference {key:28s} {ips}")
+                        continue
+                    entry["inference"][key] = dict(
+                        images_per_second=ips, pct_of_peak=pct(ips, engine_dtype)
+                    )
+                    print(f"  inference {key:28s} {ips:8.1f} images/s "
+                          f"{pct(ips, engine_dtype):5.1f}% of peak")  # fmt: skip
             if dtype == "float32" and args.ablations:
                 batch = max(args.batch_sizes)
                 images = (
@@ -357,6 +449,7 @@ def run(args):
                   f"{train_pct:.1f}% of peak (3x forward FLOPs)")  # fmt: skip
             del model
             keras.backend.clear_session()
+        ratios_to_openvino(entry["inference"])
         if not args.skip_memory:
             for part in ("model", "t2t"):
                 for side in args.memory_sizes:
@@ -529,6 +622,10 @@ def main(argv=None):
     parser.add_argument("--min_time", type=float, default=3.0, help="seconds per measurement")
     parser.add_argument("--skip_tflite", action="store_true")
     parser.add_argument("--skip_profile", action="store_true")
+    parser.add_argument(
+        "--skip_engines", action="store_true",
+        help="leave out the exported models: serving_default, ONNX Runtime, OpenVINO",
+    )  # fmt: skip
     parser.add_argument("--skip_memory", action="store_true")
     parser.add_argument(
         "--backend", choices=BACKENDS, default=keras.backend.backend(),

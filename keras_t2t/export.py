@@ -1,4 +1,4 @@
-"""Export to SavedModel (TF Serving) and TFLite (builtin ops only).
+"""Export to SavedModel (TF Serving), TFLite (builtin ops only), ONNX and OpenVINO.
 
 SavedModel signatures (both return the same named outputs, see `savedmodels/README.md`):
 - `serving_default`: `images`, uint8 `[batch, size, size, 3]` RGB in [0, 255];
@@ -11,8 +11,12 @@ The SavedModel holds stock TensorFlow ops only and loads where neither keras nor
 can be imported. TFLite models take uint8 `[1, size, size, 3]` and return the probabilities;
 they are converted from a twin of the model whose soft splits are strided slices (the same
 values as `tf.image.extract_patches`, which has no TFLite builtin), with builtin ops only.
+ONNX (through tf2onnx) and OpenVINO IR models take `images` `[batch, size, size, 3]` (uint8,
+or float32 pixels in [0, 255] with `input_dtype="float32"`) and return the same three named
+outputs as the SavedModel.
 """
 
+import importlib
 import os
 
 import keras
@@ -20,7 +24,7 @@ import numpy as np
 
 from keras_t2t import require_tensorflow_backend  # noqa: E402
 
-require_tensorflow_backend("keras_t2t.export (SavedModel and TFLite)")
+require_tensorflow_backend("keras_t2t.export (SavedModel, TFLite, ONNX and OpenVINO)")
 
 import tensorflow as tf  # noqa: E402
 
@@ -32,7 +36,9 @@ from keras_t2t.imagenet import (  # noqa: E402
     resize_and_center_crop,
 )
 
-FORMATS = ("saved_model", "tflite")
+FORMATS = ("saved_model", "tflite", "onnx", "openvino")
+INPUT_DTYPES = ("uint8", "float32")
+ONNX_OPSET = 17
 TFLITE_KINDS = ("float32", "float16", "dynamic_int8", "int8")
 OUTPUTS = ("probabilities", "classes", "scores")
 WARMUP_FILE = "tf_serving_warmup_requests"
@@ -412,32 +418,234 @@ def tflite_op_names(flatbuffer):
     return sorted({op["op_name"] for op in interpreter._get_ops_details()})
 
 
+# --- ONNX, OpenVINO, Triton and TF Serving batching ---------------------------------------
+
+
+def _optional(module, extra, what):
+    """Imports `module`, or says which extra installs it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ImportError(
+            f"{what} needs the `{module}` package: pip install 'keras-t2t[{extra}]' (or pip "
+            f"install -e '.[{extra}]' in a checkout)."
+        ) from None
+
+
+def check_input_dtype(input_dtype):
+    if input_dtype not in INPUT_DTYPES:
+        raise ValueError(
+            f"`input_dtype` must be one of {INPUT_DTYPES}, received {input_dtype!r}."
+        )
+    return input_dtype
+
+
+def pixels_function(model, input_dtype="uint8", batch=None):
+    """(tf.function, its input spec, output names): pixels `images` `[batch, size, size, 3]`
+    -> the named outputs, as the SavedModel's `serving_default`; what ONNX and OpenVINO
+    convert. The output names are in the order of the function's flat outputs.
+    """
+    check_input_dtype(input_dtype)
+    size = image_size(model)
+    serve = serving_fn(model)
+    spec = tf.TensorSpec([batch, size, size, 3], tf.as_dtype(input_dtype), name="images")
+    function = tf.function(serve, input_signature=[spec])
+    names = list(tf.nest.flatten({name: name for name in OUTPUTS}))
+    return function, spec, names
+
+
+def _erfc_as_one_minus_erf(ctx, node, name, args):
+    """tf2onnx handler for TensorFlow's Erfc, which ONNX lacks: erfc(x) = 1 - erf(x).
+
+    TensorFlow writes the exact GELU as `0.5 * x * erfc(-x / sqrt(2))`; this gives ONNX's
+    `0.5 * x * (1 + erf(x / sqrt(2)))`, the form of the official PyTorch model.
+    """
+    from tf2onnx import utils
+
+    dtype = utils.map_onnx_to_numpy_type(ctx.get_dtype(node.input[0]))
+    erf = ctx.make_node("Erf", [node.input[0]], op_name_scope=node.name)
+    one = ctx.make_const(utils.make_name(f"{node.name}_one"), np.array(1, dtype=dtype))
+    node.type = "Sub"
+    ctx.replace_inputs(node, [one.output[0], erf.output[0]])
+
+
+def onnx_model(model, input_dtype="uint8", opset=ONNX_OPSET):
+    """The ONNX ModelProto of `model`'s pixel signature (see `pixels_function`)."""
+    tf2onnx = _optional("tf2onnx", "onnx", "The ONNX export")
+    # tf2onnx turns extract_patches into a Reshape to a -3 dimension, which ONNX Runtime
+    # refuses; the strided slices give the same values as plain Slice and Concat nodes.
+    twin = with_soft_split(model, "slices")
+    function, spec, names = pixels_function(twin, input_dtype)
+    proto, _ = tf2onnx.convert.from_function(
+        function,
+        input_signature=[spec],
+        opset=opset,
+        custom_op_handlers={"Erfc": (_erfc_as_one_minus_erf, [])},
+    )
+    _rename_outputs(proto.graph, names)
+    proto.graph.input[0].name = _rename_value(proto.graph, proto.graph.input[0].name, "images")
+    for value in [*proto.graph.input, *proto.graph.output]:
+        value.type.tensor_type.shape.dim[0].dim_param = "batch"
+    return proto
+
+
+def _rename_value(graph, old, new):
+    if old == new:
+        return new
+    for node in graph.node:
+        node.input[:] = [new if name == old else name for name in node.input]
+        node.output[:] = [new if name == old else name for name in node.output]
+    return new
+
+
+def _rename_outputs(graph, names):
+    for output, name in zip(graph.output, names):
+        output.name = _rename_value(graph, output.name, name)
+
+
+def export_onnx(model, path, input_dtype="uint8", opset=ONNX_OPSET):
+    """Writes `model`'s pixel signature as an ONNX file at `path`; returns `path`."""
+    proto = onnx_model(model, input_dtype, opset)
+    onnx = _optional("onnx", "onnx", "The ONNX export")
+    onnx.checker.check_model(proto)
+    _write_atomically(path, proto.SerializeToString())
+    return path
+
+
+def openvino_model(model, input_dtype="uint8"):
+    """The OpenVINO `Model` of `model`'s pixel signature (see `pixels_function`)."""
+    ov = _optional("openvino", "openvino", "The OpenVINO export")
+    function, _, names = pixels_function(model, input_dtype)
+    ov_model = ov.convert_model(function.get_concrete_function())
+    for output, name in zip(ov_model.outputs, names):
+        output.get_tensor().set_names({name})
+    ov_model.inputs[0].get_tensor().set_names({"images"})
+    return ov_model
+
+
+def export_openvino(model, path, input_dtype="uint8"):
+    """Writes an OpenVINO IR (`path` ending in .xml, weights in the .bin beside it), float32
+    weights; returns `path`."""
+    if not path.endswith(".xml"):
+        raise ValueError(f"An OpenVINO IR path ends in .xml, received {path!r}.")
+    ov = _optional("openvino", "openvino", "The OpenVINO export")
+    ov.save_model(openvino_model(model, input_dtype), path, compress_to_fp16=False)
+    return path
+
+
+def _write_atomically(path, data):
+    partial = f"{path}.partial"
+    with open(partial, "wb") as f:
+        f.write(data)
+    os.replace(partial, path)
+
+
+TRITON_DTYPES = {"uint8": "TYPE_UINT8", "float32": "TYPE_FP32"}
+
+
+def triton_config(model, name, input_dtype="uint8", max_batch_size=32, queue_delay_us=2000):
+    """`config.pbtxt` of a Triton model repository entry serving the ONNX model with ONNX
+    Runtime, with dynamic batching."""
+    check_input_dtype(input_dtype)
+    size, classes = image_size(model), int(model.output_shape[-1])
+    preferred = [b for b in (4, 8, 16, 32) if b <= max_batch_size]
+    return f"""name: "{name}"
+backend: "onnxruntime"
+max_batch_size: {max_batch_size}
+input [
+  {{ name: "images", data_type: {TRITON_DTYPES[input_dtype]}, dims: [ {size}, {size}, 3 ] }}
+]
+output [
+  {{ name: "probabilities", data_type: TYPE_FP32, dims: [ {classes} ] }},
+  {{ name: "classes", data_type: TYPE_INT32, dims: [ 1 ], reshape: {{ shape: [ ] }} }},
+  {{ name: "scores", data_type: TYPE_FP32, dims: [ 1 ], reshape: {{ shape: [ ] }} }}
+]
+dynamic_batching {{
+  preferred_batch_size: [ {", ".join(str(b) for b in preferred)} ]
+  max_queue_delay_microseconds: {queue_delay_us}
+}}
+instance_group [ {{ kind: KIND_CPU, count: 1 }} ]
+"""
+
+
+def export_triton(model, output_dir, name, input_dtype="uint8", onnx_path=None, version=1):
+    """A Triton model repository entry: `output_dir/<name>/config.pbtxt` and
+    `output_dir/<name>/<version>/model.onnx` (copied from `onnx_path`, else exported).
+    Returns the entry's folder."""
+    version = check_version(version)
+    folder = os.path.join(output_dir, name)
+    os.makedirs(os.path.join(folder, str(version)), exist_ok=True)
+    target = os.path.join(folder, str(version), "model.onnx")
+    if onnx_path is None:
+        export_onnx(model, target, input_dtype)
+    else:
+        with open(onnx_path, "rb") as f:
+            _write_atomically(target, f.read())
+    _write_atomically(
+        os.path.join(folder, "config.pbtxt"), triton_config(model, name, input_dtype).encode()
+    )
+    return folder
+
+
+BATCHING_FILE = "batching_parameters.txt"
+
+
+def batching_parameters(max_batch_size=32, timeout_us=2000, threads=None):
+    """TF Serving's `--batching_parameters_file` text: batches of up to `max_batch_size`
+    images, waiting at most `timeout_us` to fill one; one batch thread per core."""
+    threads = threads or os.cpu_count() or 1
+    allowed = sorted({b for b in (1, 2, 4, 8, 16, 32, 64) if b < max_batch_size}
+                     | {max_batch_size})  # fmt: skip
+    return (
+        f"max_batch_size {{ value: {max_batch_size} }}\n"
+        f"batch_timeout_micros {{ value: {timeout_us} }}\n"
+        f"max_enqueued_batches {{ value: {max(4 * threads, 16)} }}\n"
+        f"num_batch_threads {{ value: {threads} }}\n"
+        + "".join(f"allowed_batch_sizes: {b}\n" for b in allowed)
+    )
+
+
 def export(
     model,
     output_dir,
-    formats=FORMATS,
+    formats=FORMATS[:2],
     version=1,
     representative_images=None,
     name=None,
     overwrite=False,
     max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS,
     crop_pct=None,
+    input_dtype="uint8",
+    triton=False,
 ):
     """Writes the chosen formats under `output_dir`; returns `{artifact: path}`.
 
     See `export_saved_model` for `version`, `overwrite`, `max_image_pixels` and `crop_pct`.
+    The SavedModel gets a TF Serving `batching_parameters.txt` beside its version folders.
+    `input_dtype` is that of the ONNX and OpenVINO inputs; `triton` also writes a Triton
+    model repository (`output_dir/triton/<name>/`) around the ONNX model.
     """
     for fmt in formats:
         if fmt not in FORMATS:
             raise ValueError(f"Unknown export format {fmt!r}; choose from {', '.join(FORMATS)}.")
+    check_input_dtype(input_dtype)
     check_model(model)
     name = name or model.name
+    # Each optional converter is looked for before anything is written.
+    if "onnx" in formats or triton:
+        _optional("tf2onnx", "onnx", "The ONNX export")
+        _optional("onnx", "onnx", "The ONNX export")
+    if "openvino" in formats:
+        _optional("openvino", "openvino", "The OpenVINO export")
     written = {}
     if "saved_model" in formats:
         warmup = None if representative_images is None else representative_images[:4]
         written["saved_model"] = export_saved_model(
             model, output_dir, name, version, warmup, overwrite, max_image_pixels, crop_pct
         )
+        batching = os.path.join(output_dir, name, BATCHING_FILE)
+        _write_atomically(batching, batching_parameters().encode())
+        written["tf_serving_batching"] = batching
     if "tflite" in formats:
         kinds = TFLITE_KINDS if representative_images is not None else TFLITE_KINDS[:3]
         folder = os.path.join(output_dir, f"{name}_tflite")
@@ -447,4 +655,17 @@ def export(
             with open(path, "wb") as f:
                 f.write(flatbuffer)
             written[f"tflite_{kind}"] = path
+    if "onnx" in formats:
+        os.makedirs(output_dir, exist_ok=True)
+        written["onnx"] = export_onnx(model, os.path.join(output_dir, f"{name}.onnx"), input_dtype)
+    if triton:
+        written["triton"] = export_triton(
+            model, os.path.join(output_dir, "triton"), name, input_dtype, written.get("onnx")
+        )
+    if "openvino" in formats:
+        folder = os.path.join(output_dir, f"{name}_openvino")
+        os.makedirs(folder, exist_ok=True)
+        written["openvino"] = export_openvino(
+            model, os.path.join(folder, f"{name}.xml"), input_dtype
+        )
     return written

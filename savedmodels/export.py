@@ -1,12 +1,17 @@
-"""Exports a T2T-ViT to a TF Serving SavedModel and to TFLite (builtin ops only).
+"""Exports a T2T-ViT to a TF Serving SavedModel, TFLite (builtin ops only), ONNX and OpenVINO.
 
     python savedmodels/export.py --model=t2t_vit_14 --weights=81.5_T2T_ViT_14.pth.tar \
         --output=exports --format=saved_model,tflite --representative_data=photos/
+    python savedmodels/export.py --model=t2t_vit_14 --weights=imagenet --output=exports \
+        --format=saved_model,onnx,openvino --triton
 
 Writes `exports/t2t_vit_14/1/` (SavedModel, TF Serving layout, warmup requests in
-`assets.extra/`) and `exports/t2t_vit_14_tflite/t2t_vit_14_{float32,float16,dynamic_int8,
-int8}.tflite`; the full int8 model needs --representative_data (a folder of JPEG/PNG images).
-Without --weights the weights are random, for trying the path. See savedmodels/README.md.
+`assets.extra/`, `batching_parameters.txt` beside it) and
+`exports/t2t_vit_14_tflite/t2t_vit_14_{float32,float16,dynamic_int8,int8}.tflite`; the full
+int8 model needs --representative_data (a folder of JPEG/PNG images). `onnx` writes
+`exports/t2t_vit_14.onnx` (with --triton also `exports/triton/t2t_vit_14/`), `openvino`
+`exports/t2t_vit_14_openvino/t2t_vit_14.xml` and `.bin`. Without --weights the weights are
+random, for trying the path. See savedmodels/README.md.
 """
 
 import argparse
@@ -59,7 +64,18 @@ def main(argv=None):
         "(default: random)",
     )
     parser.add_argument("--output", required=True, help="output folder")
-    parser.add_argument("--format", default="saved_model,tflite", help="saved_model,tflite")
+    parser.add_argument(
+        "--format", default="saved_model,tflite",
+        help="comma-separated: saved_model, tflite, onnx, openvino",
+    )  # fmt: skip
+    parser.add_argument(
+        "--input_dtype", default="uint8", choices=["uint8", "float32"],
+        help="pixel dtype of the ONNX and OpenVINO inputs (values in [0, 255] either way)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--triton", action="store_true",
+        help="also write a Triton model repository (ONNX Runtime backend) under OUTPUT/triton",
+    )  # fmt: skip
     parser.add_argument("--image_size", type=int, help="default: 224, or the size of --weights")
     parser.add_argument("--classes", type=int, help="default: the run's, or 1000")
     parser.add_argument("--version", type=int, default=1, help="SavedModel version folder (>= 1)")
@@ -116,6 +132,8 @@ def main(argv=None):
             overwrite=args.overwrite,
             max_image_pixels=args.max_image_pixels or export.DEFAULT_MAX_IMAGE_PIXELS,
             crop_pct=crop_pct,
+            input_dtype=args.input_dtype,
+            triton=args.triton,
         )
     except (ValueError, ImportError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -376,8 +376,10 @@ def test_tflite_slices_twin_has_the_same_weights(exported):
 
 
 def test_export_refuses_what_it_cannot_export(tmp_path):
-    with pytest.raises(ValueError, match="Unknown export format 'onnx'"):
-        export.export(tiny_model(), str(tmp_path), formats=("onnx",))
+    with pytest.raises(ValueError, match="Unknown export format 'coreml'"):
+        export.export(tiny_model(), str(tmp_path), formats=("coreml",))
+    with pytest.raises(ValueError, match="`input_dtype` must be one of"):
+        export.export(tiny_model(), str(tmp_path), formats=("onnx",), input_dtype="int32")
     with pytest.raises(ValueError, match="include_top=True"):
         export.export(tiny_model(include_top=False), str(tmp_path))
     with pytest.raises(ValueError, match="needs representative_images"):
@@ -418,7 +420,7 @@ def test_export_cli(tmp_path):
     "args,match",
     [
         (["--model=t2t_vit_15"], "Unknown T2T-ViT variant 't2t_vit_15'"),
-        (["--model=t2t_vit_7", "--format=onnx"], "Unknown --format 'onnx'"),
+        (["--model=t2t_vit_7", "--format=coreml"], "Unknown --format 'coreml'"),
         (
             ["--model=t2t_vit_7", f"--weights={DATA / 't2t_tiny_performer.pth.tar'}"],
             "do not fit the model 't2t_vit_7'",

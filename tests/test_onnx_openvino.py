@@ -1,0 +1,195 @@
+"""ONNX (ONNX Runtime), OpenVINO, the Triton repository and TF Serving's batching file.
+
+The ONNX and OpenVINO models are checked against the Keras model's serving function (what the
+SavedModel's `serving_default` runs) on the golden checkpoints, whose logits are the official
+model's, at batch 1 and at a larger batch."""
+
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import tiny_model
+
+tf = pytest.importorskip("tensorflow")
+from keras_t2t import export  # noqa: E402
+
+ort = pytest.importorskip("onnxruntime")
+ov = pytest.importorskip("openvino")
+pytest.importorskip("tf2onnx")
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(ROOT))
+TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="module", params=["performer", "transformer"])
+def served(request, tmp_path_factory):
+    """A golden model (official weights), its ONNX session and its compiled OpenVINO model."""
+    from conftest import DATA, GOLDEN
+
+    name = next(n for n, e in GOLDEN.items() if e["tokens_type"] == request.param)
+    entry = GOLDEN[name]
+    model = tiny_model(
+        request.param, weights=str(DATA / entry["checkpoint"]), input_shape=None,
+        classes=entry["num_classes"],
+    )  # fmt: skip
+    folder = tmp_path_factory.mktemp(f"onnx_{request.param}")
+    onnx_path = export.export_onnx(model, str(folder / "model.onnx"))
+    xml = export.export_openvino(model, str(folder / "ov" / "model.xml"))
+    core = ov.Core()
+    return dict(
+        model=model,
+        size=export.image_size(model),
+        onnx_path=onnx_path,
+        onnx=ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"]),
+        # The CPU plugin's default precision may be bf16 on CPUs that have it: ask for f32.
+        openvino=core.compile_model(xml, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}),
+    )
+
+
+def _images(batch, size, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
+
+
+def _reference(model, images):
+    outputs = export.serving_fn(model)(tf.constant(images))
+    return {k: np.asarray(v) for k, v in outputs.items()}
+
+
+def _onnx(session, images):
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(None, {"images": images})))
+
+
+def _openvino(compiled, images):
+    results = compiled({"images": images})
+    return {o.get_any_name(): results[o] for o in compiled.outputs}
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("engine", ["onnx", "openvino"])
+def test_onnx_and_openvino_match_the_keras_model(served, engine, batch):
+    images = _images(batch, served["size"], seed=batch)
+    expected = _reference(served["model"], images)
+    run = _onnx if engine == "onnx" else _openvino
+    got = run(served[engine], images)
+    assert set(got) == set(export.OUTPUTS)
+    assert got["probabilities"].shape == expected["probabilities"].shape
+    np.testing.assert_allclose(got["probabilities"], expected["probabilities"], atol=TOLERANCE)
+    np.testing.assert_allclose(got["scores"], expected["scores"], atol=TOLERANCE)
+    np.testing.assert_array_equal(got["classes"], expected["classes"])
+    # Not vacuous: the official weights give probabilities far from uniform (spread >> 1e-4).
+    assert np.ptp(expected["probabilities"]) > 0.05
+
+
+def test_the_signatures_declare_their_names_and_a_batch_axis(served):
+    session = served["onnx"]
+    size = served["size"]
+    (images,) = session.get_inputs()
+    assert (images.name, images.type, images.shape) == ("images", "tensor(uint8)",
+                                                        ["batch", size, size, 3])  # fmt: skip
+    assert {o.name: o.shape[0] for o in session.get_outputs()} == {
+        name: "batch" for name in export.OUTPUTS
+    }
+    # The exact GELU as Erf (TF's Erfc has no ONNX op), the soft split as Slice nodes.
+    onnx = pytest.importorskip("onnx")
+    proto = onnx.load(served["onnx_path"])
+    ops = {node.op_type for node in proto.graph.node}
+    assert "Erf" in ops and "Slice" in ops
+    onnx.checker.check_model(proto, full_check=True)
+    compiled = served["openvino"]
+    assert [i.get_any_name() for i in compiled.inputs] == ["images"]
+    assert {o.get_any_name() for o in compiled.outputs} == set(export.OUTPUTS)
+
+
+@pytest.mark.parametrize("side", [None, 8])
+def test_another_image_size_is_refused_not_answered(served, side):
+    """The reliability rule of the SavedModel: a wrong size gets an error, never rows."""
+    size = served["size"] + (side or -16)
+    images = _images(1, size)
+    with pytest.raises(Exception, match="(?i)invalid dimensions|index: 1"):
+        _onnx(served["onnx"], images)
+    with pytest.raises(RuntimeError):
+        _openvino(served["openvino"], images)
+
+
+def test_float32_pixels_give_the_uint8_answers(tmp_path):
+    model = tiny_model()
+    images = _images(3, 64, seed=5)
+    written = export.export(
+        model, str(tmp_path), formats=("onnx", "openvino"), input_dtype="float32"
+    )
+    session = ort.InferenceSession(written["onnx"], providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].type == "tensor(float)"
+    expected = _reference(model, images)
+    got = _onnx(session, images.astype(np.float32))
+    np.testing.assert_allclose(got["probabilities"], expected["probabilities"], atol=TOLERANCE)
+    compiled = ov.Core().compile_model(written["openvino"], "CPU",
+                                       {"INFERENCE_PRECISION_HINT": "f32"})  # fmt: skip
+    got = _openvino(compiled, images.astype(np.float32))
+    np.testing.assert_allclose(got["probabilities"], expected["probabilities"], atol=TOLERANCE)
+
+
+def test_a_missing_converter_is_named_before_anything_is_written(tmp_path, monkeypatch):
+    real = export.importlib.import_module
+
+    def without_tf2onnx(name, *args):
+        if name == "tf2onnx":
+            raise ImportError("No module named 'tf2onnx'")
+        return real(name, *args)
+
+    monkeypatch.setattr(export.importlib, "import_module", without_tf2onnx)
+    with pytest.raises(ImportError, match=r"pip install 'keras-t2t\[onnx\]'"):
+        export.export(tiny_model(), str(tmp_path / "out"), formats=("saved_model", "onnx"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_cli_onnx_openvino_triton_and_batching(tmp_path):
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "savedmodels" / "export.py"), "--model=t2t_vit_7",
+         "--image_size=32", "--classes=5", f"--output={out}",
+         "--format=saved_model,onnx,openvino", "--triton"],
+        env=ENV, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    for artifact in ("saved_model", "tf_serving_batching", "onnx", "triton", "openvino"):
+        assert re.search(rf"^{artifact}\s+\d+\.\d+ MiB", result.stdout, re.M), result.stdout
+    # The three engines give the same answers as the SavedModel's serving_default.
+    images = _images(4, 32, seed=7)
+    loaded = tf.saved_model.load(str(out / "t2t_vit_7" / "1"))
+    expected = {k: v.numpy() for k, v in loaded.signatures["serving_default"](
+        images=tf.constant(images)).items()}  # fmt: skip
+    triton_onnx = out / "triton" / "t2t_vit_7" / "1" / "model.onnx"
+    for path in (out / "t2t_vit_7.onnx", triton_onnx):
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        got = _onnx(session, images)
+        np.testing.assert_allclose(got["probabilities"], expected["probabilities"], atol=TOLERANCE)
+        np.testing.assert_array_equal(got["classes"], expected["classes"])
+    compiled = ov.Core().compile_model(str(out / "t2t_vit_7_openvino" / "t2t_vit_7.xml"), "CPU",
+                                       {"INFERENCE_PRECISION_HINT": "f32"})  # fmt: skip
+    got = _openvino(compiled, images)
+    np.testing.assert_allclose(got["probabilities"], expected["probabilities"], atol=TOLERANCE)
+    # Triton's config names what the ONNX model takes and gives.
+    config = (out / "triton" / "t2t_vit_7" / "config.pbtxt").read_text()
+    assert 'name: "t2t_vit_7"' in config and 'backend: "onnxruntime"' in config
+    assert "dynamic_batching" in config and "max_batch_size: 32" in config
+    assert re.search(r'name: "images", data_type: TYPE_UINT8, dims: \[ 32, 32, 3 \]', config)
+    assert re.search(r'name: "probabilities", data_type: TYPE_FP32, dims: \[ 5 \]', config)
+    session = ort.InferenceSession(str(triton_onnx), providers=["CPUExecutionProvider"])
+    declared = set(re.findall(r'name: "(\w+)", data_type', config))
+    assert declared == {"images"} | {o.name for o in session.get_outputs()}
+    # TF Serving's batching file: fields of its BatchingParameters message
+    # (tensorflow_serving/servables/tensorflow/session_bundle_config.proto), in text format.
+    text = (out / "t2t_vit_7" / export.BATCHING_FILE).read_text()
+    wrapped = dict(re.findall(r"^(\w+) \{ value: (\d+) \}$", text, re.M))
+    allowed = [int(v) for v in re.findall(r"^allowed_batch_sizes: (\d+)$", text, re.M)]
+    assert len(wrapped) + len(allowed) == len(text.strip().splitlines())
+    assert set(wrapped) == {
+        "max_batch_size", "batch_timeout_micros", "max_enqueued_batches", "num_batch_threads",
+    }  # fmt: skip
+    assert int(wrapped["max_batch_size"]) == allowed[-1] == 32 and allowed == sorted(allowed)
