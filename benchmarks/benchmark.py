@@ -9,8 +9,10 @@ Prints, and writes to --output as JSON:
 - the peak matmul throughput of TensorFlow here, float32 and bfloat16 (GFLOP/s);
 - each model's FLOPs per image (`keras_t2t.count_flops`, 2 per multiply-add);
 - images/s for inference at each batch size in float32 and bfloat16 through `model.predict`,
-  a `tf.function` and XLA, the TFLite float32 model with XNNPACK, and a training step (forward,
-  backward, AdamW), each also as a percentage of the matching peak;
+  `model.predict_on_batch`, a `tf.function` and XLA, the TFLite float32 model with XNNPACK,
+  the exported models (the SavedModel's `serving_default`, ONNX Runtime, OpenVINO f32 and
+  bf16, each with its ratio to OpenVINO on the same exported graph), and a training step
+  (forward, backward, AdamW), each also as a percentage of the matching peak;
 - a profile of the forward pass split into the T2T module, attention, MLP and the rest;
 - the peak memory (resident set) of a training step, in a fresh process;
 - ablations (`--ablations`): the same `tf.function` with each TF-graph fast path of the layers
@@ -124,6 +126,9 @@ def inference_paths(model, images, min_time):
     results["predict"] = batch / timed(
         lambda: model.predict(images, batch_size=batch, verbose=0), min_time
     )
+    # The same compiled predict step, without predict's per-call tf.data pipeline and
+    # callbacks: what a user with one batch in hand should call.
+    results["predict_on_batch"] = batch / timed(lambda: model.predict_on_batch(images), min_time)
     results["tf_function"] = batch / timed(lambda: function(tensor).numpy(), min_time)
     results["xla"] = batch / timed(lambda: xla(tensor).numpy(), min_time)
     return results

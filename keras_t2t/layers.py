@@ -125,9 +125,10 @@ def xla_compilation(enabled=True):
     one fast in plain TensorFlow graphs (`SoftSplit` through `tf.image.extract_patches`, the
     MLP on 2-D rows, `LayerNorm` with plain reductions) and one fast under XLA (strided
     slices, the 3-D MLP, Keras' LayerNormalization). Where no such scope is open, XLA is
-    assumed when TensorFlow sees a GPU or TPU (where Keras' `jit_compile="auto"` and TPUs
-    compile with XLA) and not on a CPU-only machine (where Keras does not, nor does TF
-    Serving). Open it where that guess is wrong, around the code that traces the model::
+    assumed under a `TPUStrategy` and where TensorFlow sees a GPU or TPU (where Keras'
+    `jit_compile="auto"` and TPUs compile with XLA), and not on a CPU-only machine (where
+    Keras does not, nor does TF Serving). Open it where that guess is wrong, around the code
+    that traces the model::
 
         @tf.function(jit_compile=True)
         def forward(images):
@@ -147,14 +148,23 @@ def xla_compilation(enabled=True):
 
 @functools.cache
 def _has_accelerator():
+    # Physical devices: listing them does not start TensorFlow's runtime, so building a model
+    # still leaves the device configuration (virtual devices, memory growth) open.
     tf = _tensorflow()
-    return bool(tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("TPU"))
+    return bool(tf.config.list_physical_devices("GPU") or tf.config.list_physical_devices("TPU"))
 
 
 def _compiled_by_xla():
     """Whether the graph being traced is for XLA, as `xla_compilation` describes."""
     enabled = _XLA.get()
-    return _has_accelerator() if enabled is None else enabled
+    if enabled is not None:
+        return enabled
+    tf = _tensorflow()
+    if tf.distribute.has_strategy() and isinstance(
+        tf.distribute.get_strategy(), tf.distribute.TPUStrategy
+    ):
+        return True  # a TPU, perhaps a remote one: every graph is compiled by XLA
+    return _has_accelerator()
 
 
 def _tf_graph_without_xla():

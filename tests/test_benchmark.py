@@ -27,7 +27,7 @@ def test_benchmark_short_mode(tmp_path):
     assert entry["gflops_per_image"] > 0
     paths = {key.split("/")[1] for key in entry["inference"]}
     assert paths == {
-        "predict", "tf_function", "xla", "tflite_xnnpack",
+        "predict", "predict_on_batch", "tf_function", "xla", "tflite_xnnpack",
         "serving_default", "onnxruntime", "openvino",
     }  # fmt: skip
     for batch in (1, 2):  # OpenVINO on our graph is the yardstick of the other float32 rows
