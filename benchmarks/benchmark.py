@@ -200,7 +200,10 @@ def engine_paths(model, batches, min_time):
                     runners[f"{dtype}/openvino"] = str(error).strip().splitlines()[-1]
                     continue
                 if granted != hint:
-                    runners[f"{dtype}/openvino"] = f"this CPU computes in {granted}, not {hint}"
+                    runners[f"{dtype}/openvino"] = (
+                        f"OpenVINO computes in {granted.get_type_name()} on this CPU, "
+                        f"not {hint.get_type_name()}"
+                    )
                     continue
                 runners[f"{dtype}/openvino"] = lambda x, c=compiled: c({"images": x})
         results = {}
