@@ -434,9 +434,7 @@ def _optional(module, extra, what):
 
 def check_input_dtype(input_dtype):
     if input_dtype not in INPUT_DTYPES:
-        raise ValueError(
-            f"`input_dtype` must be one of {INPUT_DTYPES}, received {input_dtype!r}."
-        )
+        raise ValueError(f"`input_dtype` must be one of {INPUT_DTYPES}, received {input_dtype!r}.")
     return input_dtype
 
 

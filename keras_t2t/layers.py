@@ -148,8 +148,8 @@ def xla_compilation(enabled=True):
 
 @functools.cache
 def _has_accelerator():
-    # Physical devices: listing them does not start TensorFlow's runtime, so building a model
-    # still leaves the device configuration (virtual devices, memory growth) open.
+    # Physical devices: listing them does not start TensorFlow's runtime (logical devices
+    # would), so this guess never closes the device configuration by itself.
     tf = _tensorflow()
     return bool(tf.config.list_physical_devices("GPU") or tf.config.list_physical_devices("TPU"))
 
