@@ -346,6 +346,36 @@ def memory_of_training_step(name, image_size, batch, part="model"):
     return dict(peak_rss_gib=int(result.stdout.split()[-1]) / 2**20)
 
 
+def _peaks(report, args, measure):
+    """Measures, records and prints the matmul peak of each of `args.dtypes`, with
+    `measure(dtype name, side, min_time)` -> GFLOP/s."""
+    size = args.peak_size
+    peaks = {dtype: measure(dtype, size, args.min_time) for dtype in args.dtypes}
+    report["peak_gflops"] = peaks
+    report["models"] = {}
+    print(
+        f"peak matmul ({size}x{size}): "
+        + ", ".join(f"{dtype} {gflops:.0f} GFLOP/s" for dtype, gflops in peaks.items())
+    )
+    return peaks
+
+
+def _model_entry(report, name, args, peaks):
+    """(the report entry of model `name`, pct(images/s, dtype) -> % of that dtype's peak)."""
+    flops = keras_t2t.count_flops(name, args.image_size)
+    entry = dict(image_size=args.image_size, gflops_per_image=flops / 1e9, inference={})
+    report["models"][name] = entry
+    print(f"\n{name} at {args.image_size}: {flops / 1e9:.2f} GFLOP per image "
+          f"({flops / 2e9:.2f} GMACs)")  # fmt: skip
+
+    def pct(images_per_second, dtype):
+        if dtype not in peaks:  # a dtype left out of --dtypes
+            return float("nan")
+        return 100 * images_per_second * flops / 1e9 / peaks[dtype]
+
+    return entry, pct
+
+
 def run(args):
     report = dict(
         machine=dict(
@@ -357,25 +387,9 @@ def run(args):
         settings=vars(args),
     )
     print(f"TensorFlow {tf.__version__}, Keras {keras.__version__}, {os.cpu_count()} cores")
-    size = args.peak_size
-    peaks = {dtype: peak_matmul(getattr(tf, dtype), size, args.min_time) for dtype in args.dtypes}
-    report["peak_gflops"] = peaks
-    print(
-        f"peak matmul ({size}x{size}): "
-        + ", ".join(f"{dtype} {gflops:.0f} GFLOP/s" for dtype, gflops in peaks.items())
-    )
-    report["models"] = {}
+    peaks = _peaks(report, args, lambda dtype, *rest: peak_matmul(getattr(tf, dtype), *rest))
     for name in args.models:
-        flops = keras_t2t.count_flops(name, args.image_size)
-        entry = dict(image_size=args.image_size, gflops_per_image=flops / 1e9, inference={})
-        report["models"][name] = entry
-        print(f"\n{name} at {args.image_size}: {flops / 1e9:.2f} GFLOP per image "
-              f"({flops / 2e9:.2f} GMACs)")  # fmt: skip
-
-        def pct(images_per_second, policy, flops=flops):
-            if policy not in peaks:  # a dtype left out of --dtypes
-                return float("nan")
-            return 100 * images_per_second * flops / 1e9 / peaks[policy]
+        entry, pct = _model_entry(report, name, args, peaks)
 
         for policy, dtype in _policies(args.dtypes):
             model = build(name, args.image_size, policy)
@@ -588,23 +602,9 @@ def run_portable(args):
         settings=vars(args),
     )
     print(f"Keras {keras.__version__} on {backend} {module.__version__}, {os.cpu_count()} cores")
-    size = args.peak_size
-    peaks = {dtype: portable_peak(dtype, size, args.min_time) for dtype in args.dtypes}
-    report["peak_gflops"] = peaks
-    print(
-        f"peak matmul ({size}x{size}): "
-        + ", ".join(f"{dtype} {gflops:.0f} GFLOP/s" for dtype, gflops in peaks.items())
-    )
-    report["models"] = {}
+    peaks = _peaks(report, args, portable_peak)
     for name in args.models:
-        flops = keras_t2t.count_flops(name, args.image_size)
-        entry = dict(image_size=args.image_size, gflops_per_image=flops / 1e9, inference={})
-        report["models"][name] = entry
-        print(f"\n{name} at {args.image_size}: {flops / 1e9:.2f} GFLOP per image")
-
-        def pct(images_per_second, dtype, flops=flops):
-            return 100 * images_per_second * flops / 1e9 / peaks[dtype]
-
+        entry, pct = _model_entry(report, name, args, peaks)
         for policy, dtype in _policies(args.dtypes):
             _portable_rows(name, policy, dtype, args, entry, pct)
             keras.backend.clear_session()

@@ -438,7 +438,7 @@ def check_input_dtype(input_dtype):
     return input_dtype
 
 
-def pixels_function(model, input_dtype="uint8", batch=None):
+def pixels_function(model, input_dtype="uint8"):
     """(tf.function, its input spec, output names): pixels `images` `[batch, size, size, 3]`
     -> the named outputs, as the SavedModel's `serving_default`; what ONNX and OpenVINO
     convert. The output names are in the order of the function's flat outputs.
@@ -446,7 +446,7 @@ def pixels_function(model, input_dtype="uint8", batch=None):
     check_input_dtype(input_dtype)
     size = image_size(model)
     serve = serving_fn(model)
-    spec = tf.TensorSpec([batch, size, size, 3], tf.as_dtype(input_dtype), name="images")
+    spec = tf.TensorSpec([None, size, size, 3], tf.as_dtype(input_dtype), name="images")
     function = tf.function(serve, input_signature=[spec])
     names = list(tf.nest.flatten({name: name for name in OUTPUTS}))
     return function, spec, names
