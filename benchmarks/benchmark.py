@@ -97,13 +97,36 @@ def peak_matmul(dtype, size, min_time):
 
 
 def build(name, image_size, policy, **kwargs):
+    """The model `name` with weights like released ones (`trained_like`)."""
     keras.mixed_precision.set_global_policy(policy)
     try:
-        return keras_t2t.create_model(
+        model = keras_t2t.create_model(
             name, input_shape=(image_size, image_size, 3), classifier_activation=None, **kwargs
         )
     finally:
         keras.mixed_precision.set_global_policy("float32")
+    return trained_like(model)
+
+
+def trained_like(model, seed=0):
+    """Gives every bias and LayerNorm offset of `model` small random values, and its
+    LayerNorm scales values near 1, as in released weights; returns `model`.
+
+    A fresh model's biases are zeros, and TensorFlow's graph optimizer drops a zero bias:
+    the bias and exact-GELU fusion into the matmul (oneDNN) no longer matches, and the
+    plain-graph paths of T2T-ViT-14 measured about 15% slower than with released weights.
+    Speed figures need weights without such shortcuts."""
+    rng = np.random.default_rng(seed)
+    for variable in model.weights:
+        leaf = variable.path.rsplit("/", 1)[-1]
+        if leaf in ("bias", "beta"):
+            values = rng.normal(0.0, 0.02, variable.shape)
+        elif leaf == "gamma":
+            values = 1.0 + rng.normal(0.0, 0.02, variable.shape)
+        else:
+            continue
+        variable.assign(values.astype(variable.dtype))
+    return model
 
 
 def forward(model, xla, training=False):
@@ -114,6 +137,40 @@ def forward(model, xla, training=False):
             return model(x, training=training)
 
     return call
+
+
+def official_model(official_dir, name, image_size, seed=0):
+    """The official PyTorch model `name` (evaluation mode) from a checkout of
+    yitu-opensource/T2T-ViT, with weights like released ones, as `trained_like` gives ours
+    (needs torch; timm's 4 names come from `benchmarks.fidelity.import_official`)."""
+    import torch
+
+    from benchmarks.fidelity import import_official
+
+    builder = getattr(import_official(official_dir), name, None)
+    if builder is None:
+        raise SystemExit(f"{official_dir} has no official builder {name!r}.")
+    torch.manual_seed(seed)
+    model = builder(img_size=image_size).eval()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            bias = getattr(module, "bias", None)
+            if isinstance(module, (torch.nn.Linear, torch.nn.LayerNorm)) and bias is not None:
+                bias.normal_(0.0, 0.02, generator=generator)
+            if isinstance(module, torch.nn.LayerNorm):
+                module.weight.normal_(1.0, 0.02, generator=generator)
+    return model
+
+
+def load_official(model, official):
+    """Gives the Keras `model` the official model's weights (the checkpoint converter's
+    mapping), so that both compute the same function."""
+    from keras_t2t import weights
+
+    state = {key: value.detach().numpy() for key, value in official.state_dict().items()}
+    weights.assign_state(model, weights.official_to_state(state, "the official model"))
+    return model
 
 
 def inference_paths(model, images, min_time):
@@ -137,39 +194,79 @@ def inference_paths(model, images, min_time):
 def ablations(model, images, min_time):
     """images/s of the float32 `tf.function` at full speed, then with each TF-graph fast path
     of the layers turned off: Keras' LayerNormalization instead of `LayerNorm`'s plain
-    reductions; and every portable path at once (what `xla_compilation(True)` selects: strided
-    slices for the soft split, the 3-D MLP, Keras' LayerNormalization) in the same plain
-    graph. Each is its own `tf.function`, timed the same way."""
+    reductions; Keras' 3-D Dense (a Tensordot) for every Dense instead of 2-D rows
+    (`_as_rows`); and every portable path at once (what `xla_compilation(True)` selects:
+    strided slices for the soft split, the 3-D MLP, Keras' LayerNormalization) in the same
+    plain graph. Each is its own `tf.function`, traced with its setting and timed
+    round-robin with the others (`interleaved`)."""
     batch = images.shape[0]
     tensor = tf.constant(images)
 
-    def rate(xla):
+    def traced(xla):
         function = tf.function(forward(model, xla=xla))
-        return batch / timed(lambda: function(tensor).numpy(), min_time)
+        function(tensor)  # traced now, with the layers as they are set at this point
+        return lambda: function(tensor).numpy()
 
-    results = {"tf_paths": rate(False)}
+    calls = {"tf_paths": traced(False)}
     ours = t2t_layers.LayerNorm.call
     t2t_layers.LayerNorm.call = keras.layers.LayerNormalization.call
     try:
-        results["keras_layernorm"] = rate(False)
+        calls["keras_layernorm"] = traced(False)
     finally:
         t2t_layers.LayerNorm.call = ours
-    results["portable_paths"] = rate(True)
-    return results
+    t2t_layers._ROWS = False
+    try:
+        calls["tensordot_dense"] = traced(False)
+    finally:
+        t2t_layers._ROWS = True
+    calls["portable_paths"] = traced(True)
+    return {path: batch / seconds for path, seconds in interleaved(calls, min_time).items()}
 
 
-def engine_paths(model, batches, min_time):
+def _openvino_runners(ov, model, prefix, runners):
+    """Compiles the OpenVINO `model` (a path or an ov.Model) for f32 and bf16 into
+    `runners["<dtype>/<prefix>"]`; a precision this CPU does not grant gets an error text."""
+    core = ov.Core()
+    for dtype, hint in (("float32", ov.Type.f32), ("bfloat16", ov.Type.bf16)):
+        try:
+            compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": hint})
+            granted = compiled.get_property("INFERENCE_PRECISION_HINT")
+        except RuntimeError as error:
+            runners[f"{dtype}/{prefix}"] = str(error).strip().splitlines()[-1]
+            continue
+        if granted != hint:
+            runners[f"{dtype}/{prefix}"] = (
+                f"OpenVINO computes in {granted.get_type_name()} on this CPU, "
+                f"not {hint.get_type_name()}"
+            )
+            continue
+        runners[f"{dtype}/{prefix}"] = compiled
+
+
+def engine_paths(model, batches, min_time, official=None):
     """images/s of the exported model where it is deployed, on uint8 pixels (`batches`: a list
     of float32 image batches): the SavedModel's `serving_default` (what TF Serving runs), ONNX
     Runtime (float32) and OpenVINO (float32, and bfloat16 through INFERENCE_PRECISION_HINT).
-    An engine that is not installed is left out; a precision this CPU does not run gets an
-    error text instead of a figure. Keys: "<dtype>/<path>/batch_<n>". Each model is exported
-    once."""
+    With `official` (the official PyTorch model, `official_model`, holding `model`'s weights):
+    it too, eager under `torch.no_grad` and converted to OpenVINO from PyTorch (as OpenVINO's
+    model zoo ships it), on normalized float32 NCHW images (its input; the exported models take
+    uint8 pixels and normalize them inside). An engine that is not installed is left out; a
+    precision this CPU does not run gets an error text instead of a figure. Keys:
+    "<dtype>/<path>/batch_<n>", and "official_openvino_max_abs_diff": the largest difference
+    between the probabilities of our OpenVINO model and the official one's, float32. Each model
+    is exported once."""
     import tempfile
 
     from keras_t2t import export
+    from keras_t2t.imagenet import IMAGENET_MEAN, IMAGENET_STD
 
     pixels = [np.clip(np.round(images), 0, 255).astype(np.uint8) for images in batches]
+    normalized = {
+        x.shape[0]: np.ascontiguousarray(
+            ((x / 255.0 - IMAGENET_MEAN) / IMAGENET_STD).astype("float32").transpose(0, 3, 1, 2)
+        )
+        for x in pixels
+    }
     runners = {}
     with tempfile.TemporaryDirectory() as folder:
         saved = export.export_saved_model(model, folder, "m", 1)
@@ -191,46 +288,84 @@ def engine_paths(model, batches, min_time):
             ov = None
         if ov is not None:
             xml = export.export_openvino(model, os.path.join(folder, "ov", "m.xml"))
-            core = ov.Core()
-            for dtype, hint in (("float32", ov.Type.f32), ("bfloat16", ov.Type.bf16)):
-                try:
-                    compiled = core.compile_model(xml, "CPU", {"INFERENCE_PRECISION_HINT": hint})
-                    granted = compiled.get_property("INFERENCE_PRECISION_HINT")
-                except RuntimeError as error:
-                    runners[f"{dtype}/openvino"] = str(error).strip().splitlines()[-1]
-                    continue
-                if granted != hint:
-                    runners[f"{dtype}/openvino"] = (
-                        f"OpenVINO computes in {granted.get_type_name()} on this CPU, "
-                        f"not {hint.get_type_name()}"
-                    )
-                    continue
-                runners[f"{dtype}/openvino"] = lambda x, c=compiled: c({"images": x})
+            _openvino_runners(ov, xml, "openvino", runners)
+        if official is not None:
+            import torch
+
+            def eager(x):
+                with torch.no_grad():
+                    return official(torch.from_numpy(normalized[x.shape[0]])).numpy()
+
+            runners["float32/official_pytorch"] = eager
+            if ov is not None:
+                size = pixels[0].shape[1]
+                converted = ov.convert_model(
+                    official, example_input=torch.zeros(1, 3, size, size),
+                    input=[ov.PartialShape([-1, 3, size, size])],
+                )  # fmt: skip
+                _openvino_runners(ov, converted, "official_openvino", runners)
         results = {}
+        ours, theirs = runners.get("float32/openvino"), runners.get("float32/official_openvino")
+        if not isinstance(ours, (str, type(None))) and not isinstance(theirs, (str, type(None))):
+            x = pixels[-1]
+            probabilities = ours({"images": x})["probabilities"]
+            logits = next(iter(theirs(normalized[x.shape[0]]).values()))
+            e = np.exp(logits - logits.max(axis=-1, keepdims=True))
+            reference = e / e.sum(axis=-1, keepdims=True)
+            results["official_openvino_max_abs_diff"] = float(
+                np.abs(probabilities - reference).max()
+            )
+        for path, run in list(runners.items()):
+            if "openvino" in path and not isinstance(run, str):
+                if path.split("/")[1] == "openvino":
+                    runners[path] = lambda x, c=run: c({"images": x})
+                else:
+                    runners[path] = lambda x, c=run: c(normalized[x.shape[0]])
         for x in pixels:
+            calls = {}
             for path, run in runners.items():
                 key = f"{path}/batch_{x.shape[0]}"
                 if isinstance(run, str):
                     results[key] = run
                 else:
-                    results[key] = x.shape[0] / timed(lambda run=run, x=x: run(x), min_time)
+                    calls[key] = lambda run=run, x=x: run(x)
+            for key, seconds in interleaved(calls, min_time).items():
+                results[key] = x.shape[0] / seconds
     return results
 
 
+def interleaved(calls, min_time, rounds=3):
+    """Median seconds of one call of each of `calls` (`{key: fn}`), timed in `rounds`
+    round-robin passes of `min_time / rounds` each: a slower or faster spell of a shared
+    machine then falls on every row alike, and their ratios hold."""
+    seconds = {key: [] for key in calls}
+    for _ in range(rounds):
+        for key, fn in calls.items():
+            seconds[key].append(timed(fn, min_time / rounds))
+    return {key: float(np.median(values)) for key, values in seconds.items()}
+
+
+RATIO_BASES = {
+    "openvino": "OpenVINO on our exported graph",
+    "official_openvino": "the official PyTorch model through OpenVINO",
+}
+
+
 def ratios_to_openvino(inference):
-    """Adds `ratio_to_openvino` to every row with an OpenVINO row of the same dtype and batch
-    (OpenVINO running our own exported graph: the engine to beat on Intel CPUs), and prints
-    them."""
-    lines = []
-    for key, row in inference.items():
-        dtype, path, batch = key.split("/")
-        base = inference.get(f"{dtype}/openvino/{batch}", {}).get("images_per_second")
-        if base and "images_per_second" in row and path != "openvino":
-            row["ratio_to_openvino"] = row["images_per_second"] / base
-            lines.append(f"  {key:36s} {row['ratio_to_openvino']:5.2f}x OpenVINO")
-    if lines:
-        print("  ratio to OpenVINO on our exported graph, same dtype and batch:")
-        print("\n".join(lines))
+    """Adds `ratio_to_<base>` to every row with a row of the base (`RATIO_BASES`: OpenVINO on
+    our own exported graph, the engine to beat on Intel CPUs; the official model through
+    OpenVINO, with --official_dir) of the same dtype and batch, and prints them."""
+    for base_path, what in RATIO_BASES.items():
+        lines = []
+        for key, row in inference.items():
+            dtype, path, batch = key.split("/")
+            base = inference.get(f"{dtype}/{base_path}/{batch}", {}).get("images_per_second")
+            if base and "images_per_second" in row and path != base_path:
+                row[f"ratio_to_{base_path}"] = ratio = row["images_per_second"] / base
+                lines.append(f"  {key:40s} {ratio:5.2f}x")
+        if lines:
+            print(f"  ratio to {what}, same dtype and batch:")
+            print("\n".join(lines))
 
 
 def tflite_throughput(model, image, min_time, threads):
@@ -390,9 +525,14 @@ def run(args):
     peaks = _peaks(report, args, lambda dtype, *rest: peak_matmul(getattr(tf, dtype), *rest))
     for name in args.models:
         entry, pct = _model_entry(report, name, args, peaks)
+        official = None
+        if args.official_dir and not args.skip_engines:
+            official = official_model(args.official_dir, name, args.image_size)
 
         for policy, dtype in _policies(args.dtypes):
             model = build(name, args.image_size, policy)
+            if official is not None:
+                load_official(model, official)
             for batch in args.batch_sizes:
                 images = (
                     np.random.default_rng(0)
@@ -406,7 +546,7 @@ def run(args):
                         images_per_second=ips, pct_of_peak=pct(ips, dtype)
                     )
                     print(
-                        f"  inference {key:28s} {ips:8.1f} images/s {pct(ips, dtype):5.1f}% of peak"
+                        f"  inference {key:40s} {ips:8.1f} images/s {pct(ips, dtype):5.1f}% of peak"
                     )
             if dtype == "float32" and not args.skip_engines:
                 batches = [
@@ -415,16 +555,23 @@ def run(args):
                     .astype("float32")
                     for batch in args.batch_sizes
                 ]
-                for key, ips in engine_paths(model, batches, args.min_time).items():
+                engines = engine_paths(model, batches, args.min_time, official)
+                if "official_openvino_max_abs_diff" in engines:
+                    entry["official_openvino_max_abs_diff"] = difference = engines.pop(
+                        "official_openvino_max_abs_diff"
+                    )
+                    print(f"  our OpenVINO model against the official one: probabilities "
+                          f"within {difference:.1e}")  # fmt: skip
+                for key, ips in engines.items():
                     engine_dtype = key.split("/")[0]
                     if isinstance(ips, str):
                         entry["inference"][key] = dict(error=ips)
-                        print(f"  inference {key:28s} {ips}")
+                        print(f"  inference {key:40s} {ips}")
                         continue
                     entry["inference"][key] = dict(
                         images_per_second=ips, pct_of_peak=pct(ips, engine_dtype)
                     )
-                    print(f"  inference {key:28s} {ips:8.1f} images/s "
+                    print(f"  inference {key:40s} {ips:8.1f} images/s "
                           f"{pct(ips, engine_dtype):5.1f}% of peak")  # fmt: skip
             if dtype == "float32" and args.ablations:
                 batch = max(args.batch_sizes)
@@ -569,7 +716,7 @@ def _portable_rows(name, policy, dtype, args, entry, pct):
             ips = batch / timed(fn, args.min_time)
             key = f"{dtype}/{path}/batch_{batch}"
             entry["inference"][key] = dict(images_per_second=ips, pct_of_peak=pct(ips, dtype))
-            print(f"  inference {key:28s} {ips:8.1f} images/s {pct(ips, dtype):5.1f}% of peak")
+            print(f"  inference {key:40s} {ips:8.1f} images/s {pct(ips, dtype):5.1f}% of peak")
     batch = args.train_batch
     classes = model.output_shape[-1]
     rng = np.random.default_rng(2)
@@ -636,6 +783,11 @@ def main(argv=None):
     )  # fmt: skip
     parser.add_argument("--skip_memory", action="store_true")
     parser.add_argument(
+        "--official_dir",
+        help="a checkout of yitu-opensource/T2T-ViT (needs torch): adds the official model, "
+        "eager and through OpenVINO, to the exported-model rows, with the same weights",
+    )
+    parser.add_argument(
         "--backend", choices=BACKENDS, default=keras.backend.backend(),
         help="the Keras backend to measure (default: this process's, KERAS_BACKEND)",
     )  # fmt: skip
@@ -668,6 +820,13 @@ def main(argv=None):
             f"--backend={args.backend}, but Keras was already imported with the "
             f"{keras.backend.backend()} backend; run this script with --backend on its "
             f"command line (or KERAS_BACKEND={args.backend})"
+        )
+    if args.official_dir and not os.path.isfile(
+        os.path.join(args.official_dir, "models", "t2t_vit.py")
+    ):
+        parser.error(
+            f"--official_dir={args.official_dir} holds no models/t2t_vit.py; give a checkout of "
+            "https://github.com/yitu-opensource/T2T-ViT"
         )
     if args.backend != "tensorflow" and args.ablations:
         parser.error("--ablations times TensorFlow graphs; use it with --backend=tensorflow")

@@ -172,6 +172,27 @@ def _tf_graph_without_xla():
     return _tensorflow() is not None and not _compiled_by_xla()
 
 
+_ROWS = True  # benchmarks/benchmark.py --ablations turns this off to measure it
+
+
+def _as_rows(inputs):
+    """Whether a Dense on `inputs` runs on 2-D rows `(tokens, features)`: in plain TensorFlow
+    graphs, where Keras' Dense on a 3-D input is a Tensordot (a transpose, reshapes and
+    shape arithmetic around the matmul) and oneDNN fuses the bias (and a following exact
+    GELU) into a 2-D matmul only. XLA fuses by itself, and its training step is slower with
+    the reshapes, so they are left out there (see `xla_compilation`)."""
+    return _ROWS and len(inputs.shape) > 2 and _tf_graph_without_xla()
+
+
+def _dense_rows(dense, inputs):
+    """`dense(inputs)` (a Dense layer, or any function of the last axis), on 2-D rows where
+    `_as_rows`; the same values either way."""
+    if not _as_rows(inputs):
+        return dense(inputs)
+    y = dense(ops.reshape(inputs, (-1, inputs.shape[-1])))
+    return ops.reshape(y, (*ops.shape(inputs)[:-1], y.shape[-1]))
+
+
 @_register
 class SoftSplit(keras.layers.Layer):
     """Soft split: overlapping patches of an NHWC map, as tokens.
@@ -328,10 +349,9 @@ class Mlp(keras.layers.Layer):
         return (*input_shape[:-1], self.output_units or input_shape[-1])
 
     def call(self, inputs, training=None):
-        # In TF graphs, 2-D (rows, features) lets oneDNN fuse the matmul, bias and GELU (fc1 of
-        # T2T-ViT-14 is 30% faster); XLA fuses by itself, and its training step is 1.4x
-        # slower with the reshapes, so they are left out there (see `xla_compilation`).
-        flatten = len(inputs.shape) > 2 and _tf_graph_without_xla()
+        # On 2-D rows in TF graphs (`_as_rows`), oneDNN fuses fc1's matmul, bias and GELU
+        # (fc1 of T2T-ViT-14 is 30% faster), and fc2's matmul and bias.
+        flatten = _as_rows(inputs)
         x = ops.reshape(inputs, (-1, inputs.shape[-1])) if flatten else inputs
         x = keras.activations.gelu(self.fc1(x), approximate=False)
         if self.hidden_dropout:
@@ -425,13 +445,13 @@ class TokenPerformer(keras.layers.Layer):
 
     def _feature_map(self, u):
         # exp(u w^T - |u|^2 / 2) / sqrt(m), times FEATURE_SCALE, in float32.
-        wtu = ops.matmul(u, ops.transpose(self.w))
+        wtu = _dense_rows(lambda rows: ops.matmul(rows, ops.transpose(self.w)), u)
         half_norm = 0.5 * ops.sum(u * u, axis=-1, keepdims=True)
         return ops.exp(wtu - half_norm) * (self.FEATURE_SCALE / math.sqrt(self.num_features))
 
     def _kernel(self, inputs):
         """(phi(q), phi(k), v, normalizer + epsilon), phi in float32 and scaled."""
-        k, q, v = ops.split(self.kqv(self.norm1(inputs)), 3, axis=-1)
+        k, q, v = ops.split(_dense_rows(self.kqv, self.norm1(inputs)), 3, axis=-1)
         kp = self._feature_map(ops.cast(k, "float32"))  # (B, T, m)
         qp = self._feature_map(ops.cast(q, "float32"))  # (B, T, m)
         denominator = ops.matmul(qp, ops.sum(kp, axis=1)[:, :, None])  # (B, T, 1)
@@ -449,7 +469,7 @@ class TokenPerformer(keras.layers.Layer):
         kptv = ops.matmul(ops.transpose(kp, (0, 2, 1)), ops.cast(v, "float32"))  # (B, m, D)
         y = ops.matmul(qp, kptv) / denominator  # (B, T, token_dim)
         y = ops.cast(y, self.compute_dtype)
-        x = v + self.proj_dropout(self.proj(y), training=training)
+        x = v + self.proj_dropout(_dense_rows(self.proj, y), training=training)
         return x + self.mlp(self.norm2(x), training=training)
 
     def get_config(self):
@@ -503,7 +523,7 @@ class TokenTransformer(keras.layers.Layer):
         return (*input_shape[:-1], self.token_dim)
 
     def _attention(self, inputs):
-        q, k, v = ops.split(self.qkv(self.norm1(inputs)), 3, axis=-1)
+        q, k, v = ops.split(_dense_rows(self.qkv, self.norm1(inputs)), 3, axis=-1)
         return _softmax(ops.matmul(q * self.scale, ops.transpose(k, (0, 2, 1)))), v
 
     def attention_weights(self, inputs):
@@ -512,7 +532,7 @@ class TokenTransformer(keras.layers.Layer):
 
     def call(self, inputs, training=None):
         attention, v = self._attention(inputs)
-        x = v + self.proj(ops.matmul(attention, v))
+        x = v + _dense_rows(self.proj, ops.matmul(attention, v))
         return x + self.mlp(self.norm2(x), training=training)
 
     def get_config(self):
@@ -592,7 +612,7 @@ class T2TModule(keras.layers.Layer):
     def call(self, inputs, training=None, return_feature_maps=False):
         map1 = self.restructure(self.attention1(self.soft_split0(inputs), training=training))
         map2 = self.restructure(self.attention2(self.soft_split1(map1), training=training))
-        tokens = self.project(self.soft_split2(map2))
+        tokens = _dense_rows(self.project, self.soft_split2(map2))
         return (tokens, (map1, map2)) if return_feature_maps else tokens
 
     def get_config(self):
@@ -645,7 +665,9 @@ class MultiHeadSelfAttention(keras.layers.Layer):
         # One transpose to (3, batch, heads, tokens, head_dim), plain batched matmuls, one
         # transpose back: faster on CPU than `ops.dot_product_attention`'s einsums. The scale
         # is applied to q (cheaper than to the logits; exact for the power-of-two 0.125).
-        qkv = ops.reshape(self.qkv(inputs), (-1, inputs.shape[1], 3, self.num_heads, self.head_dim))
+        qkv = ops.reshape(
+            _dense_rows(self.qkv, inputs), (-1, inputs.shape[1], 3, self.num_heads, self.head_dim)
+        )
         q, k, v = ops.unstack(ops.transpose(qkv, (2, 0, 3, 1, 4)), 3, axis=0)
         return _softmax(ops.matmul(q * self.scale, ops.transpose(k, (0, 1, 3, 2)))), v
 
@@ -657,7 +679,7 @@ class MultiHeadSelfAttention(keras.layers.Layer):
         tokens, dim = inputs.shape[1], inputs.shape[2]
         attention, v = self._attention(inputs)
         y = ops.transpose(ops.matmul(attention, v), (0, 2, 1, 3))  # (B, T, heads, head_dim)
-        y = self.proj(ops.reshape(y, (-1, tokens, dim)))
+        y = _dense_rows(self.proj, ops.reshape(y, (-1, tokens, dim)))
         return self.proj_dropout(y, training=training)
 
     def get_config(self):

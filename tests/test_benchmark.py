@@ -48,7 +48,7 @@ def test_benchmark_short_mode(tmp_path):
     assert entry["train_memory_t2t_32_batch_2"]["peak_rss_gib"] > 0
     assert set(entry["ablations"]) == {
         f"float32/tf_function_{path}/batch_2"
-        for path in ("tf_paths", "keras_layernorm", "portable_paths")
+        for path in ("tf_paths", "keras_layernorm", "tensordot_dense", "portable_paths")
     }
     assert "% of peak" in result.stdout
 

@@ -353,3 +353,38 @@ def test_layer_norm_and_mlp_take_their_xla_paths_in_the_scope(monkeypatch):
         assert tensordot == xla, (xla, sorted(ops_))
     for ours, portable in zip(outputs[False], outputs[True]):
         np.testing.assert_allclose(ours, portable, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("tokens_type", ["performer", "transformer"])
+def test_every_dense_runs_on_2d_rows_in_plain_graphs_only(tokens_type):
+    """In plain TF graphs every Dense of the model (T2T layers, projection, attention, MLPs)
+    runs on 2-D rows, so that oneDNN fuses its bias (and GELU): no Tensordot is traced.
+    Under XLA the 3-D Dense stays (its training step is faster so). The outputs agree."""
+    import tensorflow as tf
+
+    from tests.conftest import tiny_model
+
+    model = tiny_model(tokens_type, input_shape=(32, 32, 3))
+    for variable in model.weights:  # biases away from zero, as in trained weights
+        if variable.path.endswith("bias"):
+            variable.assign(np.full(variable.shape, 0.1, "float32"))
+    spec = tf.TensorSpec((2, 32, 32, 3))
+    x = np.random.default_rng(12).normal(size=(2, 32, 32, 3)).astype("float32")
+    outputs = {}
+    for xla in (False, True):
+
+        def call(t, xla=xla):
+            with layers.xla_compilation(xla):
+                return model(t, training=False)
+
+        function = tf.function(call)
+        graph = function.get_concrete_function(spec).graph
+        dense_3d = sorted({op.name.rsplit("/Tensordot", 1)[0]
+                           for op in graph.get_operations() if "Tensordot" in op.name})  # fmt: skip
+        if xla:
+            assert any("attn" in name for name in dense_3d), dense_3d
+            assert any("attention1" in name for name in dense_3d), dense_3d
+        else:
+            assert dense_3d == [], dense_3d
+        outputs[xla] = np.asarray(function(x))
+    np.testing.assert_allclose(outputs[False], outputs[True], rtol=1e-5, atol=1e-5)
