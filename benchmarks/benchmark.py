@@ -243,9 +243,26 @@ def _openvino_runners(ov, model, prefix, runners):
         runners[f"{dtype}/{prefix}"] = compiled
 
 
+def serving_session(saved_model, inter_op_threads=1):
+    """`serving_default` of `saved_model` as TF Serving runs it: loaded into a TF1 session
+    (TF Serving's SavedModel bundle), with `inter_op_threads` (TF Serving's
+    `--tensorflow_inter_op_parallelism`; 1 keeps this model's chain of ops on the calling
+    thread, and intra-op threads on every core); a function of uint8 pixels."""
+    config = tf.compat.v1.ConfigProto(inter_op_parallelism_threads=inter_op_threads)
+    graph = tf.Graph()
+    session = tf.compat.v1.Session(graph=graph, config=config)
+    with graph.as_default():
+        meta_graph = tf.compat.v1.saved_model.load(session, ["serve"], saved_model)
+    signature = meta_graph.signature_def["serving_default"]
+    images = signature.inputs["images"].name
+    probabilities = signature.outputs["probabilities"].name
+    return lambda x: session.run(probabilities, {images: x})
+
+
 def engine_paths(model, batches, min_time, official=None):
     """images/s of the exported model where it is deployed, on uint8 pixels (`batches`: a list
-    of float32 image batches): the SavedModel's `serving_default` (what TF Serving runs), ONNX
+    of float32 image batches): the SavedModel's `serving_default` (what TF Serving runs; loaded
+    with `tf.saved_model.load`, and as TF Serving loads it, `serving_session`), ONNX
     Runtime (float32) and OpenVINO (float32, and bfloat16 through INFERENCE_PRECISION_HINT).
     With `official` (the official PyTorch model, `official_model`, holding `model`'s weights):
     it too, eager under `torch.no_grad` and converted to OpenVINO from PyTorch (as OpenVINO's
@@ -274,6 +291,7 @@ def engine_paths(model, batches, min_time, official=None):
         runners["float32/serving_default"] = lambda x: signature(images=tf.constant(x))[
             "probabilities"
         ].numpy()
+        runners["float32/serving_session"] = serving_session(saved)
         try:
             import onnxruntime as ort
         except ImportError:

@@ -28,7 +28,7 @@ def test_benchmark_short_mode(tmp_path):
     paths = {key.split("/")[1] for key in entry["inference"]}
     assert paths == {
         "predict", "predict_on_batch", "tf_function", "xla", "tflite_xnnpack",
-        "serving_default", "onnxruntime", "openvino",
+        "serving_default", "serving_session", "onnxruntime", "openvino",
     }  # fmt: skip
     for batch in (1, 2):  # OpenVINO on our graph is the yardstick of the other float32 rows
         row = entry["inference"][f"float32/serving_default/batch_{batch}"]

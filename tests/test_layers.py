@@ -25,7 +25,7 @@ def numpy_unfold(x, k, s, p):
     return out
 
 
-@pytest.mark.parametrize("implementation", ["patches", "slices"])
+@pytest.mark.parametrize("implementation", ["patches", "slices", "conv"])
 @pytest.mark.parametrize("k,s,p,side,channels", [(7, 4, 2, 32, 3), (3, 2, 1, 8, 5)])
 def test_soft_split_matches_loop_reference(implementation, k, s, p, side, channels):
     x = np.random.default_rng(0).normal(size=(2, side, side, channels)).astype("float32")
@@ -235,7 +235,7 @@ def test_layer_config_round_trip(cls, kwargs, shape):
 @pytest.mark.parametrize(
     "make,match",
     [
-        (lambda: layers.SoftSplit(3, 2, 1, implementation="conv"), "implementation"),
+        (lambda: layers.SoftSplit(3, 2, 1, implementation="unfold"), "implementation"),
         (lambda: layers.SoftSplit(0, 2, 1), "kernel_size"),
         (lambda: layers.T2TModule(tokens_type="convolution"), "tokens_type"),
         (lambda: layers.TransformerBlock(num_heads=2, drop_path_rate=1.5), "drop_path_rate"),
@@ -299,6 +299,18 @@ def test_auto_soft_split_follows_xla_compilation():
         return _graph_ops(tf.function(call, jit_compile=jit_compile), spec)
 
     assert "ExtractImagePatches" in traced(False, jit_compile=False)
+    # The image (3 channels): a one-hot convolution in plain graphs, slices under XLA.
+    image_split, image_spec = layers.SoftSplit(7, 4, 2), tf.TensorSpec((1, 16, 16, 3))
+
+    def image_ops(xla):
+        def call(t):
+            with layers.xla_compilation(xla):
+                return image_split(t)
+
+        return _graph_ops(tf.function(call, jit_compile=xla), image_spec)
+
+    assert "Conv2D" in image_ops(False) and "ExtractImagePatches" not in image_ops(False)
+    assert "Conv2D" not in image_ops(True) and "StridedSlice" in image_ops(True)
     xla_ops = traced(True, jit_compile=True)
     assert "ExtractImagePatches" not in xla_ops and "StridedSlice" in xla_ops
     # No scope: XLA is assumed only where TensorFlow sees a GPU or TPU (none in CI).
