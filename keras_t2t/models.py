@@ -96,9 +96,10 @@ def T2TViT(
         classifier_activation, name: as in `keras.applications`; see `T2TViT14`.
         include_preprocessing, drop_path_rate, dropout_rate: see `T2TViT14`.
         soft_split_implementation: `"auto"` (default: strided slices for graphs that XLA
-            compiles, else `tf.image.extract_patches`; see `keras_t2t.layers.xla_compilation`),
-            `"patches"` or `"slices"` (strided slices: the same values, TFLite builtins only;
-            the only one on JAX and PyTorch).
+            compiles, else a one-hot convolution for the image and `tf.image.extract_patches`
+            for the token maps; see `keras_t2t.layers.SoftSplit` and `xla_compilation`),
+            `"patches"`, `"conv"` or `"slices"` (strided slices: the same values, TFLite
+            builtins only; the only one on JAX and PyTorch).
         dtype: see `T2TViT14`.
 
     Returns:

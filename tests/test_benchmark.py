@@ -118,3 +118,40 @@ def test_fidelity_benchmark_runs_ours_on_its_own_data(tmp_path):
     assert "ours      mean" in result.stdout and "official" not in result.stdout.split("AdamW")[1]
     manifest = json.loads((tmp_path / "records" / "manifest-validation.json").read_text())
     assert manifest["records"] == 20
+
+
+def test_benchmark_refuses_an_official_dir_without_the_official_code(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "benchmark.py"),
+         f"--official_dir={tmp_path}"],
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(ROOT)),
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 2 and "holds no models/t2t_vit.py" in result.stderr
+
+
+@pytest.mark.skipif(
+    not os.environ.get("T2T_VIT_OFFICIAL_DIR"),
+    reason="set T2T_VIT_OFFICIAL_DIR to a checkout of yitu-opensource/T2T-ViT",
+)
+def test_official_rows_have_our_weights_and_every_ratio():
+    """With the official code: the official model gets our weights' mapping (the same
+    function), its OpenVINO conversion matches ours, and each row gets both ratios."""
+    pytest.importorskip("torch")
+    pytest.importorskip("openvino")
+    import numpy as np
+
+    from benchmarks import benchmark
+
+    official = benchmark.official_model(os.environ["T2T_VIT_OFFICIAL_DIR"], "t2t_vit_7", 32)
+    model = benchmark.load_official(benchmark.build("t2t_vit_7", 32, "float32"), official)
+    images = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    results = benchmark.engine_paths(model, [images], 0.0, official)
+    assert results.pop("official_openvino_max_abs_diff") < 1e-5
+    inference = {key: dict(images_per_second=ips) for key, ips in results.items()
+                 if not isinstance(ips, str)}  # fmt: skip
+    assert {"float32/official_pytorch/batch_2", "float32/official_openvino/batch_2",
+            "float32/serving_session/batch_2"} <= set(inference)  # fmt: skip
+    benchmark.ratios_to_openvino(inference)
+    row = inference["float32/serving_default/batch_2"]
+    assert row["ratio_to_openvino"] > 0 and row["ratio_to_official_openvino"] > 0
