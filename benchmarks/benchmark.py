@@ -230,9 +230,10 @@ def ablations(model, images, min_time):
     return {path: batch / seconds for path, seconds in interleaved(calls, min_time).items()}
 
 
-def _openvino_runners(ov, model, prefix, runners):
+def _openvino_runners(ov, model, prefix, runners, feed):
     """Compiles the OpenVINO `model` (a path or an ov.Model) for f32 and bf16 into
-    `runners["<dtype>/<prefix>"]`; a precision this CPU does not grant gets an error text."""
+    `runners["<dtype>/<prefix>"]`, functions of uint8 pixels through `feed(pixels)` -> the
+    model's inputs; a precision this CPU does not grant gets an error text."""
     core = ov.Core()
     for dtype, hint in (("float32", ov.Type.f32), ("bfloat16", ov.Type.bf16)):
         try:
@@ -247,7 +248,7 @@ def _openvino_runners(ov, model, prefix, runners):
                 f"not {hint.get_type_name()}"
             )
             continue
-        runners[f"{dtype}/{prefix}"] = compiled
+        runners[f"{dtype}/{prefix}"] = lambda x, c=compiled: c(feed(x))
 
 
 def serving_session(saved_model, inter_op_threads=1):
@@ -313,7 +314,7 @@ def engine_paths(model, batches, min_time, official=None):
             ov = None
         if ov is not None:
             xml = export.export_openvino(model, os.path.join(folder, "ov", "m.xml"))
-            _openvino_runners(ov, xml, "openvino", runners)
+            _openvino_runners(ov, xml, "openvino", runners, lambda x: {"images": x})
         if official is not None:
             import torch
 
@@ -328,24 +329,19 @@ def engine_paths(model, batches, min_time, official=None):
                     official, example_input=torch.zeros(1, 3, size, size),
                     input=[ov.PartialShape([-1, 3, size, size])],
                 )  # fmt: skip
-                _openvino_runners(ov, converted, "official_openvino", runners)
+                _openvino_runners(
+                    ov, converted, "official_openvino", runners, lambda x: normalized[x.shape[0]]
+                )
         results = {}
         ours, theirs = runners.get("float32/openvino"), runners.get("float32/official_openvino")
         if not isinstance(ours, (str, type(None))) and not isinstance(theirs, (str, type(None))):
-            x = pixels[-1]
-            probabilities = ours({"images": x})["probabilities"]
-            logits = next(iter(theirs(normalized[x.shape[0]]).values()))
+            probabilities = ours(pixels[-1])["probabilities"]
+            logits = next(iter(theirs(pixels[-1]).values()))
             e = np.exp(logits - logits.max(axis=-1, keepdims=True))
             reference = e / e.sum(axis=-1, keepdims=True)
             results["official_openvino_max_abs_diff"] = float(
                 np.abs(probabilities - reference).max()
             )
-        for path, run in list(runners.items()):
-            if "openvino" in path and not isinstance(run, str):
-                if path.split("/")[1] == "openvino":
-                    runners[path] = lambda x, c=run: c({"images": x})
-                else:
-                    runners[path] = lambda x, c=run: c(normalized[x.shape[0]])
         for x in pixels:
             calls = {}
             for path, run in runners.items():
