@@ -155,3 +155,21 @@ def test_official_rows_have_our_weights_and_every_ratio():
     benchmark.ratios_to_openvino(inference)
     row = inference["float32/serving_default/batch_2"]
     assert row["ratio_to_openvino"] > 0 and row["ratio_to_official_openvino"] > 0
+
+
+def test_benchmark_models_have_weights_like_released_ones():
+    """No zero biases or offsets and no unit scales (TensorFlow would drop a zero bias, and
+    with it the bias and GELU fusion that released weights get)."""
+    import numpy as np
+
+    from benchmarks import benchmark
+
+    model = benchmark.build("t2t_vit_7", 32, "float32")
+    leaves = {}
+    for variable in model.weights:
+        leaves.setdefault(variable.path.rsplit("/", 1)[-1], []).append(np.asarray(variable))
+    assert len(leaves["bias"]) > 10 and len(leaves["gamma"]) > 10
+    for values in leaves["bias"] + leaves["beta"]:
+        assert np.all(values != 0.0)
+    for values in leaves["gamma"]:
+        assert np.all(values != 1.0) and np.all(np.abs(values - 1.0) < 0.2)

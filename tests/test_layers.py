@@ -291,26 +291,19 @@ def test_auto_soft_split_follows_xla_compilation():
     split = layers.SoftSplit(3, 2, 1)
     spec = tf.TensorSpec((1, 8, 8, 4))
 
-    def traced(xla, jit_compile):
+    def traced(xla, jit_compile, layer=split, at=spec):
         def call(t):
             with layers.xla_compilation(xla):
-                return split(t)
+                return layer(t)
 
-        return _graph_ops(tf.function(call, jit_compile=jit_compile), spec)
+        return _graph_ops(tf.function(call, jit_compile=jit_compile), at)
 
     assert "ExtractImagePatches" in traced(False, jit_compile=False)
     # The image (3 channels): a one-hot convolution in plain graphs, slices under XLA.
-    image_split, image_spec = layers.SoftSplit(7, 4, 2), tf.TensorSpec((1, 16, 16, 3))
-
-    def image_ops(xla):
-        def call(t):
-            with layers.xla_compilation(xla):
-                return image_split(t)
-
-        return _graph_ops(tf.function(call, jit_compile=xla), image_spec)
-
-    assert "Conv2D" in image_ops(False) and "ExtractImagePatches" not in image_ops(False)
-    assert "Conv2D" not in image_ops(True) and "StridedSlice" in image_ops(True)
+    image = dict(layer=layers.SoftSplit(7, 4, 2), at=tf.TensorSpec((1, 16, 16, 3)))
+    plain_ops, xla_image_ops = traced(False, False, **image), traced(True, True, **image)
+    assert "Conv2D" in plain_ops and "ExtractImagePatches" not in plain_ops
+    assert "Conv2D" not in xla_image_ops and "StridedSlice" in xla_image_ops
     xla_ops = traced(True, jit_compile=True)
     assert "ExtractImagePatches" not in xla_ops and "StridedSlice" in xla_ops
     # No scope: XLA is assumed only where TensorFlow sees a GPU or TPU (none in CI).
