@@ -467,6 +467,169 @@ def _erfc_as_one_minus_erf(ctx, node, name, args):
     ctx.replace_inputs(node, [one.output[0], erf.output[0]])
 
 
+class _OnnxGraph:
+    """Producers, consumers and constant values of an ONNX GraphProto, for the rewrites below."""
+
+    def __init__(self, graph):
+        from onnx import numpy_helper
+
+        self.graph = graph
+        self.producer = {out: node for node in graph.node for out in node.output}
+        self.consumers = {}
+        for node in graph.node:
+            for name in node.input:
+                self.consumers.setdefault(name, []).append(node)
+        self.constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+        for node in graph.node:
+            if node.op_type == "Constant" and node.attribute[0].name == "value":
+                self.constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+        self.outputs = {value.name for value in graph.output}
+
+    def node(self, name, op_type):
+        """The node of type `op_type` (one of them, if a tuple) that produces `name`, else None."""
+        node = self.producer.get(name)
+        types = op_type if isinstance(op_type, tuple) else (op_type,)
+        return node if node is not None and node.op_type in types else None
+
+    def only_use(self, name):
+        """The single node that reads `name`, else None (a graph output has other readers)."""
+        users = self.consumers.get(name, [])
+        return users[0] if len(users) == 1 and name not in self.outputs else None
+
+    def other_input(self, node, name):
+        """The input of a two-input `node` that is not `name`."""
+        a, b = node.input
+        return b if a == name else a if b == name else None
+
+
+def _last_axis_mean(g, name, rank):
+    """The input of the node producing `name` if it is a mean over the last axis of a rank-`rank`
+    tensor (tf2onnx writes a last-axis ReduceMean of a rank-3 tensor as GlobalAveragePool)."""
+    node = g.node(name, ("GlobalAveragePool", "ReduceMean"))
+    if node is None:
+        return None
+    if node.op_type == "GlobalAveragePool":
+        return node.input[0] if rank == 3 else None
+    from onnx import helper
+
+    attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    axes = attributes.get("axes")
+    if axes is None and len(node.input) > 1:
+        axes = g.constants.get(node.input[1])
+    axes = None if axes is None else [int(a) % rank for a in np.ravel(axes)]
+    return node.input[0] if axes == [rank - 1] and attributes.get("keepdims", 1) else None
+
+
+def _fuse_onnx_layer_norms(proto):
+    """Replaces each LayerNorm written out in elementary ops (mean, subtract, square, mean, add
+    epsilon, sqrt, divide, scale, offset: what tf2onnx makes of `keras_t2t.layers.LayerNorm`
+    in a `converter_graph`) with one ONNX LayerNormalization node (opset 17), which ONNX Runtime
+    runs as one kernel and OpenVINO reads as MVN. Returns the number replaced."""
+    import onnx
+    from onnx import helper
+
+    inferred = onnx.shape_inference.infer_shapes(proto)
+    ranks = {
+        v.name: len(v.type.tensor_type.shape.dim)
+        for v in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]
+        if v.type.tensor_type.HasField("shape")
+    }
+    g = _OnnxGraph(proto.graph)
+    replaced, dropped = {}, set()
+    for div in [n for n in proto.graph.node if n.op_type == "Div"]:
+        centered, root = div.input
+        sqrt = g.node(root, "Sqrt")
+        add_eps = sqrt and g.node(sqrt.input[0], "Add")
+        sub = g.node(centered, "Sub")
+        if not (add_eps and sub) or sub.input[0] not in ranks:
+            continue
+        x, rank = sub.input[0], ranks[sub.input[0]]
+        variance = next((i for i in add_eps.input if i not in g.constants), None)
+        epsilon = next((g.constants[i] for i in add_eps.input if i in g.constants), None)
+        if variance is None or epsilon is None or np.size(epsilon) != 1:
+            continue
+        square = g.node(_last_axis_mean(g, variance, rank), ("Mul", "Pow"))
+        if square is None or square.input[0] != centered:
+            continue
+        if square.op_type == "Mul" and square.input[1] != centered:
+            continue
+        if square.op_type == "Pow" and g.constants.get(square.input[1]) != 2:
+            continue
+        if _last_axis_mean(g, sub.input[1], rank) != x:
+            continue
+        scale = g.only_use(div.output[0])
+        offset = scale is not None and scale.op_type == "Mul" and g.only_use(scale.output[0])
+        if not offset or offset.op_type != "Add":
+            continue
+        gamma = g.other_input(scale, div.output[0])
+        beta = g.other_input(offset, scale.output[0])
+        if gamma not in g.constants or beta not in g.constants:
+            continue
+        if (
+            np.shape(g.constants[gamma]) != np.shape(g.constants[beta])
+            or np.ndim(g.constants[gamma]) != 1
+        ):
+            continue
+        readers = {  # each intermediate value and the nodes of the pattern that read it
+            sub.input[1]: [sub], centered: [square, div], square.output[0]: [g.producer[variance]],
+            variance: [add_eps], add_eps.output[0]: [sqrt], sqrt.output[0]: [div],
+        }  # fmt: skip
+        if any(
+            {n.output[0] for n in g.consumers.get(name, [])} != {n.output[0] for n in nodes}
+            or name in g.outputs
+            for name, nodes in readers.items()
+        ):
+            continue  # an intermediate value is used elsewhere: leave this one as it is
+        fused = helper.make_node(
+            "LayerNormalization", [x, gamma, beta], [offset.output[0]],
+            name=f"{div.name}/LayerNormalization", axis=-1, epsilon=float(epsilon),
+        )  # fmt: skip
+        # Nodes are named by their first output (unique in a graph).
+        replaced[offset.output[0]] = fused
+        mean = g.producer[sub.input[1]]
+        for node in (mean, sub, square, g.producer[variance], add_eps, sqrt, div, scale):
+            dropped.add(node.output[0])
+    nodes = [replaced.get(n.output[0], n) for n in proto.graph.node if n.output[0] not in dropped]
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+    return len(replaced)
+
+
+def _gelu_divides_by_sqrt2(proto):
+    """Rewrites `erf(x * (1 / sqrt(2)))` as `erf(x / sqrt(2))` (the exact GELU as TensorFlow's
+    grappler leaves it, a multiply, into the form of ONNX Runtime's Gelu fusion, a divide).
+    Returns the number rewritten."""
+    from onnx import numpy_helper
+
+    g = _OnnxGraph(proto.graph)
+    rewritten = 0
+    for erf in [n for n in proto.graph.node if n.op_type == "Erf"]:
+        mul = g.node(erf.input[0], "Mul")
+        if mul is None or g.only_use(mul.output[0]) is not erf:
+            continue
+        const = next((i for i in mul.input if i in g.constants), None)
+        value = g.constants.get(const)
+        if value is None or np.size(value) != 1 or abs(float(value) - 0.5**0.5) > 1e-6:
+            continue
+        root2 = numpy_helper.from_array(
+            np.array(2.0**0.5, dtype=value.dtype).reshape(np.shape(value)),
+            name=f"{mul.name}/sqrt2",
+        )
+        proto.graph.initializer.append(root2)
+        mul.op_type = "Div"
+        mul.input[:] = [g.other_input(mul, const), root2.name]
+        rewritten += 1
+        if not any(const in n.input for n in proto.graph.node):
+            _drop_initializer(proto.graph, const)
+    return rewritten
+
+
+def _drop_initializer(graph, name):
+    kept = [t for t in graph.initializer if t.name != name]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+
+
 def onnx_model(model, input_dtype="uint8", opset=ONNX_OPSET):
     """The ONNX ModelProto of `model`'s pixel signature (see `pixels_function`)."""
     tf2onnx = _optional("tf2onnx", "onnx", "The ONNX export")
@@ -474,12 +637,17 @@ def onnx_model(model, input_dtype="uint8", opset=ONNX_OPSET):
     # refuses; the strided slices give the same values as plain Slice and Concat nodes.
     twin = with_soft_split(model, "slices")
     function, spec, names = pixels_function(twin, input_dtype)
-    proto, _ = tf2onnx.convert.from_function(
-        function,
-        input_signature=[spec],
-        opset=opset,
-        custom_op_handlers={"Erfc": (_erfc_as_one_minus_erf, [])},
-    )
+    # Traced with GELU and LayerNorm in the forms ONNX Runtime fuses (`converter_graph`);
+    # the Erfc handler stays for models whose layers write tf.nn.gelu themselves.
+    with t2t_layers.converter_graph():
+        proto, _ = tf2onnx.convert.from_function(
+            function,
+            input_signature=[spec],
+            opset=opset,
+            custom_op_handlers={"Erfc": (_erfc_as_one_minus_erf, [])},
+        )
+    _fuse_onnx_layer_norms(proto)
+    _gelu_divides_by_sqrt2(proto)
     _rename_outputs(proto.graph, names)
     proto.graph.input[0].name = _rename_value(proto.graph, proto.graph.input[0].name, "images")
     for value in [*proto.graph.input, *proto.graph.output]:
@@ -514,7 +682,9 @@ def openvino_model(model, input_dtype="uint8"):
     """The OpenVINO `Model` of `model`'s pixel signature (see `pixels_function`)."""
     ov = _optional("openvino", "openvino", "The OpenVINO export")
     function, _, names = pixels_function(model, input_dtype)
-    ov_model = ov.convert_model(function.get_concrete_function())
+    with t2t_layers.converter_graph():  # GELU and LayerNorm in the forms OpenVINO fuses
+        concrete = function.get_concrete_function()
+    ov_model = ov.convert_model(concrete)
     for output, name in zip(ov_model.outputs, names):
         output.get_tensor().set_names({name})
     ov_model.inputs[0].get_tensor().set_names({"images"})

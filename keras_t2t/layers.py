@@ -93,9 +93,18 @@ class LayerNorm(keras.layers.LayerNormalization):
         if not (last and plain) or not _tf_graph_without_xla():
             return super().call(inputs)
         x = ops.cast(inputs, "float32")
-        mean = ops.mean(x, axis=-1, keepdims=True)
-        variance = ops.mean(ops.square(x - mean), axis=-1, keepdims=True)
-        x = (x - mean) * ops.rsqrt(variance + self.epsilon)
+        if _CONVERTER.get():
+            # The form that OpenVINO fuses into one MVN and ONNX Runtime into one
+            # LayerNormalization (as they do the official model's): a divide by the square
+            # root, over a 1-D axes list (OpenVINO's fusion rejects a scalar axis).
+            mean = ops.mean(x, axis=[-1], keepdims=True)
+            centered = x - mean
+            variance = ops.mean(ops.square(centered), axis=[-1], keepdims=True)
+            x = centered / ops.sqrt(variance + self.epsilon)
+        else:
+            mean = ops.mean(x, axis=-1, keepdims=True)
+            variance = ops.mean(ops.square(x - mean), axis=-1, keepdims=True)
+            x = (x - mean) * ops.rsqrt(variance + self.epsilon)
         x = x * ops.cast(self.gamma, "float32") + ops.cast(self.beta, "float32")
         return ops.cast(x, self.compute_dtype)
 
@@ -115,6 +124,33 @@ def patch_permutation(channels, kernel_size):
 
 
 _XLA = contextvars.ContextVar("keras_t2t_xla", default=None)
+_CONVERTER = contextvars.ContextVar("keras_t2t_converter", default=False)
+
+
+@contextlib.contextmanager
+def converter_graph(enabled=True):
+    """Tells the layers that the TensorFlow graph traced inside is for a converter (tf2onnx,
+    OpenVINO's `convert_model`), not for TensorFlow to run.
+
+    Two layers then write their math in the form that ONNX Runtime and OpenVINO fuse into one
+    op each, as they fuse the official PyTorch model's: the exact GELU as
+    `0.5 * x * (1 + erf(x / sqrt(2)))` (TensorFlow's is `0.5 * x * erfc(-x / sqrt(2))`, which
+    oneDNN fuses into the matmul in TensorFlow, and which OpenVINO leaves as 4 separate ops),
+    and `LayerNorm` divided by a square root (a Gelu and an MVN / LayerNormalization op). Same
+    function, rounding aside; `keras_t2t.export` opens it around the ONNX and OpenVINO traces.
+    """
+    token = _CONVERTER.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _CONVERTER.reset(token)
+
+
+def gelu(x):
+    """The exact (erf) GELU, written for the graph being traced (see `converter_graph`)."""
+    if _CONVERTER.get():
+        return 0.5 * x * (1.0 + ops.erf(x / math.sqrt(2.0)))
+    return keras.activations.gelu(x, approximate=False)
 
 
 @contextlib.contextmanager
@@ -373,7 +409,7 @@ class Mlp(keras.layers.Layer):
         # On 2-D rows in TF graphs (`_as_rows`), oneDNN fuses fc1's matmul, bias and GELU
         # (fc1 of T2T-ViT-14 is 30% faster), and fc2's matmul and bias.
         def mlp(x):
-            x = keras.activations.gelu(self.fc1(x), approximate=False)
+            x = gelu(self.fc1(x))
             if self.hidden_dropout:
                 x = self.dropout(x, training=training)
             return self.dropout(self.fc2(x), training=training)

@@ -393,3 +393,34 @@ def test_every_dense_runs_on_2d_rows_in_plain_graphs_only(tokens_type):
             assert dense_3d == [], dense_3d
         outputs[xla] = np.asarray(function(x))
     np.testing.assert_allclose(outputs[False], outputs[True], rtol=1e-5, atol=1e-5)
+
+
+def test_converter_graph_writes_gelu_with_erf_and_layer_norm_with_sqrt():
+    """Traced for a converter (`converter_graph`), the exact GELU is `0.5 x (1 + erf(x / sqrt 2))`
+    and LayerNorm divides by a square root (the forms ONNX Runtime and OpenVINO fuse into one op);
+    for TensorFlow they stay erfc and rsqrt (which oneDNN fuses). The values agree."""
+    import tensorflow as tf
+
+    norm, mlp = layers.LayerNorm(epsilon=1e-5), layers.Mlp(8)
+    spec = tf.TensorSpec((2, 5, 4))
+    x = np.random.default_rng(13).normal(scale=3.0, size=(2, 5, 4)).astype("float32")
+    outputs, traced = {}, {}
+    for converter in (False, True):
+
+        def call(t, converter=converter):
+            with layers.xla_compilation(False), layers.converter_graph(converter):
+                return norm(t), mlp(t)
+
+        function = tf.function(call)
+        traced[converter] = _graph_ops(function, spec)
+        outputs[converter] = [np.asarray(o) for o in function(x)]
+    assert {"Erfc", "Rsqrt"} <= traced[False] and not {"Erf", "Sqrt"} & traced[False]
+    assert {"Erf", "Sqrt", "RealDiv"} <= traced[True] and not {"Erfc", "Rsqrt"} & traced[True]
+    for tf_form, converter_form in zip(outputs[False], outputs[True]):
+        np.testing.assert_allclose(converter_form, tf_form, rtol=1e-6, atol=1e-6)
+    # The reference GELU, from its definition.
+    erf = np.vectorize(math.erf)
+    h = x.reshape(-1, 4) @ mlp.fc1.kernel.numpy() + mlp.fc1.bias.numpy()
+    expected = (0.5 * h * (1 + erf(h / math.sqrt(2)))) @ mlp.fc2.kernel.numpy()
+    expected = expected + mlp.fc2.bias.numpy()
+    np.testing.assert_allclose(outputs[True][1].reshape(-1, 4), expected, rtol=1e-5, atol=1e-5)

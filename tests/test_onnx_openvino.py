@@ -106,6 +106,87 @@ def test_the_signatures_declare_their_names_and_a_batch_axis(served):
     assert {o.get_any_name() for o in compiled.outputs} == set(export.OUTPUTS)
 
 
+def _layer_norms(model):
+    from keras_t2t.layers import LayerNorm
+
+    return sum(isinstance(layer, LayerNorm) for layer in model._flatten_layers())
+
+
+def test_each_engine_runs_layer_norm_and_gelu_as_one_op(served, tmp_path):
+    """As for the official model: ONNX Runtime runs each LayerNorm as one LayerNormalization
+    and each GELU as one Gelu; OpenVINO runs each LayerNorm as one MVN and computes each GELU
+    inside its Linear (no Erf left on its own)."""
+    onnx = pytest.importorskip("onnx")
+    norms = _layer_norms(served["model"])
+    proto = onnx.load(served["onnx_path"])
+    ops = [node.op_type for node in proto.graph.node]
+    assert ops.count("LayerNormalization") == norms and "Sqrt" not in ops
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(served["onnx_path"], options, providers=["CPUExecutionProvider"])
+    optimized = [node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node]
+    assert "Erf" not in optimized and optimized.count("Gelu") == ops.count("Erf") > 0
+    runtime = [
+        (op.get_rt_info()["layerType"].astype(str), op.get_rt_info()["originalLayersNames"])
+        for op in served["openvino"].get_runtime_model().get_ordered_ops()
+    ]
+    assert [kind for kind, _ in runtime].count("MVN") == norms
+    gelus = [kind for kind, names in runtime if "/mlp_1/mul_1" in names.astype(str)]
+    assert gelus and set(gelus) == {"FullyConnected"}, gelus
+
+
+def _layer_norm_graph(reduce="ReduceMean", centered_is_output=False):
+    """An ONNX graph of a LayerNorm in elementary ops, as tf2onnx writes it."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(3)
+    inits = [numpy_helper.from_array(a, n) for n, a in [
+        ("gamma", rng.normal(size=6).astype("float32")),
+        ("beta", rng.normal(size=6).astype("float32")),
+        ("eps", np.array(1e-5, "float32")),
+    ]]  # fmt: skip
+    mean = dict(axes=[-1], keepdims=1) if reduce == "ReduceMean" else {}
+    nodes = [
+        helper.make_node(reduce, ["x"], ["mean"], **mean),
+        helper.make_node("Sub", ["x", "mean"], ["centered"]),
+        helper.make_node("Mul", ["centered", "centered"], ["square"]),
+        helper.make_node(reduce, ["square"], ["variance"], **mean),
+        helper.make_node("Add", ["variance", "eps"], ["shifted"]),
+        helper.make_node("Sqrt", ["shifted"], ["root"]),
+        helper.make_node("Div", ["centered", "root"], ["normalized"]),
+        helper.make_node("Mul", ["normalized", "gamma"], ["scaled"]),
+        helper.make_node("Add", ["scaled", "beta"], ["y"]),
+    ]
+    value = lambda name: helper.make_tensor_value_info(name, TensorProto.FLOAT, [2, 5, 6])  # noqa: E731
+    outputs = [value("y")] + ([value("centered")] if centered_is_output else [])
+    graph = helper.make_graph(nodes, "ln", [value("x")], outputs, inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", export.ONNX_OPSET)])
+
+
+@pytest.mark.parametrize("reduce", ["ReduceMean", "GlobalAveragePool"])
+def test_onnx_layer_norm_fusion_keeps_the_values(reduce):
+    onnx = pytest.importorskip("onnx")
+    x = np.random.default_rng(4).normal(scale=2.0, size=(2, 5, 6)).astype("float32")
+    proto = _layer_norm_graph(reduce)
+    before = ort.InferenceSession(proto.SerializeToString()).run(None, {"x": x})[0]
+    assert export._fuse_onnx_layer_norms(proto) == 1
+    assert [n.op_type for n in proto.graph.node] == ["LayerNormalization"]
+    onnx.checker.check_model(proto, full_check=True)
+    after = ort.InferenceSession(proto.SerializeToString()).run(None, {"x": x})[0]
+    np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-5)
+    # From its definition, in float64.
+    mean = x.astype("float64").mean(-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(-1, keepdims=True)
+    gamma, beta = (onnx.numpy_helper.to_array(t) for t in proto.graph.initializer[:2])
+    np.testing.assert_allclose(after, (x - mean) / np.sqrt(var + 1e-5) * gamma + beta, atol=1e-5)
+
+
+def test_onnx_layer_norm_fusion_leaves_a_shared_intermediate_alone():
+    proto = _layer_norm_graph(centered_is_output=True)
+    assert export._fuse_onnx_layer_norms(proto) == 0
+    assert len(proto.graph.node) == 9
+
+
 @pytest.mark.parametrize("side", [None, 8])
 def test_another_image_size_is_refused_not_answered(served, side):
     """The reliability rule of the SavedModel: a wrong size gets an error, never rows."""
