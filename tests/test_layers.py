@@ -424,3 +424,36 @@ def test_converter_graph_writes_gelu_with_erf_and_layer_norm_with_sqrt():
     expected = (0.5 * h * (1 + erf(h / math.sqrt(2)))) @ mlp.fc2.kernel.numpy()
     expected = expected + mlp.fc2.bias.numpy()
     np.testing.assert_allclose(outputs[True][1].reshape(-1, 4), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "layer",
+    [lambda: layers.MultiHeadSelfAttention(2, qkv_bias=True), lambda: layers.TokenPerformer(8),
+     lambda: layers.TokenTransformer(8)],
+    ids=["attention", "performer", "transformer"],
+)  # fmt: skip
+def test_converter_graph_computes_q_k_v_without_splitting_a_tensor(layer):
+    """In a converter graph q, k and v come from their own matmuls on column blocks of the
+    kernel (constants for a converter), so no Split / Unpack runs; the values are the same."""
+    import tensorflow as tf
+
+    layer = layer()
+    spec = tf.TensorSpec((2, 9, 8))
+    x = np.random.default_rng(14).normal(size=(2, 9, 8)).astype("float32")
+    layer(x)
+    for weight in layer.weights:  # biases away from zero, so that a lost bias shows
+        if weight.path.endswith("bias"):
+            weight.assign(np.random.default_rng(15).normal(size=weight.shape).astype("float32"))
+    outputs, traced = {}, {}
+    for converter in (False, True):
+
+        def call(t, converter=converter):
+            with layers.xla_compilation(False), layers.converter_graph(converter):
+                return layer(t)
+
+        function = tf.function(call)
+        traced[converter] = _graph_ops(function, spec)
+        outputs[converter] = np.asarray(function(x))
+    assert {"Split", "Unpack"} & traced[False]
+    assert not {"Split", "SplitV", "Unpack"} & traced[True], sorted(traced[True])
+    np.testing.assert_allclose(outputs[True], outputs[False], rtol=1e-5, atol=1e-6)
