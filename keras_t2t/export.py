@@ -619,13 +619,22 @@ def _gelu_divides_by_sqrt2(proto):
         mul.op_type = "Div"
         mul.input[:] = [g.other_input(mul, const), root2.name]
         rewritten += 1
-        if not any(const in n.input for n in proto.graph.node):
-            _drop_initializer(proto.graph, const)
     return rewritten
 
 
-def _drop_initializer(graph, name):
-    kept = [t for t in graph.initializer if t.name != name]
+def _drop_unused_initializers(graph):
+    """Removes the initializers no node reads any more (the constants of rewritten nodes),
+    which ONNX Runtime would otherwise warn about on every load."""
+
+    def names(g):  # inputs read anywhere, subgraphs (If, Loop bodies) included
+        for node in g.node:
+            yield from node.input
+            for attribute in node.attribute:
+                for sub in [attribute.g, *attribute.graphs]:
+                    yield from names(sub)
+
+    used = set(names(graph)) | {value.name for value in graph.output}
+    kept = [t for t in graph.initializer if t.name in used]
     del graph.initializer[:]
     graph.initializer.extend(kept)
 
@@ -648,6 +657,7 @@ def onnx_model(model, input_dtype="uint8", opset=ONNX_OPSET):
         )
     _fuse_onnx_layer_norms(proto)
     _gelu_divides_by_sqrt2(proto)
+    _drop_unused_initializers(proto.graph)
     _rename_outputs(proto.graph, names)
     proto.graph.input[0].name = _rename_value(proto.graph, proto.graph.input[0].name, "images")
     for value in [*proto.graph.input, *proto.graph.output]:

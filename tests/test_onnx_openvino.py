@@ -121,6 +121,8 @@ def test_each_engine_runs_layer_norm_and_gelu_as_one_op(served, tmp_path):
     proto = onnx.load(served["onnx_path"])
     ops = [node.op_type for node in proto.graph.node]
     assert ops.count("LayerNormalization") == norms and "Sqrt" not in ops
+    read = {name for node in proto.graph.node for name in node.input}
+    assert [t.name for t in proto.graph.initializer if t.name not in read] == []
     options = ort.SessionOptions()
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     ort.InferenceSession(served["onnx_path"], options, providers=["CPUExecutionProvider"])
