@@ -132,12 +132,15 @@ def converter_graph(enabled=True):
     """Tells the layers that the TensorFlow graph traced inside is for a converter (tf2onnx,
     OpenVINO's `convert_model`), not for TensorFlow to run.
 
-    Two layers then write their math in the form that ONNX Runtime and OpenVINO fuse into one
-    op each, as they fuse the official PyTorch model's: the exact GELU as
-    `0.5 * x * (1 + erf(x / sqrt(2)))` (TensorFlow's is `0.5 * x * erfc(-x / sqrt(2))`, which
-    oneDNN fuses into the matmul in TensorFlow, and which OpenVINO leaves as 4 separate ops),
-    and `LayerNorm` divided by a square root (a Gelu and an MVN / LayerNormalization op). Same
-    function, rounding aside; `keras_t2t.export` opens it around the ONNX and OpenVINO traces.
+    The layers then write their math in the forms that ONNX Runtime and OpenVINO fuse, as they
+    fuse the official PyTorch model's:
+    - the exact GELU as `0.5 * x * (1 + erf(x / sqrt(2)))` (TensorFlow's is
+      `0.5 * x * erfc(-x / sqrt(2))`, which oneDNN fuses into the matmul in TensorFlow and
+      OpenVINO leaves as 4 separate ops): one Gelu op, or a post-op of the Linear before it;
+    - `LayerNorm` divided by a square root: one MVN / LayerNormalization op;
+    - q, k and v of the attentions from their own matmuls (`_split_dense`): no run-time split.
+    Same function, rounding aside; `keras_t2t.export` opens it around the ONNX and OpenVINO
+    traces (the SavedModel keeps TensorFlow's forms).
     """
     token = _CONVERTER.set(bool(enabled))
     try:
