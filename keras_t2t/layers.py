@@ -281,8 +281,9 @@ class SoftSplit(keras.layers.Layer):
             for graphs that XLA compiles (see `xla_compilation`), where XLA's lowering of
             extract_patches is up to 8x slower, and in plain TensorFlow graphs the convolution
             for inputs of at most `CONV_MAX_CHANNELS` channels and extract_patches for the
-            others. On the JAX and PyTorch backends every setting takes the slices. All give
-            identical outputs.
+            others (slices in a `converter_graph`: tf2onnx writes extract_patches as a
+            reshape that ONNX Runtime refuses). On the JAX and PyTorch backends every setting
+            takes the slices. All give identical outputs.
 
     >>> import numpy as np
     >>> split = SoftSplit(kernel_size=3, strides=2, padding=1)
@@ -329,6 +330,8 @@ class SoftSplit(keras.layers.Layer):
                 implementation = "slices"
             elif channels <= self.CONV_MAX_CHANNELS:
                 implementation = "conv"
+            elif _CONVERTER.get():
+                implementation = "slices"  # tf2onnx writes extract_patches as a -3 reshape
             else:
                 implementation = "patches"
         if implementation == "patches":
