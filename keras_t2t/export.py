@@ -471,19 +471,28 @@ class _OnnxGraph:
     """Producers, consumers and constant values of an ONNX GraphProto, for the rewrites below."""
 
     def __init__(self, graph):
-        from onnx import numpy_helper
-
         self.graph = graph
         self.producer = {out: node for node in graph.node for out in node.output}
         self.consumers = {}
         for node in graph.node:
             for name in node.input:
                 self.consumers.setdefault(name, []).append(node)
-        self.constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+        # Constant tensors by name, read as arrays only when asked: the weights are most of them.
+        self._tensors = {t.name: t for t in graph.initializer}
         for node in graph.node:
             if node.op_type == "Constant" and node.attribute[0].name == "value":
-                self.constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+                self._tensors[node.output[0]] = node.attribute[0].t
         self.outputs = {value.name for value in graph.output}
+
+    def is_constant(self, name):
+        return name in self._tensors
+
+    def constant(self, name):
+        """The value of the constant `name` as an array, else None."""
+        from onnx import numpy_helper
+
+        tensor = self._tensors.get(name)
+        return None if tensor is None else numpy_helper.to_array(tensor)
 
     def node(self, name, op_type):
         """The node of type `op_type` (one of them, if a tuple) that produces `name`, else None."""
@@ -515,7 +524,7 @@ def _last_axis_mean(g, name, rank):
     attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     axes = attributes.get("axes")
     if axes is None and len(node.input) > 1:
-        axes = g.constants.get(node.input[1])
+        axes = g.constant(node.input[1])
     axes = None if axes is None else [int(a) % rank for a in np.ravel(axes)]
     return node.input[0] if axes == [rank - 1] and attributes.get("keepdims", 1) else None
 
@@ -544,8 +553,8 @@ def _fuse_onnx_layer_norms(proto):
         if not (add_eps and sub) or sub.input[0] not in ranks:
             continue
         x, rank = sub.input[0], ranks[sub.input[0]]
-        variance = next((i for i in add_eps.input if i not in g.constants), None)
-        epsilon = next((g.constants[i] for i in add_eps.input if i in g.constants), None)
+        variance = next((i for i in add_eps.input if not g.is_constant(i)), None)
+        epsilon = next((g.constant(i) for i in add_eps.input if g.is_constant(i)), None)
         if variance is None or epsilon is None or np.size(epsilon) != 1:
             continue
         square = g.node(_last_axis_mean(g, variance, rank), ("Mul", "Pow"))
@@ -553,7 +562,7 @@ def _fuse_onnx_layer_norms(proto):
             continue
         if square.op_type == "Mul" and square.input[1] != centered:
             continue
-        if square.op_type == "Pow" and g.constants.get(square.input[1]) != 2:
+        if square.op_type == "Pow" and g.constant(square.input[1]) != 2:
             continue
         if _last_axis_mean(g, sub.input[1], rank) != x:
             continue
@@ -563,12 +572,10 @@ def _fuse_onnx_layer_norms(proto):
             continue
         gamma = g.other_input(scale, div.output[0])
         beta = g.other_input(offset, scale.output[0])
-        if gamma not in g.constants or beta not in g.constants:
+        if not (g.is_constant(gamma) and g.is_constant(beta)):
             continue
-        if (
-            np.shape(g.constants[gamma]) != np.shape(g.constants[beta])
-            or np.ndim(g.constants[gamma]) != 1
-        ):
+        gamma_shape, beta_shape = np.shape(g.constant(gamma)), np.shape(g.constant(beta))
+        if gamma_shape != beta_shape or len(gamma_shape) != 1:
             continue
         readers = {  # each intermediate value and the nodes of the pattern that read it
             sub.input[1]: [sub], centered: [square, div], square.output[0]: [g.producer[variance]],
@@ -607,8 +614,8 @@ def _gelu_divides_by_sqrt2(proto):
         mul = g.node(erf.input[0], "Mul")
         if mul is None or g.only_use(mul.output[0]) is not erf:
             continue
-        const = next((i for i in mul.input if i in g.constants), None)
-        value = g.constants.get(const)
+        const = next((i for i in mul.input if g.is_constant(i)), None)
+        value = g.constant(const)
         if value is None or np.size(value) != 1 or abs(float(value) - 0.5**0.5) > 1e-6:
             continue
         root2 = numpy_helper.from_array(
