@@ -64,11 +64,15 @@ def image_size(model):
 
 
 def with_soft_split(model, implementation):
-    """A twin of `model` (same weights) whose soft splits use `implementation`."""
+    """A twin of `model` (same weights) whose soft splits use `implementation`; `model` itself
+    where they already do."""
     config = model.get_config()
-    for layer in config["layers"]:
-        if layer["class_name"].endswith("T2TModule"):
-            layer["config"]["soft_split_implementation"] = implementation
+    modules = [layer["config"] for layer in config["layers"]
+               if layer["class_name"].endswith("T2TModule")]  # fmt: skip
+    if all(m["soft_split_implementation"] == implementation for m in modules):
+        return model
+    for module in modules:
+        module["soft_split_implementation"] = implementation
     twin = keras.Model.from_config(config)
     twin.set_weights(model.get_weights())
     return twin
@@ -655,8 +659,8 @@ def onnx_model(model, input_dtype="uint8", opset=ONNX_OPSET):
     # slices for the token maps (plain Slice and Concat nodes): the same values.
     twin = with_soft_split(model, "auto")
     function, spec, names = pixels_function(twin, input_dtype)
-    # Traced with GELU and LayerNorm in the forms ONNX Runtime fuses (`converter_graph`);
-    # the Erfc handler stays for models whose layers write tf.nn.gelu themselves.
+    # Traced in the forms ONNX Runtime fuses (`converter_graph`); the Erfc handler stays for
+    # models whose layers write tf.nn.gelu themselves.
     with t2t_layers.converter_graph():
         proto, _ = tf2onnx.convert.from_function(
             function,
@@ -701,7 +705,7 @@ def openvino_model(model, input_dtype="uint8"):
     """The OpenVINO `Model` of `model`'s pixel signature (see `pixels_function`)."""
     ov = _optional("openvino", "openvino", "The OpenVINO export")
     function, _, names = pixels_function(model, input_dtype)
-    with t2t_layers.converter_graph():  # GELU and LayerNorm in the forms OpenVINO fuses
+    with t2t_layers.converter_graph():  # in the forms OpenVINO fuses
         concrete = function.get_concrete_function()
     ov_model = ov.convert_model(concrete)
     for output, name in zip(ov_model.outputs, names):
