@@ -93,7 +93,7 @@ class LayerNorm(keras.layers.LayerNormalization):
         if not (last and plain) or not _tf_graph_without_xla():
             return super().call(inputs)
         x = ops.cast(inputs, "float32")
-        if _CONVERTER.get():
+        if _for_converter():
             # The form that OpenVINO fuses into one MVN and ONNX Runtime into one
             # LayerNormalization (as they do the official model's): a divide by the square
             # root, over a 1-D axes list (OpenVINO's fusion rejects a scalar axis).
@@ -149,9 +149,15 @@ def converter_graph(enabled=True):
         _CONVERTER.reset(token)
 
 
+def _for_converter():
+    """Whether the graph being traced is a plain TensorFlow graph for a converter (see
+    `converter_graph`)."""
+    return _CONVERTER.get() and _tf_graph_without_xla()
+
+
 def gelu(x):
     """The exact (erf) GELU, written for the graph being traced (see `converter_graph`)."""
-    if _CONVERTER.get():
+    if _for_converter():
         return 0.5 * x * (1.0 + ops.erf(x / math.sqrt(2.0)))
     return keras.activations.gelu(x, approximate=False)
 
@@ -242,7 +248,7 @@ def _split_dense(dense, inputs, parts):
     converters slice once (the weights are constants there): no split of the output at run
     time, which OpenVINO runs with its reference kernel (about 1 ms per attention of
     T2T-ViT-14 at batch 8). The same values either way."""
-    if not (_CONVERTER.get() and _tf_graph_without_xla()):
+    if not _for_converter():
         return ops.split(_dense_rows(dense, inputs), parts, axis=-1)
     width = dense.units // parts
 
@@ -330,7 +336,7 @@ class SoftSplit(keras.layers.Layer):
                 implementation = "slices"
             elif channels <= self.CONV_MAX_CHANNELS:
                 implementation = "conv"
-            elif _CONVERTER.get():
+            elif _for_converter():
                 implementation = "slices"  # tf2onnx writes extract_patches as a -3 reshape
             else:
                 implementation = "patches"
@@ -752,7 +758,7 @@ class MultiHeadSelfAttention(keras.layers.Layer):
         # transpose back: faster on CPU than `ops.dot_product_attention`'s einsums. The scale
         # is applied to q (cheaper than to the logits; exact for the power-of-two 0.125).
         heads = (-1, inputs.shape[1], self.num_heads, self.head_dim)
-        if _CONVERTER.get() and _tf_graph_without_xla():
+        if _for_converter():
             # q, k and v from their own matmuls (see `_split_dense`), each to (B, H, T, hd).
             q, k, v = (ops.transpose(ops.reshape(t, heads), (0, 2, 1, 3))
                        for t in _split_dense(self.qkv, inputs, 3))  # fmt: skip
