@@ -395,6 +395,24 @@ def test_every_dense_runs_on_2d_rows_in_plain_graphs_only(tokens_type):
     np.testing.assert_allclose(outputs[False], outputs[True], rtol=1e-5, atol=1e-5)
 
 
+def _traced_for_tensorflow_and_converter(fn, spec, x):
+    """({False: ops, True: ops}, {False: outputs, True: outputs}) of `fn` traced as a plain
+    TensorFlow graph (False) and for a converter (True, `converter_graph`), run on `x`."""
+    import tensorflow as tf
+
+    traced, outputs = {}, {}
+    for converter in (False, True):
+
+        def call(t, converter=converter):
+            with layers.xla_compilation(False), layers.converter_graph(converter):
+                return fn(t)
+
+        function = tf.function(call)
+        traced[converter] = _graph_ops(function, spec)
+        outputs[converter] = tf.nest.map_structure(np.asarray, function(x))
+    return traced, outputs
+
+
 def test_converter_graph_writes_gelu_with_erf_and_layer_norm_with_sqrt():
     """Traced for a converter (`converter_graph`), the exact GELU is `0.5 x (1 + erf(x / sqrt 2))`
     and LayerNorm divides by a square root (the forms ONNX Runtime and OpenVINO fuse into one op);
@@ -402,18 +420,10 @@ def test_converter_graph_writes_gelu_with_erf_and_layer_norm_with_sqrt():
     import tensorflow as tf
 
     norm, mlp = layers.LayerNorm(epsilon=1e-5), layers.Mlp(8)
-    spec = tf.TensorSpec((2, 5, 4))
     x = np.random.default_rng(13).normal(scale=3.0, size=(2, 5, 4)).astype("float32")
-    outputs, traced = {}, {}
-    for converter in (False, True):
-
-        def call(t, converter=converter):
-            with layers.xla_compilation(False), layers.converter_graph(converter):
-                return norm(t), mlp(t)
-
-        function = tf.function(call)
-        traced[converter] = _graph_ops(function, spec)
-        outputs[converter] = [np.asarray(o) for o in function(x)]
+    traced, outputs = _traced_for_tensorflow_and_converter(
+        lambda t: (norm(t), mlp(t)), tf.TensorSpec((2, 5, 4)), x
+    )
     assert {"Erfc", "Rsqrt"} <= traced[False] and not {"Erf", "Sqrt"} & traced[False]
     assert {"Erf", "Sqrt", "RealDiv"} <= traced[True] and not {"Erfc", "Rsqrt"} & traced[True]
     for tf_form, converter_form in zip(outputs[False], outputs[True]):
@@ -444,16 +454,7 @@ def test_converter_graph_computes_q_k_v_without_splitting_a_tensor(layer):
     for weight in layer.weights:  # biases away from zero, so that a lost bias shows
         if weight.path.endswith("bias"):
             weight.assign(np.random.default_rng(15).normal(size=weight.shape).astype("float32"))
-    outputs, traced = {}, {}
-    for converter in (False, True):
-
-        def call(t, converter=converter):
-            with layers.xla_compilation(False), layers.converter_graph(converter):
-                return layer(t)
-
-        function = tf.function(call)
-        traced[converter] = _graph_ops(function, spec)
-        outputs[converter] = np.asarray(function(x))
+    traced, outputs = _traced_for_tensorflow_and_converter(layer, spec, x)
     assert {"Split", "Unpack"} & traced[False]
     assert not {"Split", "SplitV", "Unpack"} & traced[True], sorted(traced[True])
     np.testing.assert_allclose(outputs[True], outputs[False], rtol=1e-5, atol=1e-6)
