@@ -281,6 +281,53 @@ def test_saved_model_has_stock_ops_only(exported):
     assert "ExtractImagePatches" in ops  # the serving graph is the training graph
 
 
+def _session_run(saved_model, images):
+    """(op counts of the graph a TF1 session ran for serving_default, as TF Serving runs the
+    SavedModel: after grappler, oneDNN rewrites included; its probabilities)."""
+    import collections
+
+    graph = tf.Graph()
+    with tf.compat.v1.Session(graph=graph) as session:
+        meta_graph = tf.compat.v1.saved_model.load(session, ["serve"], saved_model)
+        signature = meta_graph.signature_def["serving_default"]
+        metadata = tf.compat.v1.RunMetadata()
+        probabilities = session.run(
+            signature.outputs["probabilities"].name,
+            {signature.inputs["images"].name: images},
+            tf.compat.v1.RunOptions(output_partition_graphs=True),
+            metadata,
+        )
+    ops = collections.Counter(n.op for part in metadata.partition_graphs for n in part.node)
+    return ops, probabilities
+
+
+def test_saved_model_layer_norms_run_as_one_onednn_op_where_tensorflow_fuses_them(
+    exported, tmp_path
+):
+    """layer_norm="auto" (the default): where this TensorFlow fuses the oneDNN form, every
+    LayerNorm of the served graph runs as one _MklLayerNorm; "plain" keeps the reductions;
+    both answer alike, and as the Keras model."""
+    from keras_t2t import layers
+
+    model, images = exported["model"], exported["images"][:6]
+    norms = sum(weight.path.endswith("/gamma") for weight in model.weights)
+    assert norms == 2 * (2 + 2) + 1  # 2 T2T layers and 2 blocks of 2 each, and the last
+    plain = export.export_saved_model(model, str(tmp_path), "plain", 1, layer_norm="plain")
+    auto_ops, auto = _session_run(exported["written"]["saved_model"], images)
+    plain_ops, plain = _session_run(plain, images)
+    assert plain_ops["_MklLayerNorm"] == plain_ops["FusedBatchNormV3"] == 0
+    assert plain_ops["Rsqrt"] == norms
+    if layers.tensorflow_fuses_layer_norm():
+        assert auto_ops["_MklLayerNorm"] == norms and auto_ops["Rsqrt"] == 0, auto_ops
+    else:
+        assert auto_ops["_MklLayerNorm"] == auto_ops["FusedBatchNormV3"] == 0
+    assert np.abs(auto - plain).max() <= 1e-6
+    assert np.abs(auto - exported["expected"][:6]).max() <= 1e-5
+    with pytest.raises(ValueError, match="`layer_norm` must be one of auto, onednn, plain"):
+        export.export(model, str(tmp_path / "refused"), layer_norm="fused")
+    assert not (tmp_path / "refused").exists()
+
+
 STANDALONE = """
 import sys
 for name in ("keras", "keras_t2t", "tf_keras"):

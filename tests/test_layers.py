@@ -436,6 +436,74 @@ def test_converter_graph_writes_gelu_with_erf_and_layer_norm_with_sqrt():
     np.testing.assert_allclose(outputs[True][1].reshape(-1, 4), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
+def test_onednn_layer_norm_form_is_layer_norm(policy):
+    """In `onednn_layer_norm`, LayerNorm traces a training-mode FusedBatchNormV3 over its rows
+    (what grappler fuses into _MklLayerNorm) where a dimension is unknown, and its plain form
+    where the shape is static or for a converter; each is layer normalization, by a float64
+    reference, with the layer's epsilon (not tf.nn's 1.001e-5 floor)."""
+    import tensorflow as tf
+
+    norm = layers.LayerNorm(epsilon=1e-5, dtype=policy)
+    rng = np.random.default_rng(16)
+    # Rows of small variance, where the epsilon shows: 1e-5 against 1.001e-5 moves them 2e-5.
+    x = rng.normal(size=(3, 5, 8)) * [[[1.0]], [[30.0]], [[3e-3]]] + [[[2.0]], [[-5.0]], [[0.0]]]
+    x = x.astype("float32")
+    norm.build(x.shape)
+    norm.gamma.assign(rng.normal(size=8).astype("float32"))
+    norm.beta.assign(rng.normal(size=8).astype("float32"))
+    mean = x.astype("float64").mean(-1, keepdims=True)
+    variance = ((x - mean) ** 2).mean(-1, keepdims=True)
+    expected = (x - mean) / np.sqrt(variance + 1e-5) * norm.gamma.numpy() + norm.beta.numpy()
+
+    def traced(spec, fused=True, converter=False):
+        def call(t):
+            with layers.xla_compilation(False), layers.onednn_layer_norm(fused), \
+                    layers.converter_graph(converter):  # fmt: skip
+                return norm(t)
+
+        function = tf.function(call)
+        return _graph_ops(function, spec), function(x)
+
+    dynamic = tf.TensorSpec((None, 5, 8))
+    for spec, fused, converter, form in [
+        (dynamic, True, False, "FusedBatchNormV3"),
+        (dynamic, False, False, "Rsqrt"),
+        (tf.TensorSpec((3, 5, 8)), True, False, "Rsqrt"),
+        (dynamic, True, True, "Sqrt"),
+    ]:
+        ops_, y = traced(spec, fused, converter)
+        assert form in ops_ and ("FusedBatchNormV3" in ops_) == (form == "FusedBatchNormV3")
+        assert y.dtype == norm.compute_dtype
+        tolerance = 1e-5 if policy == "float32" else 3e-2
+        np.testing.assert_allclose(np.asarray(tf.cast(y, tf.float32)), expected,
+                                   rtol=tolerance, atol=tolerance)  # fmt: skip
+
+
+def test_tensorflow_fuses_layer_norm_is_false_where_onednn_is_off():
+    """The probe reads what grappler did: with oneDNN off (TF_ENABLE_ONEDNN_OPTS=0) nothing
+    is fused; with it on (TensorFlow's default on x86-64 Linux) the form is one op."""
+    import os
+    import pathlib
+    import platform
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    probe = "from keras_t2t import layers; print('fuses', layers.tensorflow_fuses_layer_norm())"
+    answers = {}
+    for setting in ("0", "1"):
+        env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS=setting, TF_CPP_MIN_LOG_LEVEL="2",
+                   PYTHONPATH=str(root))  # fmt: skip
+        result = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True,
+                                text=True, timeout=300)  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        answers[setting] = result.stdout.split("fuses")[-1].strip()
+    assert answers["0"] == "False"
+    if platform.system() == "Linux" and platform.machine() in ("x86_64", "AMD64"):
+        assert answers["1"] == "True"
+
+
 @pytest.mark.parametrize(
     "layer",
     [lambda: layers.MultiHeadSelfAttention(2, qkv_bias=True), lambda: layers.TokenPerformer(8),
