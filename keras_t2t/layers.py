@@ -95,7 +95,10 @@ class LayerNorm(keras.layers.LayerNormalization):
             return super().call(inputs)
         x = ops.cast(inputs, "float32")
         if _ONEDNN_LAYER_NORM.get() and not _for_converter() and None in x.shape:
-            return ops.cast(self._onednn_form(x), self.compute_dtype)
+            gamma, beta = ops.cast(self.gamma, "float32"), ops.cast(self.beta, "float32")
+            return ops.cast(
+                _onednn_layer_norm_form(x, gamma, beta, self.epsilon), self.compute_dtype
+            )
         if _for_converter():
             # The form that OpenVINO fuses into one MVN and ONNX Runtime into one
             # LayerNormalization (as they do the official model's): a divide by the square
@@ -111,25 +114,27 @@ class LayerNorm(keras.layers.LayerNormalization):
         x = x * ops.cast(self.gamma, "float32") + ops.cast(self.beta, "float32")
         return ops.cast(x, self.compute_dtype)
 
-    def _onednn_form(self, x):
-        # The form grappler rewrites into one _MklLayerNorm where oneDNN is on (Keras 2's
-        # fused LayerNormalization): the rows as the channels of a training-mode
-        # FusedBatchNormV3 (its batch statistics are each row's mean and biased variance;
-        # raw_ops, since tf.nn's wrapper raises epsilon to 1.001e-5), then gamma and beta.
-        tf = _tensorflow()
-        shape = tf.shape(x)
-        rows = tf.reduce_prod(shape[:-1], keepdims=True)
-        y = tf.raw_ops.FusedBatchNormV3(
-            x=tf.reshape(x, tf.concat([[1], rows, [x.shape[-1], 1]], axis=0)),
-            scale=tf.fill(rows, 1.0),
-            offset=tf.fill(rows, 0.0),
-            mean=tf.constant([], tf.float32),
-            variance=tf.constant([], tf.float32),
-            epsilon=self.epsilon,
-            data_format="NCHW",
-            is_training=True,
-        )[0]
-        return tf.reshape(y, shape) * tf.cast(self.gamma, "float32") + tf.cast(self.beta, "float32")
+
+def _onednn_layer_norm_form(x, gamma, beta, epsilon):
+    """LayerNorm over the last axis of float32 `x`, in the form grappler rewrites into one
+    _MklLayerNorm where oneDNN is on (Keras 2's fused LayerNormalization): the rows as the
+    channels of a training-mode FusedBatchNormV3 (its batch statistics are each row's mean
+    and biased variance; raw_ops, since tf.nn's wrapper raises epsilon to 1.001e-5), then
+    `gamma` and `beta`. See `onednn_layer_norm`."""
+    tf = _tensorflow()
+    shape = tf.shape(x)
+    rows = tf.reduce_prod(shape[:-1], keepdims=True)
+    y = tf.raw_ops.FusedBatchNormV3(
+        x=tf.reshape(x, tf.concat([[1], rows, [x.shape[-1], 1]], axis=0)),
+        scale=tf.fill(rows, 1.0),
+        offset=tf.fill(rows, 0.0),
+        mean=tf.constant([], tf.float32),
+        variance=tf.constant([], tf.float32),
+        epsilon=epsilon,
+        data_format="NCHW",
+        is_training=True,
+    )[0]
+    return tf.reshape(y, shape) * gamma + beta
 
 
 def patch_permutation(channels, kernel_size):
@@ -214,17 +219,17 @@ def tensorflow_fuses_layer_norm():
     tf = _tensorflow()
     if tf is None:
         return False
-    layer = LayerNorm(name="probe", dtype="float32")
     graph = tf.Graph()
-    with graph.as_default(), tf.device("/CPU:0"), xla_compilation(False), onednn_layer_norm():
+    with graph.as_default(), tf.device("/CPU:0"):
         x = tf.compat.v1.placeholder(tf.float32, [None, 4, 8])
-        y = layer(x)
-        init = tf.compat.v1.global_variables_initializer()
+        gamma, beta = (tf.compat.v1.placeholder(tf.float32, [8]) for _ in range(2))
+        y = _onednn_layer_norm_form(x, gamma, beta, LAYER_NORM_EPSILON)
     options = tf.compat.v1.RunOptions(output_partition_graphs=True)
     metadata = tf.compat.v1.RunMetadata()
+    feed = {x: np.zeros((2, 4, 8), np.float32), gamma: np.ones(8, np.float32),
+            beta: np.zeros(8, np.float32)}  # fmt: skip
     with tf.compat.v1.Session(graph=graph) as session:
-        session.run(init)
-        session.run(y, {x: np.zeros((2, 4, 8), np.float32)}, options, metadata)
+        session.run(y, feed, options, metadata)
     return any(
         node.op == "_MklLayerNorm" for part in metadata.partition_graphs for node in part.node
     )
