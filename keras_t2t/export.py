@@ -96,14 +96,52 @@ def uses_onednn_layer_norm(layer_norm="auto"):
     return layer_norm == "onednn"
 
 
-def serving_fn(model, onednn_layer_norm=False):
+def class_token_forward(model):
+    """A function of images equal to `model(images, training=False)` whose last block
+    computes the class token's row only (`TransformerBlock.class_token_call`), where the model
+    ends as the builders make a classifier: last block -> LayerNorm -> class-token pooling ->
+    Dense head -> activation, each layer called once, in a chain. None for another model."""
+    from keras_t2t.models import TokenPooling
+
+    kinds = (t2t_layers.TransformerBlock, t2t_layers.LayerNorm, TokenPooling,
+             keras.layers.Dense, keras.layers.Activation)  # fmt: skip
+    chain = model.layers[-len(kinds) :]
+    if len(model.layers) <= len(kinds) or len(model.outputs) != 1:
+        return None
+    if not all(isinstance(layer, kind) for layer, kind in zip(chain, kinds)):
+        return None
+    if chain[2].mode != "token":
+        return None
+    try:  # .input / .output raise for a layer called more than once
+        linked = all(after.input is before.output for before, after in zip(chain, chain[1:]))
+        linked = linked and model.outputs[0] is chain[-1].output
+        trunk = keras.Model(model.inputs, chain[0].input)
+    except (AttributeError, ValueError):
+        return None
+    if not linked:
+        return None
+
+    def forward(images):
+        y = chain[0].class_token_call(trunk(images, training=False))
+        for layer in chain[1:]:
+            y = layer(y)
+        return y
+
+    return forward
+
+
+def serving_fn(model, onednn_layer_norm=False, class_token_only=False):
     """uint8 images -> dict of the named outputs, whatever the model's head and preprocessing.
 
     Traced as a plain TensorFlow graph (TF Serving and TFLite do not compile with XLA), so the
     model takes its fast paths for plain graphs even where it is exported on a GPU machine;
-    with `onednn_layer_norm`, its LayerNorms in the form oneDNN fuses (a SavedModel's only:
-    the converters take the plain one).
+    with `onednn_layer_norm`, its LayerNorms in the form oneDNN fuses, and with
+    `class_token_only`, its last block on the class token's row (`class_token_forward`, where
+    the model allows it): a SavedModel's; the converters take the model's own graph.
     """
+    forward = class_token_forward(model) if class_token_only else None
+    if forward is None:
+        forward = lambda x: model(x, training=False)  # noqa: E731
     has_preprocessing = any(layer.name == "preprocessing" for layer in model.layers)
     activation = model.get_layer("predictions").activation
     softmax_head = getattr(activation, "__name__", "") == "softmax"
@@ -115,7 +153,7 @@ def serving_fn(model, onednn_layer_norm=False):
         if not has_preprocessing:
             x = (x - mean) / std
         with t2t_layers.xla_compilation(False), t2t_layers.onednn_layer_norm(onednn_layer_norm):
-            outputs = tf.cast(model(x, training=False), tf.float32)
+            outputs = tf.cast(forward(x), tf.float32)
         probabilities = outputs if softmax_head else tf.nn.softmax(outputs, axis=-1)
         return {
             "probabilities": probabilities,
@@ -283,7 +321,7 @@ def export_saved_model(
             f"replace it, or choose another version."
         )
     size = image_size(model)
-    serve = serving_fn(model, fused_layer_norm)
+    serve = serving_fn(model, fused_layer_norm, class_token_only=True)
     if crop_pct is None:
         crop_pct = serving_crop_pct(model)
     if not (isinstance(crop_pct, (int, float)) and 0.05 <= crop_pct <= 1.0):

@@ -847,6 +847,30 @@ class MultiHeadSelfAttention(keras.layers.Layer):
             q, k, v = ops.unstack(ops.transpose(qkv, (2, 0, 3, 1, 4)), 3, axis=0)
         return _softmax(ops.matmul(q * self.scale, ops.transpose(k, (0, 1, 3, 2)))), v
 
+    def class_token_call(self, inputs):
+        """`self(inputs)[:, :1]` at inference, computing k and v for every token but q, the
+        attention and `proj` for the class token (row 0) only."""
+        dim = inputs.shape[-1]
+        kernel = ops.cast(self.qkv.kernel, self.compute_dtype)
+
+        def columns(start, stop):
+            def affine(rows):
+                y = ops.matmul(rows, kernel[:, start:stop])
+                if self.qkv.use_bias:
+                    y = y + ops.cast(self.qkv.bias[start:stop], self.compute_dtype)
+                return y
+
+            return affine
+
+        q = _dense_rows(columns(0, dim), inputs[:, :1])  # (B, 1, dim)
+        kv = _dense_rows(columns(dim, 3 * dim), inputs)  # (B, T, 2 dim)
+        q = ops.transpose(ops.reshape(q, (-1, 1, self.num_heads, self.head_dim)), (0, 2, 1, 3))
+        kv = ops.reshape(kv, (-1, inputs.shape[1], 2, self.num_heads, self.head_dim))
+        k, v = ops.unstack(ops.transpose(kv, (2, 0, 3, 1, 4)), 2, axis=0)
+        attention = _softmax(ops.matmul(q * self.scale, ops.transpose(k, (0, 1, 3, 2))))
+        y = ops.reshape(ops.transpose(ops.matmul(attention, v), (0, 2, 1, 3)), (-1, 1, dim))
+        return _dense_rows(self.proj, y)
+
     def attention_weights(self, inputs):
         """The softmax attention, `(batch, heads, T, T)` (for `keras_t2t.explain`)."""
         return self._attention(inputs)[0]
@@ -960,6 +984,15 @@ class TransformerBlock(keras.layers.Layer):
 
     def compute_output_shape(self, input_shape):
         return input_shape
+
+    def class_token_call(self, inputs):
+        """`self(inputs, training=False)[:, :1]`: the class token's row, the only one a
+        classifier that reads the class token needs from the last block. Every step is
+        per-token except the attention, whose k and v take every token; the rest (q, the
+        attention, proj, the MLP, on 1 token of 1 + (side / 16) ** 2) is skipped for the
+        others. `keras_t2t.export` runs the SavedModel's last block this way."""
+        x = inputs[:, :1] + self.attn.class_token_call(self.norm1(inputs))
+        return x + self.mlp(self.norm2(x))
 
     def call(self, inputs, training=None):
         x = inputs + self.drop_path(

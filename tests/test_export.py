@@ -328,6 +328,60 @@ def test_saved_model_layer_norms_run_as_one_onednn_op_where_tensorflow_fuses_the
     assert not (tmp_path / "refused").exists()
 
 
+def test_class_token_forward_only_for_a_class_token_classifier():
+    """The last block runs on the class token only where nothing else reads its other rows:
+    the builders' classifiers; not a backbone, other pooling, or a model with more outputs."""
+    import keras_t2t
+
+    rng = np.random.default_rng(18)
+    model = keras_t2t.T2TViT7(weights=None, input_shape=(32, 32, 3), classes=5)
+    for weight in model.weights:
+        weight.assign(rng.normal(scale=0.1, size=weight.shape).astype("float32"))
+    forward = export.class_token_forward(model)
+    images = rng.uniform(0, 255, (3, 32, 32, 3)).astype("float32")
+    expected = model(images, training=False).numpy()
+    assert np.abs(tf.function(forward)(images).numpy() - expected).max() <= 1e-6
+    backbone = keras_t2t.T2TViT7(weights=None, input_shape=(32, 32, 3), include_top=False)
+    averaged = keras_t2t.T2TViT7(
+        weights=None, input_shape=(32, 32, 3), include_top=False, pooling="avg"
+    )
+    two_outputs = keras.Model(model.inputs, [model.output, model.get_layer("norm").output])
+    for other in (backbone, averaged, two_outputs):
+        assert export.class_token_forward(other) is None
+
+
+def test_saved_model_runs_the_last_block_on_the_class_token_only(tmp_path):
+    """In the SavedModel the last block's MLP takes one row per image (batch x hidden); the
+    others take every token's row; the probabilities are the Keras model's."""
+    import keras_t2t
+
+    rng = np.random.default_rng(19)
+    model = keras_t2t.T2TViT7(weights=None, input_shape=(32, 32, 3), classes=5)
+    for weight in model.weights:
+        weight.assign(rng.normal(scale=0.1, size=weight.shape).astype("float32"))
+    path = export.export_saved_model(model, str(tmp_path), "m", 1)
+    images = rng.integers(0, 256, (3, 32, 32, 3)).astype(np.uint8)
+    graph = tf.Graph()
+    with tf.compat.v1.Session(graph=graph) as session:
+        signature = tf.compat.v1.saved_model.load(session, ["serve"], path).signature_def
+        signature = signature["serving_default"]
+        metadata = tf.compat.v1.RunMetadata()
+        probabilities = session.run(
+            signature.outputs["probabilities"].name,
+            {signature.inputs["images"].name: images},
+            tf.compat.v1.RunOptions(trace_level=tf.compat.v1.RunOptions.FULL_TRACE),
+            metadata,
+        )
+    shapes = [tuple(d.size for d in output.tensor_description.shape.dim)
+              for device in metadata.step_stats.dev_stats for node in device.node_stats
+              for output in node.output]  # fmt: skip
+    hidden = model.get_layer("blocks_0").mlp.fc1.units
+    tokens = 1 + (32 // 16) ** 2
+    assert (3, hidden) in shapes and (3 * tokens, hidden) in shapes
+    expected = model.predict(images.astype("float32"), verbose=0)
+    assert np.abs(probabilities - expected).max() <= 1e-5
+
+
 STANDALONE = """
 import sys
 for name in ("keras", "keras_t2t", "tf_keras"):

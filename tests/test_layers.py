@@ -436,6 +436,29 @@ def test_converter_graph_writes_gelu_with_erf_and_layer_norm_with_sqrt():
     np.testing.assert_allclose(outputs[True][1].reshape(-1, 4), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("qkv_bias", [False, True])
+def test_class_token_call_is_the_class_tokens_row(qkv_bias):
+    """TransformerBlock.class_token_call (k and v of every token; q, attention, proj and MLP
+    for row 0 only) gives row 0 of the block's output, eagerly and in a TF graph."""
+    import tensorflow as tf
+
+    block = layers.TransformerBlock(4, mlp_ratio=2.0, qkv_bias=qkv_bias)
+    rng = np.random.default_rng(17)
+    x = rng.normal(size=(3, 10, 16)).astype("float32")
+    block(x)
+    for weight in block.weights:  # every bias and norm offset away from zero
+        weight.assign(rng.normal(scale=0.3, size=weight.shape).astype("float32"))
+    expected = np.asarray(block(x, training=False))[:, :1]
+    assert expected.shape == (3, 1, 16)
+    np.testing.assert_allclose(np.asarray(block.class_token_call(x)), expected, atol=1e-5)
+    graph = tf.function(block.class_token_call, input_signature=[tf.TensorSpec((None, 10, 16))])
+    np.testing.assert_allclose(graph(x).numpy(), expected, atol=1e-5)
+    # Row 0 depends on every token (through k and v), and on nothing else.
+    moved = x.copy()
+    moved[:, 5] += rng.normal(size=16).astype("float32")  # (not a constant: LN removes it)
+    assert np.abs(np.asarray(block.class_token_call(moved)) - expected).max() > 1e-3
+
+
 @pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
 def test_onednn_layer_norm_form_is_layer_norm(policy):
     """In `onednn_layer_norm`, LayerNorm traces a training-mode FusedBatchNormV3 over its rows
