@@ -307,6 +307,8 @@ def export_saved_model(
     there), else in plain ops; "onednn" or "plain" choose for a serving machine unlike this
     one (the oneDNN form is 4% faster overall where oneDNN is on, 13% slower where it is off:
     Windows and macOS TensorFlow, TF_ENABLE_ONEDNN_OPTS=0). See `uses_onednn_layer_norm`.
+    The signatures run the last block on the class token's row only where the model is a
+    class-token classifier (`class_token_forward`): the same outputs, 5% fewer FLOPs.
     """
     check_model(model)
     version = check_version(version)
