@@ -157,6 +157,16 @@ _ONEDNN_LAYER_NORM = contextvars.ContextVar("keras_t2t_onednn_layer_norm", defau
 
 
 @contextlib.contextmanager
+def _setting(variable, value):
+    """`variable` (a ContextVar) set to `value` inside the block."""
+    token = variable.set(value)
+    try:
+        yield
+    finally:
+        variable.reset(token)
+
+
+@contextlib.contextmanager
 def converter_graph(enabled=True):
     """Tells the layers that the TensorFlow graph traced inside is for a converter (tf2onnx,
     OpenVINO's `convert_model`), not for TensorFlow to run.
@@ -171,11 +181,8 @@ def converter_graph(enabled=True):
     Same function, rounding aside; `keras_t2t.export` opens it around the ONNX and OpenVINO
     traces (the SavedModel keeps TensorFlow's forms).
     """
-    token = _CONVERTER.set(bool(enabled))
-    try:
+    with _setting(_CONVERTER, bool(enabled)):
         yield
-    finally:
-        _CONVERTER.reset(token)
 
 
 def _for_converter():
@@ -203,11 +210,8 @@ def onednn_layer_norm(enabled=True):
     (grappler fuses inference graphs only), XLA (which fuses the plain form itself) or
     converters.
     """
-    token = _ONEDNN_LAYER_NORM.set(bool(enabled))
-    try:
+    with _setting(_ONEDNN_LAYER_NORM, bool(enabled)):
         yield
-    finally:
-        _ONEDNN_LAYER_NORM.reset(token)
 
 
 @functools.cache
@@ -264,11 +268,8 @@ def xla_compilation(enabled=True):
     depends on it: every choice gives the same outputs. JAX and PyTorch always take the
     portable implementations.
     """
-    token = _XLA.set(bool(enabled))
-    try:
+    with _setting(_XLA, bool(enabled)):
         yield
-    finally:
-        _XLA.reset(token)
 
 
 @functools.cache
@@ -331,18 +332,21 @@ def _split_dense(dense, inputs, parts):
     if not _for_converter():
         return ops.split(_dense_rows(dense, inputs), parts, axis=-1)
     width = dense.units // parts
+    return [_dense_rows(_column_block(dense, i * width, (i + 1) * width), inputs)
+            for i in range(parts)]  # fmt: skip
 
-    def block(i):
-        def affine(rows):
-            columns = slice(i * width, (i + 1) * width)
-            y = ops.matmul(rows, ops.cast(dense.kernel[:, columns], dense.compute_dtype))
-            if dense.use_bias:
-                y = y + ops.cast(dense.bias[columns], dense.compute_dtype)
-            return y
 
-        return _dense_rows(affine, inputs)
+def _column_block(dense, start, stop):
+    """`dense` cut to its output columns `start:stop`: a function of rows."""
 
-    return [block(i) for i in range(parts)]
+    def affine(rows):
+        columns = slice(start, stop)
+        y = ops.matmul(rows, ops.cast(dense.kernel[:, columns], dense.compute_dtype))
+        if dense.use_bias:
+            y = y + ops.cast(dense.bias[columns], dense.compute_dtype)
+        return y
+
+    return affine
 
 
 @_register
@@ -837,50 +841,48 @@ class MultiHeadSelfAttention(keras.layers.Layer):
         # One transpose to (3, batch, heads, tokens, head_dim), plain batched matmuls, one
         # transpose back: faster on CPU than `ops.dot_product_attention`'s einsums. The scale
         # is applied to q (cheaper than to the logits; exact for the power-of-two 0.125).
-        heads = (-1, inputs.shape[1], self.num_heads, self.head_dim)
         if _for_converter():
             # q, k and v from their own matmuls (see `_split_dense`), each to (B, H, T, hd).
-            q, k, v = (ops.transpose(ops.reshape(t, heads), (0, 2, 1, 3))
-                       for t in _split_dense(self.qkv, inputs, 3))  # fmt: skip
+            q, k, v = (self._heads(t) for t in _split_dense(self.qkv, inputs, 3))
         else:
-            qkv = ops.reshape(_dense_rows(self.qkv, inputs), (*heads[:2], 3, *heads[2:]))
-            q, k, v = ops.unstack(ops.transpose(qkv, (2, 0, 3, 1, 4)), 3, axis=0)
-        return _softmax(ops.matmul(q * self.scale, ops.transpose(k, (0, 1, 3, 2)))), v
+            q, k, v = self._stacked_heads(_dense_rows(self.qkv, inputs), 3)
+        return self._weights(q, k), v
+
+    def _heads(self, t):
+        """(B, T, heads * head_dim) -> (B, heads, T, head_dim)."""
+        shape = (-1, t.shape[1], self.num_heads, self.head_dim)
+        return ops.transpose(ops.reshape(t, shape), (0, 2, 1, 3))
+
+    def _stacked_heads(self, t, parts):
+        """(B, T, parts * heads * head_dim) -> `parts` tensors (B, heads, T, head_dim), with
+        one transpose."""
+        t = ops.reshape(t, (-1, t.shape[1], parts, self.num_heads, self.head_dim))
+        return ops.unstack(ops.transpose(t, (2, 0, 3, 1, 4)), parts, axis=0)
+
+    def _weights(self, q, k):
+        return _softmax(ops.matmul(q * self.scale, ops.transpose(k, (0, 1, 3, 2))))
+
+    def _project(self, attention, v):
+        """The heads' outputs, joined again to (B, T, dim), through `proj`."""
+        y = ops.transpose(ops.matmul(attention, v), (0, 2, 1, 3))  # (B, T, heads, head_dim)
+        y = ops.reshape(y, (-1, y.shape[1], self.num_heads * self.head_dim))
+        return _dense_rows(self.proj, y)
 
     def class_token_call(self, inputs):
         """`self(inputs)[:, :1]` at inference, computing k and v for every token but q, the
         attention and `proj` for the class token (row 0) only."""
         dim = inputs.shape[-1]
-        kernel = ops.cast(self.qkv.kernel, self.compute_dtype)
-
-        def columns(start, stop):
-            def affine(rows):
-                y = ops.matmul(rows, kernel[:, start:stop])
-                if self.qkv.use_bias:
-                    y = y + ops.cast(self.qkv.bias[start:stop], self.compute_dtype)
-                return y
-
-            return affine
-
-        q = _dense_rows(columns(0, dim), inputs[:, :1])  # (B, 1, dim)
-        kv = _dense_rows(columns(dim, 3 * dim), inputs)  # (B, T, 2 dim)
-        q = ops.transpose(ops.reshape(q, (-1, 1, self.num_heads, self.head_dim)), (0, 2, 1, 3))
-        kv = ops.reshape(kv, (-1, inputs.shape[1], 2, self.num_heads, self.head_dim))
-        k, v = ops.unstack(ops.transpose(kv, (2, 0, 3, 1, 4)), 2, axis=0)
-        attention = _softmax(ops.matmul(q * self.scale, ops.transpose(k, (0, 1, 3, 2))))
-        y = ops.reshape(ops.transpose(ops.matmul(attention, v), (0, 2, 1, 3)), (-1, 1, dim))
-        return _dense_rows(self.proj, y)
+        q = self._heads(_dense_rows(_column_block(self.qkv, 0, dim), inputs[:, :1]))
+        kv = _dense_rows(_column_block(self.qkv, dim, 3 * dim), inputs)  # (B, T, 2 dim)
+        k, v = self._stacked_heads(kv, 2)
+        return self._project(self._weights(q, k), v)
 
     def attention_weights(self, inputs):
         """The softmax attention, `(batch, heads, T, T)` (for `keras_t2t.explain`)."""
         return self._attention(inputs)[0]
 
     def call(self, inputs, training=None):
-        tokens, dim = inputs.shape[1], inputs.shape[2]
-        attention, v = self._attention(inputs)
-        y = ops.transpose(ops.matmul(attention, v), (0, 2, 1, 3))  # (B, T, heads, head_dim)
-        y = _dense_rows(self.proj, ops.reshape(y, (-1, tokens, dim)))
-        return self.proj_dropout(y, training=training)
+        return self.proj_dropout(self._project(*self._attention(inputs)), training=training)
 
     def get_config(self):
         config = super().get_config()
