@@ -281,11 +281,9 @@ def test_saved_model_has_stock_ops_only(exported):
     assert "ExtractImagePatches" in ops  # the serving graph is the training graph
 
 
-def _session_run(saved_model, images):
-    """(op counts of the graph a TF1 session ran for serving_default, as TF Serving runs the
-    SavedModel: after grappler, oneDNN rewrites included; its probabilities)."""
-    import collections
-
+def _session_run(saved_model, images, options):
+    """(RunMetadata, probabilities) of serving_default run in a TF1 session with `options`
+    (RunOptions), as TF Serving runs the SavedModel: after grappler, oneDNN rewrites included."""
     graph = tf.Graph()
     with tf.compat.v1.Session(graph=graph) as session:
         meta_graph = tf.compat.v1.saved_model.load(session, ["serve"], saved_model)
@@ -294,9 +292,18 @@ def _session_run(saved_model, images):
         probabilities = session.run(
             signature.outputs["probabilities"].name,
             {signature.inputs["images"].name: images},
-            tf.compat.v1.RunOptions(output_partition_graphs=True),
+            options,
             metadata,
         )
+    return metadata, probabilities
+
+
+def _session_ops(saved_model, images):
+    """(op counts of the graph that ran, probabilities); see `_session_run`."""
+    import collections
+
+    options = tf.compat.v1.RunOptions(output_partition_graphs=True)
+    metadata, probabilities = _session_run(saved_model, images, options)
     ops = collections.Counter(n.op for part in metadata.partition_graphs for n in part.node)
     return ops, probabilities
 
@@ -313,8 +320,8 @@ def test_saved_model_layer_norms_run_as_one_onednn_op_where_tensorflow_fuses_the
     norms = sum(weight.path.endswith("/gamma") for weight in model.weights)
     assert norms == 2 * (2 + 2) + 1  # 2 T2T layers and 2 blocks of 2 each, and the last
     plain = export.export_saved_model(model, str(tmp_path), "plain", 1, layer_norm="plain")
-    auto_ops, auto = _session_run(exported["written"]["saved_model"], images)
-    plain_ops, plain = _session_run(plain, images)
+    auto_ops, auto = _session_ops(exported["written"]["saved_model"], images)
+    plain_ops, plain = _session_ops(plain, images)
     assert plain_ops["_MklLayerNorm"] == plain_ops["FusedBatchNormV3"] == 0
     assert plain_ops["Rsqrt"] == norms
     if layers.tensorflow_fuses_layer_norm():
@@ -361,17 +368,8 @@ def test_saved_model_runs_the_last_block_on_the_class_token_only(tmp_path):
         weight.assign(rng.normal(scale=0.1, size=weight.shape).astype("float32"))
     path = export.export_saved_model(model, str(tmp_path), "m", 1)
     images = rng.integers(0, 256, (3, 32, 32, 3)).astype(np.uint8)
-    graph = tf.Graph()
-    with tf.compat.v1.Session(graph=graph) as session:
-        signature = tf.compat.v1.saved_model.load(session, ["serve"], path).signature_def
-        signature = signature["serving_default"]
-        metadata = tf.compat.v1.RunMetadata()
-        probabilities = session.run(
-            signature.outputs["probabilities"].name,
-            {signature.inputs["images"].name: images},
-            tf.compat.v1.RunOptions(trace_level=tf.compat.v1.RunOptions.FULL_TRACE),
-            metadata,
-        )
+    options = tf.compat.v1.RunOptions(trace_level=tf.compat.v1.RunOptions.FULL_TRACE)
+    metadata, probabilities = _session_run(path, images, options)
     shapes = [tuple(d.size for d in output.tensor_description.shape.dim)
               for device in metadata.step_stats.dev_stats for node in device.node_stats
               for output in node.output]  # fmt: skip

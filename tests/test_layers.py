@@ -453,7 +453,7 @@ def test_class_token_call_is_the_class_tokens_row(qkv_bias):
     np.testing.assert_allclose(np.asarray(block.class_token_call(x)), expected, atol=1e-5)
     graph = tf.function(block.class_token_call, input_signature=[tf.TensorSpec((None, 10, 16))])
     np.testing.assert_allclose(graph(x).numpy(), expected, atol=1e-5)
-    # Row 0 depends on every token (through k and v), and on nothing else.
+    # Row 0 depends on the other tokens too (through k and v).
     moved = x.copy()
     moved[:, 5] += rng.normal(size=16).astype("float32")  # (not a constant: LN removes it)
     assert np.abs(np.asarray(block.class_token_call(moved)) - expected).max() > 1e-3
