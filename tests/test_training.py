@@ -571,6 +571,19 @@ def _corrupt(checkpoints, how):
         (checkpoints / "checkpoint").write_text("garbage {{{")
 
 
+def _count_steps_only(monkeypatch):
+    """Train loops that only advance the step: for the tests of the loop around them
+    (checkpoints, SIGTERM), which then need no gradient graph to be traced."""
+
+    def build(self):
+        def loop(iterator, steps):
+            self.step.assign_add(tf.cast(steps, tf.int64))
+
+        return loop
+
+    monkeypatch.setattr(trainer.Trainer, "_build_train_loop", build)
+
+
 @pytest.fixture(scope="module")
 def two_checkpoints(tiny_records, tmp_path_factory):
     """A model_dir of a finished 2-epoch run: ckpt-3 and ckpt-6."""
@@ -583,8 +596,9 @@ def two_checkpoints(tiny_records, tmp_path_factory):
     "how", ["truncated", "flipped_byte", "truncated_index", "deleted_by_hand", "garbage_state_file"]
 )
 def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous(
-    tiny_records, two_checkpoints, tmp_path, how, caplog
+    tiny_records, two_checkpoints, tmp_path, how, caplog, monkeypatch
 ):
+    _count_steps_only(monkeypatch)
     shutil.copytree(two_checkpoints, tmp_path, dirs_exist_ok=True)
     checkpoints = tmp_path / "checkpoints"
     before = {p.name: p.read_bytes() for p in checkpoints.glob("ckpt-6.*")}
@@ -609,7 +623,10 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous(
     ]  # fmt: skip
 
 
-def test_no_readable_checkpoint_starts_anew(tiny_records, two_checkpoints, tmp_path, caplog):
+def test_no_readable_checkpoint_starts_anew(
+    tiny_records, two_checkpoints, tmp_path, caplog, monkeypatch
+):
+    _count_steps_only(monkeypatch)
     shutil.copytree(two_checkpoints, tmp_path, dirs_exist_ok=True)
     for name in ("ckpt-3", "ckpt-6"):
         (tmp_path / "checkpoints" / f"{name}.data-00000-of-00001").write_bytes(b"")
@@ -619,6 +636,124 @@ def test_no_readable_checkpoint_starts_anew(tiny_records, two_checkpoints, tmp_p
     assert _latest_step(tmp_path) == 3
     for name in ("corrupt-ckpt-3.index", "corrupt-ckpt-6.index", "corrupt-checkpoint"):
         assert (tmp_path / "checkpoints" / name).exists()
+
+
+def _files(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def _unavailable(path):
+    return tf.errors.UnavailableError(None, None, f"simulated: 503 reading {path}")
+
+
+@pytest.mark.parametrize(
+    "error,kind",
+    [
+        (tf.errors.DataLossError(None, None, "corrupted record at 12"), "corrupt"),
+        (IndexError("Read less bytes than requested"), "corrupt"),  # truncated (OUT_OF_RANGE)
+        # What TF's checkpoint reader raises for bad bytes: an OpError (UNKNOWN) that says so.
+        (tf.errors.OpError(None, None, "TensorBundle at r/ckpt-6 shard 0 (360000 bytes): "
+                           "Checksum does not match: stored 4044512794 vs. calculated", 2),
+         "corrupt"),
+        (tf.errors.OpError(None, None, "Unable to read file (r/ckpt-6.index). Perhaps the file "
+                           "is corrupt (failed to seek): block checksum mismatch", 2), "corrupt"),
+        (tf.errors.OpError(None, None, "/runs/503_timeout/checkpoints/ckpt-6.data-00000-of-00001"
+                           "; No such file or directory", 2), "corrupt"),  # the path tells nothing
+        (tf.errors.UnavailableError(None, None, "503"), "transient"),
+        (tf.errors.DeadlineExceededError(None, None, "deadline"), "transient"),
+        (tf.errors.ResourceExhaustedError(None, None, "429 rate limit"), "transient"),
+        (tf.errors.AbortedError(None, None, "aborted"), "transient"),
+        (tf.errors.OpError(None, None, "Error executing an HTTP request: HTTP response code 503",
+                           2), "transient"),
+        (tf.errors.OpError(None, None, "something never seen before", 2), "transient"),
+        (tf.errors.PermissionDeniedError(None, None, "denied"), "fatal"),
+        (PermissionError(13, "Permission denied"), "fatal"),
+        # The reader calls every failed open "DataLoss: Unable to open table file", whatever
+        # the cause.
+        (tf.errors.DataLossError(None, None, "Unable to open table file gs://b/r/ckpt-6: "
+                                 "PERMISSION_DENIED: Permission denied"), "fatal"),
+    ],
+)  # fmt: skip
+def test_checkpoint_read_errors_are_classified(error, kind):
+    path = "/runs/503_timeout/checkpoints/ckpt-6"
+    assert trainer.classify_checkpoint_error(error, path) == kind
+
+
+def test_a_storage_error_while_restoring_sets_nothing_aside(
+    tiny_records, two_checkpoints, tmp_path, monkeypatch, capsys, caplog
+):
+    """A transient error is tried again, then stops the run (rc 2) with every file kept; a
+    permission error stops it at once; only a corrupt checkpoint is set aside."""
+    from training import train_imagenet
+
+    shutil.copytree(two_checkpoints, tmp_path, dirs_exist_ok=True)
+    waits = []
+    monkeypatch.setattr(trainer, "RESTORE_RETRY_DELAYS", (0.25, 0.5, 1.0))
+    monkeypatch.setattr(trainer, "_sleep", waits.append)
+    real_verify, calls, failures = trainer.verify_checkpoint, [], {}
+
+    def flaky(path):  # the fault each checkpoint gets, from `failures`: [error, times left]
+        calls.append(os.path.basename(path))
+        error, times = failures.get(os.path.basename(path), (None, 0))
+        if times:
+            failures[os.path.basename(path)][1] -= 1
+            raise error
+        real_verify(path)
+
+    monkeypatch.setattr(trainer, "verify_checkpoint", flaky)
+    before = _files(tmp_path)
+    # Storage unavailable for good: the command line stops with a message, all kept.
+    failures["ckpt-6"] = [_unavailable("ckpt-6"), 99]
+    flags = train_imagenet.FLAGS
+    try:
+        flags(["train_imagenet.py", f"--data_dir={tiny_records}", f"--model_dir={tmp_path}",
+               "--model=t2t_vit_7", "--image_size=32", "--num_classes=4", "--batch_size=8",
+               "--steps_per_epoch=3", "--eval_batch_size=8", "--nojit_compile", "--epochs=1",
+               "--warmup_epochs=0", "--mode=train"])  # fmt: skip
+        assert train_imagenet.main([]) == 2
+    finally:
+        flags.unparse_flags()
+    error = capsys.readouterr().err
+    assert re.search(
+        r"error: Reading the checkpoint \S+ckpt-6 failed 4 times \(UnavailableError: simulated: "
+        r"503 .*not a corrupt checkpoint: no checkpoint was renamed or deleted, and config.json "
+        r"is unchanged", error
+    ), error  # fmt: skip
+    assert calls == ["ckpt-6"] * 4 and waits == [0.25, 0.5, 1.0]
+    assert _files(tmp_path) == before  # nothing renamed, rewritten or trained from scratch
+
+    # Permission denied: no retry.
+    run = trainer.Trainer(
+        trainer.Config(**tiny_config(tiny_records, tmp_path), aug=data.Augmentation.none())
+    )
+    calls.clear()
+    failures["ckpt-6"] = [tf.errors.PermissionDeniedError(None, None, "403 Forbidden"), 1]
+    with pytest.raises(trainer.TrainingError, match=r"read the checkpoint \S+ckpt-6: permission"):
+        run.restore()
+    assert calls == ["ckpt-6"] and _files(tmp_path) == before
+
+    # Unavailable twice, then the storage answers: resumed from the newest.
+    calls.clear()
+    failures["ckpt-6"] = [_unavailable("ckpt-6"), 2]
+    caplog.set_level("INFO", logger="keras_t2t.training")
+    assert run.restore().endswith("ckpt-6") and int(run.step.numpy()) == 6
+    assert calls == ["ckpt-6"] * 3 and "trying again in 0.5 s" in caplog.text
+    assert _files(tmp_path) == before
+
+    # The newest corrupt, the previous unreachable: only the corrupt one is set aside.
+    calls.clear()
+    failures["ckpt-6"] = [tf.errors.DataLossError(None, None, "checksum does not match"), 1]
+    failures["ckpt-3"] = [_unavailable("ckpt-3"), 99]
+    with pytest.raises(trainer.TrainingError, match=r"only the corrupt ckpt-6 was set aside"):
+        run.restore()
+    checkpoints = tmp_path / "checkpoints"
+    assert sorted(p.name for p in checkpoints.glob("corrupt-*")) == [
+        "corrupt-ckpt-6.data-00000-of-00001", "corrupt-ckpt-6.index",
+    ]  # fmt: skip
+    after = _files(tmp_path)
+    assert {k: v for k, v in after.items() if "ckpt-6" not in k} == {
+        k: v for k, v in before.items() if "ckpt-6" not in k
+    }  # ckpt-3 and the state file as they were
 
 
 def test_another_model_in_the_same_model_dir_is_refused_first(
@@ -634,7 +769,28 @@ def test_another_model_in_the_same_model_dir_is_refused_first(
         _run_config(tiny_records, tmp_path, mode="train", model="t2t_vit_10")
     with pytest.raises(trainer.TrainingError, match=r"--num_classes=4.*--num_classes=5"):
         _run_config(tiny_records, tmp_path, mode="train", num_classes=5)
+    with pytest.raises(
+        trainer.TrainingError,
+        match=r"a run with --recipe=imagenet; this run asks for --recipe=finetune\. A run resumes "
+        r"with its own recipe: pass --recipe=imagenet to resume",
+    ):
+        _run_config(tiny_records, tmp_path, mode="train", recipe="finetune")
     assert (tmp_path / "config.json").read_text() == record  # the run's record is kept
+
+
+def test_a_resumed_run_keeps_the_weights_it_started_from(tiny_records, two_checkpoints, tmp_path):
+    shutil.copytree(two_checkpoints, tmp_path, dirs_exist_ok=True)
+    record = json.loads((tmp_path / "config.json").read_text())
+    record["weights"] = "cifar10"  # as a run fine-tuned from a release records it
+    (tmp_path / "config.json").write_text(json.dumps(record))
+    run = trainer.Trainer(  # resumed without --weights (a resume needs none)
+        trainer.Config(**tiny_config(tiny_records, tmp_path), aug=data.Augmentation.none())
+    )
+    assert run._resume().endswith("ckpt-6")
+    assert json.loads((tmp_path / "config.json").read_text())["weights"] == "cifar10"
+    run.export_weights()
+    again = json.loads((tmp_path / "config.json").read_text())
+    assert again["weights"] == "cifar10" and again["saved_weights"]["step"] == 6
 
 
 def test_a_checkpoint_that_does_not_fit_is_not_taken_for_corrupt(
@@ -646,6 +802,14 @@ def test_a_checkpoint_that_does_not_fit_is_not_taken_for_corrupt(
         _run_config(tiny_records, tmp_path, mode="train", image_size=48)
     assert (tmp_path / "checkpoints" / "ckpt-6.index").exists()
     assert not list((tmp_path / "checkpoints").glob("corrupt-*"))
+    # The failed run wrote no record, so the right flags are then taken (not refused as
+    # "another model": the record would name the wrong run's --image_size=48).
+    assert not (tmp_path / "config.json").exists()
+    run = trainer.Trainer(
+        trainer.Config(**tiny_config(tiny_records, tmp_path), aug=data.Augmentation.none())
+    )
+    assert run._resume().endswith("ckpt-6")
+    assert json.loads((tmp_path / "config.json").read_text())["image_size"] == 32
 
 
 def test_missing_tensorboard_is_reported_at_start(tiny_records, tmp_path, monkeypatch):
@@ -968,6 +1132,51 @@ def test_checkpoint_every_steps_and_a_failed_save_after_sigterm(tiny_records, tm
     )  # fmt: skip
 
 
+@pytest.mark.parametrize("during", ["evaluation", "export"])
+def test_sigterm_during_an_evaluation_stops_at_once(tiny_records, tmp_path, monkeypatch, during):
+    """SIGTERM in an evaluation (between its batches) or in the export after it stops the run
+    there: the checkpoint of the epoch is saved before the evaluation, so nothing is trained
+    after it. (The steps and the evaluation step are stand-ins: only the loop is tested.)"""
+    run = None
+    evaluated = []
+
+    def sigterm():
+        assert signal.getsignal(signal.SIGTERM) == run._on_sigterm  # (never the test's own)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def fake_eval_step(model, strategy):
+        def step(images, labels, mask):
+            evaluated.append(int(run.step.numpy()))
+            if during == "evaluation" and len(evaluated) == 1:
+                sigterm()
+            return tf.stack([0.0, 0.0, 0.0, tf.reduce_sum(mask)])
+
+        return step
+
+    export = trainer.Trainer.export_weights
+
+    def export_then_sigterm(self, results=None):
+        export(self, results)
+        if during == "export":
+            sigterm()
+
+    _count_steps_only(monkeypatch)
+    monkeypatch.setattr(trainer, "make_eval_step", fake_eval_step)
+    monkeypatch.setattr(trainer.Trainer, "export_weights", export_then_sigterm)
+    config = tiny_config(
+        tiny_records, tmp_path, epochs=3, warmup_epochs=0, steps_per_epoch=2, checkpoint_every="0"
+    )
+    run = trainer.Trainer(trainer.Config(**config, aug=data.Augmentation.none()))
+    with pytest.raises(trainer.Preempted, match="stopped by SIGTERM at step 2;"):
+        run.run()
+    assert _latest_step(tmp_path) == 2 and int(run.step.numpy()) == 2
+    # 3 batches a pass: SIGTERM in the evaluation ends it at the next batch; in the export
+    # the evaluation (raw and EMA) was over.
+    assert evaluated == ([2] if during == "evaluation" else [2] * 6)
+    assert (tmp_path / "model.weights.h5").exists() == (during == "export")
+    assert signal.getsignal(signal.SIGTERM) is not run._on_sigterm  # the handler is put back
+
+
 @pytest.mark.parametrize("value", ["ten", "-2", "5s", "m", ""])
 def test_checkpoint_every_is_checked(value):
     with pytest.raises(trainer.TrainingError, match="--checkpoint_every must be minutes"):
@@ -993,3 +1202,44 @@ def test_a_tpu_pod_refuses_paths_on_the_local_disk(tmp_path):
     # One host (a single TPU VM, --tpu=local) reads its own disk.
     config.data_dir = str(tmp_path)
     trainer._check_pod_paths(config, types.SimpleNamespace(extended=types.SimpleNamespace()))
+
+
+@pytest.mark.parametrize(
+    "script,args,match",
+    [
+        ("embedded", ["--image_size=0"], "--image_size must be a multiple of 16"),
+        ("train", ["--eval_every_epochs=0"], "--eval_every_epochs must be >= 1, received 0"),
+        ("train", ["--crop_pct=0"], r"--crop_pct must be in \(0, 1\], received 0.0"),
+        ("train", ["--crop_pct=5"], r"--crop_pct must be in \(0, 1\], received 5.0"),
+        ("train", ["--crop_scale_min=0"], r"--crop_scale_min must be in \(0, 1\]"),
+        ("train", ["--mixup=-1"], "--mixup must be >= 0"),
+        ("train", ["--cutmix=-0.5"], "--cutmix must be >= 0"),
+        ("train", ["--label_smoothing=1.5"], r"--label_smoothing must be in \[0, 1\)"),
+        ("train", ["--randaugment_magnitude=50"], r"--randaugment_magnitude must be in \[0, 10\]"),
+        ("train", ["--random_erasing=2"], r"--random_erasing must be in \[0, 1\]"),
+        ("train", ["--min_lr=1"], r"--min_lr=1.0 is above the peak learning rate"),
+        ("train", ["--steps_per_epoch=0"], r"--steps_per_epoch must be >= 1 \(or unset\)"),
+        ("train", ["--eval_batch_size=0"], r"--eval_batch_size must be >= 1 \(or unset\)"),
+        ("evaluate", ["--batch_size=0"], "--batch_size must be >= 1, received 0"),
+        ("evaluate", ["--crop_pct=0"], r"--crop_pct must be in \(0, 1\], received 0.0"),
+    ],
+)  # fmt: skip
+def test_flag_values_are_checked_first(tmp_path, monkeypatch, capsys, script, args, match):
+    """Each is refused with rc 2 and one line, before any data is read or built (the
+    embedded digits included) and before the model_dir is made."""
+    from training import evaluate_imagenet, train_imagenet
+
+    monkeypatch.setenv("KERAS_T2T_CACHE", str(tmp_path / "cache"))
+    if script == "evaluate":
+        code = evaluate_imagenet.main([f"--weights={tmp_path}", f"--data_dir={tmp_path}", *args])
+    else:
+        data_dir = [f"--data_dir={tmp_path}"] if script == "train" else []
+        flags = train_imagenet.FLAGS
+        try:
+            flags(["train_imagenet.py", *data_dir, f"--model_dir={tmp_path}/run", *args])
+            code = train_imagenet.main([])
+        finally:
+            flags.unparse_flags()
+    assert code == 2
+    assert re.search(f"error: {match}", capsys.readouterr().err)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()

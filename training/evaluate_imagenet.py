@@ -72,6 +72,10 @@ def evaluate(
 
     `crop_pct` None: the training run's (a model_dir), the release's ("imagenet"), else 0.9.
     """
+    if not (isinstance(batch_size, int) and batch_size >= 1):
+        raise ValueError(f"--batch_size must be >= 1, received {batch_size}.")
+    if crop_pct is not None and not 0 < crop_pct <= 1:
+        raise ValueError(f"--crop_pct must be in (0, 1], received {crop_pct}.")
     files = data_lib.list_files(data_dir, "validation")
     net = build_model(weights, model, num_heads, image_size)
     if crop_pct is None:

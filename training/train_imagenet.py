@@ -178,17 +178,11 @@ def config_from_flags():
     from training.build_tfrecords import digits_tfrecords
 
     values = {name: FLAGS[name].value for name in FLAGS if name in _OUR_FLAGS}
-    if FLAGS.data_dir is None and FLAGS.data_source == "tfrecord":
+    embedded = FLAGS.data_dir is None and FLAGS.data_source == "tfrecord"
+    if embedded:
         for name, value in EMBEDDED.items():
             if not FLAGS[name].present:
                 values[name] = value
-        cache = os.path.join(
-            os.path.expanduser(os.environ.get("KERAS_T2T_CACHE", "~/.cache/keras_t2t"))
-        )
-        values["data_dir"] = digits_tfrecords(cache, values["image_size"])
-        logging.info(
-            "No --data_dir: training on the embedded digits TFRecords in %s.", values["data_dir"]
-        )
     if values["tpu"] and not FLAGS["strategy"].present:
         values["strategy"] = "tpu"
     if values["model_dir"] is None:
@@ -196,7 +190,17 @@ def config_from_flags():
     aug = trainer.recipe(values["model"], values["recipe"])["aug"]
     given = {field: values.pop(flag) for flag, field in AUG_FLAGS.items()}
     aug = dataclasses.replace(aug, **{k: v for k, v in given.items() if v is not None})
-    return trainer.Config(**values, aug=aug)
+    config = trainer.Config(**values, aug=aug)
+    trainer.resolve(config)  # every flag is checked before anything is built or written
+    if embedded:
+        cache = os.path.join(
+            os.path.expanduser(os.environ.get("KERAS_T2T_CACHE", "~/.cache/keras_t2t"))
+        )
+        config.data_dir = digits_tfrecords(cache, config.image_size)
+        logging.info(
+            "No --data_dir: training on the embedded digits TFRecords in %s.", config.data_dir
+        )
+    return config
 
 
 _OUR_FLAGS = {

@@ -143,6 +143,7 @@ def _positive(value):
 def resolve(config):
     """Fills the recipe defaults and checks the config; returns a new Config."""
     config = dataclasses.replace(config)
+    min_lr_given = config.min_lr is not None
     if config.model not in keras_t2t.MODEL_CONFIGS:
         raise TrainingError(
             f"Unknown --model {config.model!r}. "
@@ -184,6 +185,18 @@ def resolve(config):
         (0 <= config.ema_decay < 1, f"--ema_decay must be in [0, 1), received {config.ema_decay}."),
         (0 <= config.drop_path_rate < 1,
          f"--drop_path_rate must be in [0, 1), received {config.drop_path_rate}."),
+        (config.eval_every_epochs >= 1,
+         f"--eval_every_epochs must be >= 1, received {config.eval_every_epochs}."),
+        *((value is None or value >= 1, f"--{name} must be >= 1 (or unset), received {value}.")
+          for name, value in (("steps_per_epoch", config.steps_per_epoch),
+                              ("eval_batch_size", config.eval_batch_size),
+                              ("train_examples", config.train_examples))),
+        (0 < config.crop_pct <= 1, f"--crop_pct must be in (0, 1], received {config.crop_pct}."),
+        (not min_lr_given or config.min_lr <= config.learning_rate * config.batch_size / 512,
+         f"--min_lr={config.min_lr} is above the peak learning rate, --learning_rate "
+         f"{config.learning_rate} scaled to --batch_size={config.batch_size} "
+         f"({config.learning_rate * config.batch_size / 512:.3g}); lower it."),
+        *augmentation_checks(config.aug),
         (not (config.grad_clip and config.mixed_precision == "float16"),
          "--grad_clip with --mixed_precision=float16 is not supported (the loss scale hides the "
          "gradient norm); use bfloat16, or no clipping."),
@@ -195,6 +208,30 @@ def resolve(config):
     config.cooldown_epochs = min(config.cooldown_epochs, config.epochs - config.warmup_epochs - 1)
     config.cooldown_epochs = max(config.cooldown_epochs, 0)
     return config
+
+
+def augmentation_checks(aug):
+    """(ok, message) of each field of an `Augmentation`, named by its flag."""
+    return [
+        (0 < aug.crop_scale_min <= 1,
+         f"--crop_scale_min must be in (0, 1], received {aug.crop_scale_min}."),
+        (aug.randaugment_ops >= 0,
+         f"--randaugment_ops must be >= 0, received {aug.randaugment_ops}."),
+        (0 <= aug.randaugment_magnitude <= 10,
+         f"--randaugment_magnitude must be in [0, 10], received {aug.randaugment_magnitude}."),
+        (aug.randaugment_magnitude_std >= 0,
+         f"--randaugment_magnitude_std must be >= 0, received "
+         f"{aug.randaugment_magnitude_std}."),
+        (aug.mixup_alpha >= 0, f"--mixup must be >= 0 (0: off), received {aug.mixup_alpha}."),
+        (aug.cutmix_alpha >= 0, f"--cutmix must be >= 0 (0: off), received {aug.cutmix_alpha}."),
+        (0 <= aug.mix_switch_prob <= 1,
+         f"The mixup/cutmix switch probability must be in [0, 1], received "
+         f"{aug.mix_switch_prob}."),
+        (0 <= aug.label_smoothing < 1,
+         f"--label_smoothing must be in [0, 1), received {aug.label_smoothing}."),
+        (0 <= aug.random_erasing <= 1,
+         f"--random_erasing must be in [0, 1], received {aug.random_erasing}."),
+    ]  # fmt: skip
 
 
 def checkpoint_interval(value):
@@ -473,14 +510,10 @@ class Trainer:
             ) from None
         # Every worker restores from the chief's checkpoints (see `restore` and `save`).
         checkpoint_dir = os.path.join(config.model_dir, "checkpoints")
-        # Before anything is written: a model_dir of another model is refused, its record kept.
-        previous = check_compatible(config, checkpoint_dir)
-        if self.chief:
-            record = json.loads(config.to_json())
-            if previous and RECORD_KEY in previous:  # the weights the run has written so far
-                record[RECORD_KEY] = previous[RECORD_KEY]
-            with tf.io.gfile.GFile(os.path.join(config.model_dir, "config.json"), "w") as f:
-                json.dump(record, f, indent=2, sort_keys=True)
+        # Before anything is written: a model_dir of another model or recipe is refused, its
+        # record kept. The record is rewritten once a checkpoint is restored (`_resume`).
+        self._previous = check_compatible(config, checkpoint_dir)
+        self._origin = config.weights  # what the run started from: kept when it resumes
 
         keras.utils.set_random_seed(config.seed)  # the same initial weights on every worker
         keras.mixed_precision.set_global_policy(
@@ -555,17 +588,28 @@ class Trainer:
     def restore(self):
         """Restores the newest checkpoint that can be read; returns its path, or None.
 
-        A checkpoint that cannot be read (truncated, a flipped byte, files missing) is not
-        deleted: its files are renamed `corrupt-ckpt-N.*`, with a warning that names it, and
-        the next newest is tried. Checkpoints are found on disk as well as in the `checkpoint`
-        state file, so a state file that names missing files, or none, is handled too. A
-        checkpoint that reads but does not fit the model stops the run with a message.
+        A checkpoint proven corrupt (`classify_checkpoint_error`: a checksum, truncation or
+        format error, files missing) is not deleted: its files are renamed `corrupt-ckpt-N.*`,
+        with a warning that names it, and the next newest is tried. Checkpoints are found on
+        disk as well as in the `checkpoint` state file, so a state file that names missing
+        files, or none, is handled too. Any other error (storage unavailable, a timeout,
+        permission denied) proves nothing about the checkpoint: a transient one is tried
+        again (`RESTORE_RETRY_DELAYS`), then the run stops with a `TrainingError`, every file
+        kept as it was. A checkpoint that reads but does not fit the model stops the run too.
         """
         directory = self.manager.directory
-        candidates = list_checkpoints(directory)
+        candidates = self._read_checkpoint_files(
+            "the checkpoints in", directory, lambda: list_checkpoints(directory)
+        )
         restored = None
+        quarantined = []
         for path in candidates:
-            if not tf.io.gfile.exists(path + ".index"):
+            if not self._read_checkpoint_files(
+                "the checkpoint",
+                path,
+                lambda path=path: tf.io.gfile.exists(path + ".index"),
+                quarantined,
+            ):
                 logger.warning(
                     "The checkpoint state in %s names %s, whose files are missing; skipping it.",
                     directory, path,
@@ -573,16 +617,19 @@ class Trainer:
                 continue
             # Every tensor is read (and its checksum checked) before anything is restored: a
             # restore that fails halfway leaves deferred restorations in the live objects.
-            try:
-                verify_checkpoint(path)
-            except (tf.errors.OpError, IndexError, OSError, ValueError) as error:
+            corrupt = self._read_checkpoint_files(
+                "the checkpoint", path, lambda path=path: verify_checkpoint(path), quarantined,
+                corrupt_ok=True,
+            )  # fmt: skip
+            if isinstance(corrupt, BaseException):
                 # Only the chief renames files; the other workers read the same ones, and
                 # skip the same checkpoint.
                 kept = quarantine_checkpoint(path) if self.chief else "they are"
+                quarantined.append(path)
                 logger.warning(
                     "The checkpoint %s cannot be read (%s: %s); its files are kept as %s. "
                     "Trying the previous one.",
-                    path, type(error).__name__, _first_line(error), kept,
+                    path, type(corrupt).__name__, _first_line(corrupt), kept,
                 )  # fmt: skip
                 continue
             try:
@@ -592,6 +639,10 @@ class Trainer:
                     f"The checkpoint {path} does not fit this run ({_first_line(error)}). It "
                     f"was written by another model, image size, number of classes or "
                     f"--mixed_precision=float16; use another --model_dir, or the same flags."
+                ) from None
+            except tf.errors.OpError as error:  # read a moment ago: storage, not the file
+                raise TrainingError(
+                    _unreadable_message("the checkpoint", path, error, 1, quarantined)
                 ) from None
             restored = path
             break
@@ -611,6 +662,58 @@ class Trainer:
         elif candidates:
             logger.warning("No checkpoint in %s could be read: starting from scratch.", directory)
         return restored
+
+    def _read_checkpoint_files(self, what, path, read, quarantined=(), corrupt_ok=False):
+        """`read()`, tried again after each transient error (`classify_checkpoint_error`)
+        with the delays of `RESTORE_RETRY_DELAYS`. Returns what `read` returns, or, with
+        `corrupt_ok`, the error that proves `path` corrupt. Otherwise (a fatal error, a
+        transient one that lasts) raises a TrainingError naming `path` and the error; no file
+        has been changed for it."""
+        delays = list(RESTORE_RETRY_DELAYS)
+        tries = 0
+        while True:
+            tries += 1
+            try:
+                return read()
+            except CHECKPOINT_READ_ERRORS as error:
+                kind = classify_checkpoint_error(error, path)
+                if kind == CORRUPT and corrupt_ok:
+                    return error
+                if kind != TRANSIENT or not delays:
+                    raise TrainingError(
+                        _unreadable_message(what, path, error, tries, quarantined)
+                    ) from None
+                delay = delays.pop(0)
+                logger.warning(
+                    "Reading %s %s failed (%s: %s), which proves nothing about the checkpoint: "
+                    "trying again in %g s (%d more tries).",
+                    what, path, type(error).__name__, _first_line(error), delay, len(delays) + 1,
+                )  # fmt: skip
+                _sleep(delay)
+
+    def _resume(self):
+        """Restores the newest readable checkpoint (`restore`), then writes config.json: a
+        run that cannot go on (a checkpoint of another model, storage errors) leaves the
+        record as it was, and a resumed run keeps the `weights` it started from (a resume
+        needs none; the release decides the normalization of the run's exports)."""
+        restored = self.restore()
+        if restored and self._previous and "weights" in self._previous:
+            self._origin = self._previous["weights"]
+        if self.chief:
+            record = self._record()
+            if self._previous and RECORD_KEY in self._previous:  # the weights written so far
+                record[RECORD_KEY] = self._previous[RECORD_KEY]
+            self._write_record(record)
+        return restored
+
+    def _record(self):
+        record = json.loads(self.config.to_json())
+        record["weights"] = self._origin
+        return record
+
+    def _write_record(self, record):
+        with tf.io.gfile.GFile(os.path.join(self.config.model_dir, "config.json"), "w") as f:
+            json.dump(record, f, indent=2, sort_keys=True)
 
     def _check_same_step(self):
         """Every worker must have restored the same checkpoint: TF does not re-synchronize
@@ -772,19 +875,21 @@ class Trainer:
 
     # --- evaluation -----------------------------------------------------------------------
 
-    def evaluate(self, ema=False):
+    def evaluate(self, ema=False, stop=None):
         """top1, top5, loss over the validation set (of the EMA weights with `ema=True`).
 
         The step function is built once per run (the raw and EMA passes share it), and the
-        number of examples evaluated is checked against the validation set's."""
+        number of examples evaluated is checked against the validation set's. `stop`: see
+        `evaluate_model`."""
         if self._eval_step is None:
             self._eval_step = make_eval_step(self.model, self.strategy)
         if ema:
             self.ema.swap()
         try:
             results = evaluate_model(
-                self.model, self._eval_dataset(), self.strategy, step_fn=self._eval_step
-            )
+                self.model, self._eval_dataset(), self.strategy, step_fn=self._eval_step,
+                stop=stop,
+            )  # fmt: skip
         except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as error:
             if not is_data_error(error):
                 raise
@@ -812,8 +917,8 @@ class Trainer:
             f"rebuild them with training/build_tfrecords.py) and run again. Checkpoints are kept."
         )
 
-    def evaluate_both(self):
-        raw, averaged = self.evaluate(), self.evaluate(ema=True)
+    def evaluate_both(self, stop=None):
+        raw, averaged = self.evaluate(stop=stop), self.evaluate(ema=True, stop=stop)
         results = dict(raw, step=int(self.step.numpy()))
         results.update({f"ema_{k}": v for k, v in averaged.items() if k != "examples"})
         return results
@@ -822,7 +927,7 @@ class Trainer:
 
     def train(self):
         config = self.config
-        self.restore()
+        self._resume()
         train_loop = self._build_train_loop()
         iterator = self._train_iterator()
         writer = tf.summary.create_file_writer(os.path.join(self.dir, "train"))
@@ -877,9 +982,16 @@ class Trainer:
                     if config.mode == "train_and_eval" and (
                         epoch % config.eval_every_epochs == 0 or step >= self.total_steps
                     ):
-                        results = self.evaluate_both()
+                        # A SIGTERM is acted on between evaluation batches, and after the
+                        # export: the checkpoint of this step is saved (just above).
+                        try:
+                            results = self.evaluate_both(stop=self._preempted_now)
+                        except EvaluationStopped:
+                            raise Preempted(step) from None
                         self._log_eval(eval_writer, results)
                         self.export_weights(results)
+                        if self._preempted_now():
+                            raise Preempted(step)
         finally:
             signal.signal(signal.SIGTERM, previous)
         return results
@@ -898,8 +1010,16 @@ class Trainer:
                 step, type(error).__name__, _first_line(error), latest or "none yet",
             )  # fmt: skip
 
+    def _preempted_now(self):
+        """Whether a SIGTERM reached any worker (an all-reduce: every worker calls it at the
+        same points)."""
+        return self._agree([self.preempted])[0] > 0
+
     def _on_sigterm(self, signum, frame):
-        logger.warning("SIGTERM: saving a checkpoint after the current steps, then stopping.")
+        logger.warning(
+            "SIGTERM: saving a checkpoint after the current steps (or evaluation batch), then "
+            "stopping."
+        )
         self.preempted = True
 
     def _log(self, writer, step, steps, loss, seconds, start_step, start_time):
@@ -942,7 +1062,7 @@ class Trainer:
         results = None
         if config.mode != "eval":
             results = self.train()
-        elif not self.restore() and not config.weights:
+        elif not self._resume() and not config.weights:
             raise TrainingError(
                 f"--mode=eval found no checkpoint in {self.manager.directory} and no --weights; "
                 f"train first, or pass --weights."
@@ -973,13 +1093,12 @@ class Trainer:
             self.model.save_weights(os.path.join(folder, RUN_WEIGHTS["ema"]))
         finally:
             self.ema.swap()
-        record = json.loads(self.config.to_json())
+        record = self._record()
         record[RECORD_KEY] = dict(RUN_WEIGHTS, step=step, best=None)
         if results:
             best = "ema" if results["ema_top1"] > results["top1"] else "raw"
             record[RECORD_KEY].update(best=best, top1=results["top1"], ema_top1=results["ema_top1"])
-        with tf.io.gfile.GFile(os.path.join(folder, "config.json"), "w") as f:
-            json.dump(record, f, indent=2, sort_keys=True)
+        self._write_record(record)
         logger.info(
             "Wrote the raw and EMA weights to %s (%s).",
             folder, f"the {record[RECORD_KEY]['best']} weights scored better" if results
@@ -1013,13 +1132,16 @@ def make_eval_step(model, strategy):
     return eval_step
 
 
-def evaluate_model(model, dataset, strategy, step_fn=None):
+def evaluate_model(model, dataset, strategy, step_fn=None, stop=None):
     """top1, top5, mean loss and count over a distributed `(images, labels, mask)` dataset.
 
-    `step_fn`: from `make_eval_step` (made here when None)."""
+    `step_fn`: from `make_eval_step` (made here when None). `stop`: called before each batch
+    (on every worker alike); when it returns True, raises `EvaluationStopped` at once."""
     step_fn = step_fn or make_eval_step(model, strategy)
     totals = np.zeros(4)
     for images, labels, mask in dataset:  # data errors go to the caller, which names them
+        if stop is not None and stop():
+            raise EvaluationStopped()
         totals += np.asarray(step_fn(images, labels, mask))
     count = max(totals[3], 1.0)
     return dict(
@@ -1028,6 +1150,10 @@ def evaluate_model(model, dataset, strategy, step_fn=None):
         top5=totals[2] / count,
         examples=int(totals[3]),
     )
+
+
+class EvaluationStopped(Exception):
+    """An evaluation ended early by its `stop` callback (after SIGTERM)."""
 
 
 class Preempted(Exception):
@@ -1070,6 +1196,123 @@ def verify_checkpoint(path):
     reader = tf.train.load_checkpoint(path)
     for name in reader.get_variable_to_shape_map():
         reader.get_tensor(name)
+
+
+# What reading a checkpoint can raise. TF's checkpoint reader keeps the type of few errors:
+# DataLoss (a bad index), IndexError (a truncated file: OUT_OF_RANGE), NotFound, ...; the
+# others (a checksum mismatch, a storage error) come as a plain OpError (UNKNOWN) whose
+# message alone tells, hence the message markers below.
+CHECKPOINT_READ_ERRORS = (tf.errors.OpError, IndexError, OSError, ValueError)
+CORRUPT, TRANSIENT, FATAL = "corrupt", "transient", "fatal"
+# The waits, in seconds, before each new try of a read that failed with a transient error.
+RESTORE_RETRY_DELAYS = (1.0, 2.0, 4.0, 8.0)
+_sleep = time.sleep  # (tests make the waits instant)
+_TRANSIENT_TYPES = (
+    tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
+    tf.errors.ResourceExhaustedError, tf.errors.AbortedError, tf.errors.CancelledError,
+    tf.errors.InternalError,
+)  # fmt: skip
+_PERMISSION_TYPES = (tf.errors.PermissionDeniedError, tf.errors.UnauthenticatedError)
+# Not corruption, and trying again does not help: "is a directory", a data type or layout
+# that this TensorFlow cannot read (a newer writer), ...
+_FATAL_TYPES = (
+    *_PERMISSION_TYPES, tf.errors.FailedPreconditionError, tf.errors.UnimplementedError,
+    tf.errors.AlreadyExistsError,
+)  # fmt: skip
+# The error types that say the bytes are bad (when the message says nothing else).
+_CORRUPT_TYPES = (
+    tf.errors.DataLossError, tf.errors.OutOfRangeError, tf.errors.NotFoundError,
+    tf.errors.InvalidArgumentError, IndexError, ValueError,
+)  # fmt: skip
+# What the reader says of bad bytes, whatever the error's type.
+_CORRUPT_TEXT = re.compile(
+    r"checksum does not match|checksum mismatch|bad magic number|too short to be an sstable|"
+    r"read less bytes than requested|corrupted",
+    re.IGNORECASE,
+)
+_PERMISSION_TEXT = re.compile(
+    r"permission denied|access denied|forbidden|unauthenticated|unauthorized|credentials|"
+    r"\b40[13]\b",
+    re.IGNORECASE,
+)
+_TRANSIENT_TEXT = re.compile(
+    r"unavailable|deadline exceeded|timed? ?out|connection|socket|try again|temporar|"
+    r"resource exhausted|too many requests|rate limit|http request|curl|broken pipe|"
+    r"reset by peer|input/output error|failed to get matching files|\b(?:429|50[0-4])\b",
+    re.IGNORECASE,
+)
+# Weaker signs of bad or missing files, taken when nothing above matched.
+_MISSING_OR_BAD_TEXT = re.compile(
+    r"unable to read file|corrupt|sstable|truncated|no such file|not found in checkpoint|"
+    r"failed to find any matching files",
+    re.IGNORECASE,
+)
+
+
+def classify_checkpoint_error(error, path=None):
+    """What an error from reading checkpoint `path` proves: `CORRUPT` (its bytes are bad or
+    its files missing: set it aside and try the previous one), `TRANSIENT` (the storage
+    failed, or nothing is proven: try again, never set it aside) or `FATAL` (permission
+    denied, a format this TensorFlow cannot read: stop, never set it aside)."""
+    kind = _error_kind(error, path)
+    return FATAL if kind == _PERMISSION else kind
+
+
+_PERMISSION = "permission"  # a FATAL kind, with its own advice
+
+
+def _error_kind(error, path):
+    if isinstance(error, _TRANSIENT_TYPES):
+        return TRANSIENT
+    if isinstance(error, (*_PERMISSION_TYPES, PermissionError)):
+        return _PERMISSION
+    if isinstance(error, _FATAL_TYPES):
+        return FATAL
+    if isinstance(error, OSError):
+        if isinstance(error, (IsADirectoryError, NotADirectoryError)):
+            return FATAL
+        return CORRUPT if isinstance(error, FileNotFoundError) else TRANSIENT
+    text = getattr(error, "message", None) or str(error)
+    if path:  # its words ("runs/timeout_503") are no evidence
+        text = text.replace(os.path.dirname(os.path.normpath(path)), "")
+    if _CORRUPT_TEXT.search(text):
+        return CORRUPT
+    # The reader calls a failed open "DataLoss: Unable to open table file ...", whatever
+    # the cause: the cause's words come first.
+    if _PERMISSION_TEXT.search(text):
+        return _PERMISSION
+    if _TRANSIENT_TEXT.search(text):
+        return TRANSIENT
+    if isinstance(error, _CORRUPT_TYPES) or _MISSING_OR_BAD_TEXT.search(text):
+        return CORRUPT
+    return TRANSIENT  # unknown (UNKNOWN): not proven corrupt
+
+
+def _unreadable_message(what, path, error, tries, quarantined=()):
+    """The message of a run stopped by an error that does not prove a checkpoint corrupt."""
+    kind = _error_kind(error, path)
+    cause = f"{type(error).__name__}: {_first_line(error)}"
+    kept = "no checkpoint was renamed or deleted, and config.json is unchanged"
+    if quarantined:
+        kept = (
+            f"only the corrupt {', '.join(os.path.basename(p) for p in quarantined)} "
+            f"{'was' if len(quarantined) == 1 else 'were'} set aside as corrupt-*; nothing "
+            f"else was renamed or deleted"
+        )
+    if kind == TRANSIENT:
+        return (
+            f"Reading {what} {path} failed{f' {tries} times' if tries > 1 else ''} ({cause}). "
+            f"That is a storage error (unavailable, a timeout, a quota), not a corrupt "
+            f"checkpoint: {kept}. Run the same command again once the storage answers."
+        )
+    if kind == _PERMISSION:
+        return (
+            f"Cannot read {what} {path}: permission denied ({cause}). Give this job read and "
+            f"write access to its --model_dir and run the same command again; {kept}."
+        )
+    return (
+        f"Cannot read {what} {path} ({cause}). That does not prove the checkpoint corrupt: {kept}."
+    )
 
 
 def quarantine_checkpoint(path):
@@ -1118,6 +1361,16 @@ def check_compatible(config, checkpoint_dir):
             f"--model_dir {config.model_dir} holds checkpoints of another model ({was}); this "
             f"run asks for {now}. Use another --model_dir to start anew, or the same flags to "
             f"resume; nothing in {config.model_dir} was changed."
+        )
+    # A resumed run keeps its recipe: another one would change the schedule and the
+    # augmentation in mid-run, without a word in the record.
+    if "recipe" in previous and previous["recipe"] != config.recipe:
+        raise TrainingError(
+            f"--model_dir {config.model_dir} holds checkpoints of a run with "
+            f"--recipe={previous['recipe']}; this run asks for --recipe={config.recipe}. A run "
+            f"resumes with its own recipe: pass --recipe={previous['recipe']} to resume (flags "
+            f"such as --epochs may change), or use another --model_dir to start anew; nothing "
+            f"in {config.model_dir} was changed."
         )
     return previous
 
