@@ -1,8 +1,12 @@
 """ImageNet preprocessing and decoding, as in the official T2T-ViT evaluation."""
 
+import json
 import math
+import os
 
 import numpy as np
+
+from keras_t2t.download import DownloadError, fetch, file_digest, keras_home
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -10,6 +14,13 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # then center crop.
 CROP_PCT = 0.9
 NUM_CLASSES = 1000
+# The class names, as Keras' decode_predictions fetches them (same file, cache place and md5).
+CLASS_INDEX_URL = (
+    "https://storage.googleapis.com/download.tensorflow.org/data/imagenet_class_index.json"
+)
+CLASS_INDEX_FILE = "imagenet_class_index.json"
+CLASS_INDEX_MD5 = "c2c37ea517e94d9795004a39431a14cb"
+_CLASS_INDEX = None  # {"0": ["n01440764", "tench"], ...} once read
 
 
 def preprocess_input(x, data_format=None):
@@ -77,11 +88,55 @@ def resize_and_center_crop(image, image_size, crop_pct=CROP_PCT):
     return tf.ensure_shape(crop, (image_size, image_size, 3))
 
 
+def class_index_path():
+    """Where the class names are cached: `$KERAS_HOME/models/imagenet_class_index.json`, where
+    Keras' own `decode_predictions` keeps them too."""
+    return os.path.join(keras_home(), "models", CLASS_INDEX_FILE)
+
+
+def class_index(attempts=None, timeout=None):
+    """The ImageNet class index `{"0": [wnid, name], ...}`: read from the cache, else
+    downloaded once (`keras_t2t.download.fetch`: bounded by `$KERAS_T2T_DOWNLOAD_TIMEOUT`
+    seconds of silence, `attempts` tries) and checked against Keras' md5.
+
+    Raises OSError (`keras_t2t.download.DownloadError` for the download) naming the URL and
+    where to put the file to work offline.
+    """
+    global _CLASS_INDEX
+    if _CLASS_INDEX is not None:
+        return _CLASS_INDEX
+    path = class_index_path()
+    offline = f"To work offline, put {CLASS_INDEX_FILE} (from {CLASS_INDEX_URL}) at {path}."
+    if not (os.path.isfile(path) and file_digest(path, "md5") == CLASS_INDEX_MD5):
+        try:
+            fetch(CLASS_INDEX_URL, path, timeout=timeout, attempts=attempts)
+        except DownloadError as error:
+            raise DownloadError(f"{error} {offline}", error.origin, error.reason) from None
+        digest = file_digest(path, "md5")
+        if digest != CLASS_INDEX_MD5:
+            os.remove(path)
+            raise DownloadError(
+                f"The ImageNet class index from {CLASS_INDEX_URL} is not Keras' (md5 {digest}, "
+                f"expected {CLASS_INDEX_MD5}); it was removed. {offline}"
+            )
+    try:
+        with open(path) as f:
+            index = json.load(f)
+        if len(index) != NUM_CLASSES:
+            raise ValueError(f"{len(index)} classes")
+    except (OSError, ValueError) as error:
+        raise DownloadError(
+            f"Cannot read the ImageNet class index {path} ({error}). {offline}"
+        ) from None
+    _CLASS_INDEX = index
+    return index
+
+
 def decode_predictions(preds, top=5):
     """Decodes ImageNet predictions into `(class_id, class_name, score)` tuples.
 
-    Delegates to `keras.applications.imagenet_utils.decode_predictions` (the class index is
-    downloaded once and cached in `~/.keras/models`).
+    As `keras.applications.imagenet_utils.decode_predictions`; the class index (the same
+    file) is downloaded once by `class_index` and cached in `$KERAS_HOME/models`.
 
     Args:
         preds: `(batch, 1000)` array of probabilities or logits.
@@ -95,6 +150,11 @@ def decode_predictions(preds, top=5):
         )
     if not 1 <= top <= NUM_CLASSES:
         raise ValueError(f"`top` must be in [1, {NUM_CLASSES}], received {top}.")
-    from keras.applications import imagenet_utils
-
-    return imagenet_utils.decode_predictions(preds, top=top)
+    index = class_index()
+    results = []
+    for pred in preds:
+        best = pred.argsort()[-top:][::-1]
+        result = [tuple(index[str(i)]) + (pred[i],) for i in best]
+        result.sort(key=lambda x: x[2], reverse=True)
+        results.append(result)
+    return results

@@ -1,24 +1,28 @@
 """The official released weights: one table, and their download, check and cache.
 
-`T2TViT14(weights="imagenet")` looks its file up in `RELEASES`, downloads it once with
-`keras.utils.get_file` into Keras' cache (`$KERAS_HOME/models/keras_t2t`, by default
-`~/.keras/models/keras_t2t`), checks its size and sha384 where they are published, converts
-it to a Keras `.weights.h5` beside it and loads that. Later calls read the converted file
-only, with no network.
+`T2TViT14(weights="imagenet")` looks its file up in `RELEASES`, downloads it once (`fetch`)
+into Keras' cache (`$KERAS_HOME/models/keras_t2t`, by default `~/.keras/models/keras_t2t`),
+checks its size and sha384 where they are published, converts it to a Keras `.weights.h5`
+beside it and loads that. Later calls read the converted file only, with no network; a record
+beside it (`<name>.weights.h5.json`: the sha256 of the conversion and the sha384 of the file it
+was made from) is checked first, and a conversion that differs from it is made again.
 
 The environment variable `KERAS_T2T_WEIGHTS_URL` replaces the release URL base: the file is
 fetched from `$KERAS_T2T_WEIGHTS_URL/<file name>` (an `https://`, `http://` or `file://`
-mirror, for air-gapped clusters).
+mirror, for air-gapped clusters). `fetch` gives up on a server that sends nothing for
+`$KERAS_T2T_DOWNLOAD_TIMEOUT` seconds (default 30) at any point of a download, tries
+`DOWNLOAD_ATTEMPTS` times in all where the failure may pass, and never leaves a partial file.
 
 The table is kept apart from the architectures (`models.MODEL_CONFIGS`), as timm keeps its
 `pretrained_cfg`: what each file was trained on and how it must be fed.
 """
 
 import dataclasses
-import hashlib
+import json
 import logging
 import os
 
+from keras_t2t.download import DownloadError, fetch, file_digest, keras_home, remove_file
 from keras_t2t.imagenet import IMAGENET_MEAN, IMAGENET_STD
 
 logger = logging.getLogger("keras_t2t")
@@ -153,26 +157,20 @@ def url(release):
 
 def cache_dir():
     """Keras' cache folder for our files, as `keras.utils.get_file` chooses it."""
-    base = os.path.expanduser(os.environ.get("KERAS_HOME") or os.path.join("~", ".keras"))
-    try:
-        os.makedirs(base, exist_ok=True)
-    except OSError:
-        pass
-    if not os.access(base, os.W_OK):
-        base = os.path.join("/tmp", ".keras")
-    return os.path.join(base, CACHE_SUBDIR)
+    return os.path.join(keras_home(), CACHE_SUBDIR)
 
 
 def converted_path(release):
     return os.path.join(cache_dir(), f"{release.stem}.weights.h5")
 
 
-def sha384(path, chunk=1 << 22):
-    digest = hashlib.sha384()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+def record_path(release):
+    """The record of the cached conversion: what it was made from, and its own sha256."""
+    return converted_path(release) + ".json"
+
+
+def sha384(path):
+    return file_digest(path, "sha384")
 
 
 def check_integrity(release, path, origin):
@@ -199,45 +197,61 @@ def check_integrity(release, path, origin):
 
 def download(release):
     """The released file in the cache, downloaded if missing; checked where the table can."""
-    import keras
-
     folder = cache_dir()
     path = os.path.join(folder, release.file_name)
     if os.path.isfile(path):  # downloaded before, or put there by hand
         check_integrity(release, path, path)
         return path
     origin = url(release)
-    partial = f"{release.file_name}.{os.getpid()}.partial"  # workers may share the cache
     try:
         # Into a temporary name, renamed once complete: a killed download is never taken for
-        # the file (get_file would trust any file found under the final name).
-        keras.utils.get_file(
-            fname=partial,
-            origin=origin,
-            cache_dir=os.path.dirname(os.path.dirname(folder)),
-            cache_subdir=CACHE_SUBDIR,
-            force_download=True,
-        )
-    except (Exception, KeyboardInterrupt) as error:  # get_file raises a bare Exception
-        if isinstance(error, KeyboardInterrupt):
-            raise
+        # the file.
+        fetch(origin, path)
+    except DownloadError as error:
         raise WeightsDownloadError(
             f"Cannot download the {release.weights!r} weights of {release.model} "
-            f"({release.file_name}) from {origin}: {error}. Nothing is cached at {path}. "
+            f"({release.file_name}) from {origin}: {error.reason}. Nothing is cached at {path}. "
             f"Without network access, set {URL_VARIABLE} to a mirror that holds "
             f"{release.file_name} (an http(s):// or file:// folder), or put the file at {path}."
         ) from None
-    os.replace(os.path.join(folder, partial), path)
     check_integrity(release, path, origin)
     return path
 
 
+def _conversion_problem(release, converted):
+    """None if the cached conversion is the one its record describes, else what differs."""
+    record = record_path(release)
+    try:
+        with open(record) as f:
+            recorded = json.load(f)
+    except FileNotFoundError:
+        return f"it has no record ({os.path.basename(record)})"
+    except (OSError, ValueError) as error:
+        return f"its record {record} cannot be read ({error})"
+    if not isinstance(recorded, dict) or recorded.get("release") != release.file_name:
+        return f"its record {record} is not that of a conversion of {release.file_name}"
+    if release.sha384 is not None and recorded.get("release_sha384") != release.sha384:
+        return f"it was converted from another file than the released {release.file_name}"
+    digest = file_digest(converted, "sha256")
+    if recorded.get("sha256") != digest:
+        return f"its sha256 is {digest}, at its conversion {recorded.get('sha256')}"
+    return None
+
+
 def weights_file(release):
     """A `.weights.h5` of `release` for `models.T2TViT`: the cached conversion, made (from the
-    downloaded file) on the first call."""
+    downloaded file) on the first call, and made again when it differs from its record."""
     converted = converted_path(release)
     if os.path.isfile(converted):
-        return converted
+        problem = _conversion_problem(release, converted)
+        if problem is None:
+            return converted
+        logger.warning(
+            "The cached %s is not the conversion of %s that was written (%s): converting it "
+            "again.", converted, release.file_name, problem,
+        )  # fmt: skip
+        remove_file(converted)
+        remove_file(record_path(release))
     source = download(release)
     from keras_t2t import models
 
@@ -260,13 +274,27 @@ def weights_file(release):
             f"of {release.model}: {error} It was moved to {bad}; check the mirror "
             f"({URL_VARIABLE}) and call again."
         ) from None
-    staging = os.path.join(os.path.dirname(converted), f".{os.getpid()}.{release.stem}.weights.h5")
+    folder = os.path.dirname(converted)
+    staging = os.path.join(folder, f".{os.getpid()}.{release.stem}.weights.h5")
+    record = record_path(release)
+    record_staging = staging + ".json"
     try:
         model.save_weights(staging)
+        with open(record_staging, "w") as f:
+            json.dump(
+                {
+                    "release": release.file_name,
+                    "release_sha384": sha384(source),
+                    "sha256": file_digest(staging, "sha256"),
+                },
+                f,
+                indent=1,
+            )
         os.replace(staging, converted)
+        os.replace(record_staging, record)
     except OSError as error:  # a read-only cache: use the official file directly next time too
         logger.warning("Cannot cache the converted weights at %s: %s", converted, error)
-        if os.path.exists(staging):
-            os.remove(staging)
+        for path in (staging, record_staging, converted, record):
+            remove_file(path)
         return source
     return converted

@@ -170,10 +170,7 @@ def read_official_checkpoint(path):
     try:
         checkpoint = pytorch_checkpoint.load(path)
     except (ValueError, OSError) as error:
-        raise ValueError(
-            f"Could not read {path!r} as a PyTorch checkpoint: {error} Checkpoints that need "
-            f"code to unpickle are refused on purpose."
-        ) from None
+        raise ValueError(f"Could not read {path!r} as a PyTorch checkpoint: {error}") from None
     state = unwrap_state_dict(checkpoint)
     return {key: np.asarray(value, dtype=np.float32) for key, value in state.items()}
 
@@ -320,6 +317,10 @@ def official_to_state(state_dict, source="state dict"):
 
 POS_DATASET = "layers/position_embedding/vars/0"
 HEAD_DATASET = "layers/dense/vars/0"
+# The largest position table a .weights.h5 may declare: a 64 x 64 token grid, 1024 x 1024
+# pixels (the releases are 224 and 384). The twin model that reads a file is built at the
+# file's size, so the bound is checked before it is built.
+MAX_POSITION_SIDE = 64
 _EXPECTED_H5 = (
     "Expected a .weights.h5 saved from a keras_t2t model (`model.save_weights`) or written by "
     "`python -m keras_t2t.convert`."
@@ -328,27 +329,32 @@ _EXPECTED_H5 = (
 
 def keras_weights_info(path, embed_dim=None):
     """(position table shape, head kernel shape or None, has preprocessing, `{dataset: (shape,
-    numeric, stored whole)}`) of a .weights.h5.
+    numeric, None or why it is not stored whole)}`) of a .weights.h5.
 
     Reads the file's metadata only, and checks it before any tensor is read: every tensor is
-    a numeric array stored whole in the file (as Keras writes them: not chunked, compressed or
-    left unallocated), so that no declared shape can make the loader allocate more than the
-    file holds; the position table is `(1, 1 + n * n, embed_dim)` and the head
-    `(embed_dim, classes)`.
+    a numeric array stored whole in the file (as Keras writes them: contiguous, or compact in
+    its header; not chunked, compressed, virtual, in external files or left unallocated, and
+    its bytes within the file's length), so that no declared shape can make the loader
+    allocate more than the file holds; the position table is `(1, 1 + n * n, embed_dim)` with
+    n at most `MAX_POSITION_SIDE`, and the head `(embed_dim, classes)`.
     """
     import h5py
 
     datasets = {}
+    try:
+        file_size = os.path.getsize(path)
+    except OSError as error:
+        raise ValueError(f"Could not read {path!r} as keras_t2t weights ({error}).") from None
 
     def collect(name, item):
         if isinstance(item, h5py.Dataset):
-            datasets[name] = _dataset_info(item)
+            datasets[name] = _dataset_info(item, file_size)
 
     try:
         with h5py.File(path, "r") as f:
             f.visititems(collect)
             has_preprocessing = "rescaling" in f.get("layers", {})
-    except OSError as error:
+    except (OSError, KeyError, RuntimeError) as error:  # h5py: KeyError for a damaged object
         raise ValueError(
             f"Could not read {path!r} as keras_t2t weights ({error}). {_EXPECTED_H5}"
         ) from error
@@ -356,13 +362,14 @@ def keras_weights_info(path, embed_dim=None):
         raise ValueError(
             f"{path!r} holds no keras_t2t position table ({POS_DATASET}). {_EXPECTED_H5}"
         )
-    for name, (shape, numeric, stored_whole) in datasets.items():
-        if not numeric or not stored_whole:
+    for name, (shape, numeric, problem) in datasets.items():
+        if not numeric or problem:
             raise ValueError(
                 f"{path!r} is not a weights file this loader accepts: its tensor {name} "
                 f"(declared shape {shape}) is "
-                f"{'not numeric' if not numeric else 'not stored whole in the file'}. Keras "
-                f"writes every tensor as a plain array; the file was altered or crafted."
+                f"{'not numeric' if not numeric else f'not stored whole in the file: {problem}'}"
+                f". Keras writes every tensor as a plain array inside the file; the file was "
+                f"altered or crafted."
             )
     pos_shape = datasets[POS_DATASET][0]
     tokens = pos_shape[1] - 1 if len(pos_shape) == 3 else -1
@@ -377,6 +384,13 @@ def keras_weights_info(path, embed_dim=None):
             f"The position table in {path!r} has shape {pos_shape}; a model of width "
             f"{embed_dim or 'D'} needs (1, 1 + n * n, {embed_dim or 'D'})."
         )
+    if math.isqrt(tokens) > MAX_POSITION_SIDE:
+        side = math.isqrt(tokens)
+        raise ValueError(
+            f"The position table in {path!r} has shape {pos_shape}: a {side} x {side} token "
+            f"grid ({16 * side} x {16 * side} pixels). This loader takes at most "
+            f"{MAX_POSITION_SIDE} x {MAX_POSITION_SIDE} ({16 * MAX_POSITION_SIDE} pixels)."
+        )
     head_shape = datasets[HEAD_DATASET][0] if HEAD_DATASET in datasets else None
     if head_shape is not None and (
         len(head_shape) != 2 or (embed_dim is not None and head_shape[0] != embed_dim)
@@ -388,13 +402,37 @@ def keras_weights_info(path, embed_dim=None):
     return pos_shape, head_shape, has_preprocessing, datasets
 
 
-def _dataset_info(dataset):
-    """(declared shape, numeric, stored whole) of an h5py dataset, from its metadata."""
+def _dataset_info(dataset, file_size):
+    """(declared shape, numeric, None or why it is not stored whole) of an h5py dataset, from
+    its metadata: its bytes must all lie in the file (of `file_size` bytes)."""
+    import h5py
+
     shape = tuple(int(d) for d in dataset.shape)
     numeric = dataset.dtype.kind in "fiub"
     declared = int(np.prod(shape, dtype=np.int64)) * dataset.dtype.itemsize if numeric else -1
-    whole = dataset.chunks is None and dataset.id.get_storage_size() == declared
-    return shape, numeric, whole
+    plist = dataset.id.get_create_plist()
+    layout = plist.get_layout()
+    if plist.get_external_count() > 0:
+        return shape, numeric, "its data is in external files"
+    if layout == getattr(h5py.h5d, "VIRTUAL", None) or dataset.is_virtual:
+        return shape, numeric, "a virtual dataset (its data is in other files)"
+    if layout == h5py.h5d.CHUNKED or dataset.chunks is not None:
+        return shape, numeric, "chunked (or compressed)"
+    if dataset.id.get_storage_size() != declared:
+        return shape, numeric, (
+            f"{dataset.id.get_storage_size():,} bytes are stored of the {declared:,} declared"
+        )  # fmt: skip
+    if layout == h5py.h5d.COMPACT:  # in the object header, at most 64 KiB
+        return shape, numeric, None
+    if layout != h5py.h5d.CONTIGUOUS:
+        return shape, numeric, f"of an unknown storage layout ({layout})"
+    offset = dataset.id.get_offset()
+    if declared > 0 and (offset is None or offset < 0 or offset + declared > file_size):
+        where = "not allocated" if offset is None else f"at offset {offset:,}"
+        return shape, numeric, (
+            f"its {declared:,} bytes, {where}, do not lie within the file's {file_size:,} bytes"
+        )  # fmt: skip
+    return shape, numeric, None
 
 
 def read_keras_weights(path, config):

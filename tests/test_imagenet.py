@@ -34,10 +34,8 @@ def test_preprocess_input_errors():
 
 
 def test_decode_predictions(monkeypatch):
-    from keras.src.applications import imagenet_utils  # where the class index is cached
-
     index = {str(i): [f"n{i:08d}", f"class_{i}"] for i in range(1000)}
-    monkeypatch.setattr(imagenet_utils, "CLASS_INDEX", index)
+    monkeypatch.setattr(imagenet, "_CLASS_INDEX", index)  # where the class index is kept
     preds = np.zeros((2, 1000), "float32")
     preds[0, [7, 3]] = [0.9, 0.1]
     preds[1, 999] = 1.0

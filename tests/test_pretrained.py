@@ -1,7 +1,9 @@
 """weights="imagenet": the release table, download through a mirror, integrity, the cache."""
 
 import functools
+import hashlib
 import http.server
+import json
 import os
 import pathlib
 import pickle
@@ -17,7 +19,7 @@ import pytest
 from conftest import DATA, GOLDEN, WITHOUT_TORCH, register_tiny_releases
 
 import keras_t2t
-from keras_t2t import models, pretrained
+from keras_t2t import download, models, pretrained
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 REFERENCE_RELEASES = {  # the paper's table and the official README's links
@@ -310,3 +312,178 @@ def test_file_put_in_the_cache_by_hand_is_checked_too(keras_home, monkeypatch):
     io = np.load(DATA / "t2t_tiny_performer_io.npz")
     logits = np.asarray(load("t2t_tiny_performer")(io["images_nchw"].transpose(0, 2, 3, 1)))
     np.testing.assert_allclose(logits, io["logits"], atol=1e-4)
+
+
+# --- downloads that stall (F5) --------------------------------------------------------------
+
+
+class StallingServer:
+    """A loopback server that accepts every connection and then either never answers
+    ("silent") or reads the request, sends a 200 with the Content-Length of `size` bytes and
+    half of them, and nothing more ("half"). Closing it ends every connection."""
+
+    def __init__(self, mode, size=64 * 1024):
+        self.mode, self.size = mode, size
+        self.connections = []
+        self.stopping = threading.Event()
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(16)
+        self.listener.settimeout(0.05)
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        while not self.stopping.is_set():
+            try:
+                connection, _ = self.listener.accept()
+            except OSError:  # the accept timeout, or closed
+                continue
+            self.connections.append(connection)
+            if self.mode == "half":
+                connection.settimeout(5)
+                request = b""
+                while b"\r\n\r\n" not in request and (data := connection.recv(4096)):
+                    request += data
+                header = f"HTTP/1.1 200 OK\r\nContent-Length: {self.size}\r\n\r\n".encode()
+                connection.sendall(header + b"\0" * (self.size // 2))
+
+    def close(self):
+        self.stopping.set()
+        self.thread.join(5)
+        for connection in self.connections:
+            connection.close()
+        self.listener.close()
+
+
+@pytest.fixture
+def stalling():
+    servers = []
+    yield lambda mode: servers.append(StallingServer(mode)) or servers[-1]
+    for server in servers:
+        server.close()
+
+
+def finishes(function, within):
+    """function()'s result or exception, run in a thread that must end `within` seconds."""
+    outcome = {}
+
+    def target():
+        try:
+            outcome["result"] = function()
+        except BaseException as error:  # noqa: B036 - handed back to the test
+            outcome["error"] = error
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(within)
+    assert not thread.is_alive(), f"still running after {within} s: the download hangs"
+    return outcome
+
+
+@pytest.mark.parametrize("mode", ["silent", "half"])
+def test_stalled_mirror_times_out_tries_again_and_leaves_nothing(
+    stalling, keras_home, monkeypatch, mode
+):
+    register_tiny_releases(monkeypatch)
+    server = stalling(mode)
+    monkeypatch.setenv(pretrained.URL_VARIABLE, server.url)
+    monkeypatch.setenv("KERAS_T2T_DOWNLOAD_TIMEOUT", "1")
+    monkeypatch.setattr(download, "DOWNLOAD_ATTEMPTS", 2, raising=False)
+    monkeypatch.setattr(download, "RETRY_BACKOFF", 0.1, raising=False)
+    outcome = finishes(lambda: load("t2t_tiny_performer"), within=20)
+    error = outcome.get("error")
+    assert isinstance(error, pretrained.WeightsDownloadError), outcome
+    message = str(error)
+    assert f"{server.url}/t2t_tiny_performer.pth.tar" in message
+    assert "no data for 1 s" in message and "KERAS_T2T_DOWNLOAD_TIMEOUT" in message
+    assert "(2 tries)" in message and pretrained.URL_VARIABLE in message
+    assert str(keras_home / "t2t_tiny_performer.pth.tar") in message  # where to put it by hand
+    assert len(server.connections) == 2  # tried again
+    assert not keras_home.exists() or not list(keras_home.iterdir())  # no .partial, nothing
+
+
+def test_fetch_tries_again_after_a_server_error(tmp_path, monkeypatch):
+    """An HTTP 503 is tried again (and a 404 is not); the file arrives whole."""
+    body = os.urandom(3000)
+    statuses = [503, 200]
+
+    class Flaky(_Quiet):
+        def do_GET(self):
+            status = statuses.pop(0) if statuses else 404
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body) if status == 200 else 0))
+            self.end_headers()
+            if status == 200:
+                self.wfile.write(body)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Flaky)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(download, "RETRY_BACKOFF", 0.05)
+    origin = f"http://127.0.0.1:{server.server_address[1]}/file"
+    try:
+        path = download.fetch(origin, str(tmp_path / "cache" / "file"), timeout=5)
+        assert open(path, "rb").read() == body
+        with pytest.raises(download.DownloadError, match=r"HTTP 404") as error:
+            download.fetch(origin, str(tmp_path / "cache" / "other"), timeout=5)
+        assert "tries" not in str(error.value) and statuses == []  # one try: a 404 stays
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert sorted(os.listdir(tmp_path / "cache")) == ["file"]
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "soon", "nan"])
+def test_download_timeout_setting(monkeypatch, value):
+    monkeypatch.setenv(download.TIMEOUT_VARIABLE, "2.5")
+    assert download.download_timeout() == 2.5
+    monkeypatch.setenv(download.TIMEOUT_VARIABLE, value)
+    with pytest.raises(ValueError, match="KERAS_T2T_DOWNLOAD_TIMEOUT must be a positive number"):
+        download.download_timeout()
+
+
+# --- the cached conversion is checked against its record (F11) -----------------------------
+
+
+@pytest.mark.parametrize("damage", ["bit_flip", "substituted", "record_removed"])
+def test_cached_conversion_that_differs_from_its_record_is_made_again(
+    mirror, keras_home, monkeypatch, caplog, damage
+):
+    import h5py
+    from conftest import tiny_model
+
+    register_tiny_releases(monkeypatch)
+    monkeypatch.setenv(pretrained.URL_VARIABLE, mirror[0])
+    io = np.load(DATA / "t2t_tiny_performer_io.npz")
+    images = io["images_nchw"].transpose(0, 2, 3, 1)
+    load("t2t_tiny_performer")
+    converted = keras_home / "t2t_tiny_performer.weights.h5"
+    record = keras_home / "t2t_tiny_performer.weights.h5.json"
+    assert record.is_file()  # written beside the conversion
+    if damage == "bit_flip":  # an exponent bit of the first head weight
+        with h5py.File(converted, "r") as f:
+            offset = f["layers/dense/vars/0"].id.get_offset()
+        data = bytearray(converted.read_bytes())
+        data[offset + 3] ^= 0x40
+        converted.write_bytes(bytes(data))
+    elif damage == "substituted":  # a valid file of the same architecture, other weights
+        tiny_model("performer", classes=10).save_weights(converted)
+    else:
+        record.unlink()
+    monkeypatch.setenv(pretrained.URL_VARIABLE, closed_port_url())  # from the cached .pth.tar
+    with caplog.at_level("WARNING", logger="keras_t2t"):
+        logits = np.asarray(load("t2t_tiny_performer")(images))
+    np.testing.assert_allclose(logits, io["logits"], atol=1e-4)
+    assert "is not the conversion of t2t_tiny_performer.pth.tar" in caplog.text
+    assert "converting it again" in caplog.text
+    recorded = json.loads(record.read_text())
+    assert recorded["sha256"] == hashlib.sha256(converted.read_bytes()).hexdigest()
+    assert (
+        recorded["release_sha384"]
+        == pretrained.find_release("t2t_tiny_performer", "imagenet").sha384
+    )
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="keras_t2t"):
+        load("t2t_tiny_performer")  # the remade conversion passes its check
+    assert "converting it again" not in caplog.text

@@ -2,6 +2,7 @@
 `.weights.h5`, containers, head and resolution handling, strict errors, the converter CLI."""
 
 import logging
+import os
 import sys
 
 import numpy as np
@@ -233,6 +234,9 @@ def test_corrupt_weights_h5(tmp_path):
         keras_t2t.T2TViT7(weights=str(path))
 
 
+POS = "layers/position_embedding/vars/0"
+
+
 def _rewrite_dataset(path, name, **create):
     import h5py
 
@@ -283,6 +287,82 @@ def test_crafted_weights_h5_is_refused_before_reading(tmp_path, name, create, ma
     _rewrite_dataset(path, name, **create)
     with pytest.raises(ValueError, match=match):
         tiny_model(input_shape=(32, 32, 3), weights=path)
+
+
+def _no_twin(*args, **kwargs):
+    raise AssertionError("the twin model was built before the file was refused")
+
+
+@pytest.mark.parametrize("where", ["external_file", "external_dev_zero", "virtual", "past_eof"])
+def test_weights_h5_with_data_outside_the_file_is_refused(tmp_path, monkeypatch, where):
+    """Every tensor's bytes must lie in the file: external storage (a file beside it, or
+    /dev/zero, which reports the whole declared size as stored), a virtual dataset, or a data
+    address past the file's end are refused before the twin model is built."""
+    import struct
+
+    import h5py
+
+    path = str(tmp_path / "crafted.weights.h5")
+    tiny_model(input_shape=(32, 32, 3)).save_weights(path)
+    table = np.zeros((1, 5, 64), "float32")
+    if where == "external_file":
+        outside = tmp_path / "outside.bin"
+        outside.write_bytes(table.tobytes())
+        _rewrite_dataset(path, POS, shape=table.shape, dtype="float32",
+                         external=[(str(outside), 0, table.nbytes)])  # fmt: skip
+        match = "not stored whole in the file: its data is in external files"
+    elif where == "external_dev_zero":
+        # A 48 x 48 grid (768 px, 590 KB declared) on /dev/zero: not the 32 GiB of the report,
+        # and the file (1.2 MB) could hold it; its bytes are elsewhere all the same.
+        shape = (1, 1 + 48 * 48, 64)
+        _rewrite_dataset(path, POS, shape=shape, dtype="float32",
+                         external=[("/dev/zero", 0, int(np.prod(shape)) * 4)])  # fmt: skip
+        match = "not stored whole in the file: its data is in external files"
+    elif where == "virtual":
+        source = str(tmp_path / "source.h5")
+        with h5py.File(source, "w") as f:
+            f["table"] = table
+        layout = h5py.VirtualLayout(shape=table.shape, dtype="float32")
+        layout[:] = h5py.VirtualSource(source, "table", shape=table.shape)
+        with h5py.File(path, "r+") as f:
+            del f[POS]
+            f.create_virtual_dataset(POS, layout)
+        match = "not stored whole in the file: a virtual dataset"
+    else:  # the table's address rewritten to near the end of the file
+        with h5py.File(path, "r") as f:
+            offset = f[POS].id.get_offset()
+            size = os.path.getsize(path)
+            assert weights_lib._dataset_info(f[POS], size)[2] is None
+            # The check itself, on a file that would end 1 byte short of the table:
+            problem = weights_lib._dataset_info(f[POS], offset + 1279)[2]
+            assert problem == (
+                f"its 1,280 bytes, at offset {offset:,}, do not lie within the file's "
+                f"{offset + 1279:,} bytes"
+            )
+        data = bytearray(open(path, "rb").read())
+        assert data.count(struct.pack("<Q", offset)) == 1
+        at = data.index(struct.pack("<Q", offset))
+        data[at : at + 8] = struct.pack("<Q", len(data) - 16)
+        open(path, "wb").write(bytes(data))
+        # HDF5 1.14 itself refuses to open the dataset (h5py raises KeyError): a ValueError.
+        match = r"do not lie within the file|Could not read .* as keras_t2t weights"
+    monkeypatch.setattr(keras_t2t.models, "T2TViT", _no_twin)  # the twin of read_keras_weights
+    with pytest.raises(ValueError, match=match):
+        weights_lib.read_weights(path, dict(tokens_type="performer", **TINY_ARCH))
+
+
+def test_weights_h5_with_a_huge_position_table_is_refused_before_building(tmp_path, monkeypatch):
+    """A table of a 65 x 65 grid (1040 px), stored whole (1 MB): past MAX_POSITION_SIDE."""
+    path = str(tmp_path / "big_table.weights.h5")
+    tiny_model(input_shape=(32, 32, 3)).save_weights(path)
+    _rewrite_dataset(path, POS, data=np.zeros((1, 1 + 65 * 65, 64), "float32"))
+    monkeypatch.setattr(keras_t2t.models, "T2TViT", _no_twin)
+    with pytest.raises(
+        ValueError, match=r"a 65 x 65 token grid \(1040 x 1040 pixels\).*at most 64"
+    ):
+        weights_lib.read_weights(path, dict(tokens_type="performer", **TINY_ARCH))
+    _rewrite_dataset(path, POS, data=np.zeros((1, 1 + 64 * 64, 64), "float32"))  # the limit
+    assert weights_lib.keras_weights_info(path, 64)[0] == (1, 1 + 64 * 64, 64)
 
 
 def test_weights_h5_into_other_head_and_size(tmp_path, caplog):
