@@ -16,8 +16,12 @@ or float32 pixels in [0, 255] with `input_dtype="float32"`) and return the same 
 outputs as the SavedModel.
 """
 
+import contextlib
+import functools
 import importlib
 import os
+import re
+import shutil
 
 import keras
 import numpy as np
@@ -167,15 +171,96 @@ def serving_fn(model, onednn_layer_norm=False, class_token_only=False):
 DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096  # about 16 megapixels
 IMAGE_FORMATS = "JPEG, PNG, GIF, BMP or WebP"
 _HEADER_BYTES = 32
+# A GIF is read block by block (`_read_gif`): each step reads an extension's or a frame's
+# header (or neither), then a run of up to _GIF_RUN data sub-blocks of one length (encoders
+# write 255-byte ones), one more, and the terminator if it follows: about two steps a frame.
+# A GIF that needs more steps is refused (a step takes tens of microseconds).
+GIF_MAX_STEPS = 1 << 13
+_GIF_RUN = 1024
+# code, width, height and flags of a frame descriptor, from its first 10 bytes
+_GIF_DESCRIPTOR = [[1, 0, 0, 0, 0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 1, 256, 0, 0, 0],
+                   [0, 0, 0, 0, 0, 0, 0, 1, 256, 0], [0, 0, 0, 0, 0, 0, 0, 0, 0, 1]]  # fmt: skip
+
+
+def _read_gif(data):
+    """(pixels of all the frames, the file cut after its first frame, whether it was read to
+    its end within GIF_MAX_STEPS steps) of a GIF file, in stock TF ops.
+
+    TensorFlow's GIF decoder sizes its output by the largest frame descriptor (not the logical
+    screen) and decodes every frame, even with `expand_animations=False`; so the descriptors of
+    all the frames are summed, and the decoder is given the first frame only (closed with a
+    trailer), the one it returns. Only the bytes read here reach the decoder.
+    """
+    size = tf.strings.length(data)
+    raw = tf.io.decode_raw(tf.strings.join([data, b"\0" * 16]), tf.uint8)
+
+    def byte(position):
+        return tf.cast(raw[tf.minimum(position, size)], tf.int32)  # 0 past the end
+
+    def color_table(flags):  # bytes of the color table that a descriptor's flags announce
+        return tf.where(flags >= 128, 3 * tf.bitwise.left_shift(2, flags % 8), 0)
+
+    def step(position, in_data, in_frame, pixels, first_end, steps, stopped):
+        head = tf.cast(raw[position : position + 10], tf.int32)
+        code, width, height, flags = tf.unstack(tf.linalg.matvec(_GIF_DESCRIPTOR, head))
+        # Outside data: an extension (0x21, label, data) or a frame (0x2C, descriptor, color
+        # table, LZW code size, data); any other byte (0x3B: the trailer) ends the file, and so
+        # does an extension without data: giflib reads the sub-blocks after its terminator too.
+        is_extension = ~in_data & (code == 0x21) & (head[2] != 0)
+        is_frame = ~in_data & (code == 0x2C)
+        stops = ~in_data & ~is_extension & ~is_frame
+        header = tf.where(is_extension, 2, 11 + color_table(flags))
+        start = position + tf.where(in_data, 0, header)
+        # Data: sub-blocks (a length byte, that many bytes) up to a 0 length byte. Reads the
+        # run of sub-blocks of the first one's length, one more sub-block (an encoder's last
+        # one is shorter), and the terminator if it follows.
+        length = byte(start)
+        stride = length + 1
+        run = tf.cast(raw[start : start + stride * _GIF_RUN : stride] == raw[start], tf.int32)
+        rest = start + tf.where(length == 0, 0, stride * tf.reduce_sum(tf.math.cumprod(run)))
+        last = rest + byte(rest) + 1
+        ends = (byte(rest) == 0) | (byte(last) == 0)
+        after = tf.where(byte(rest) == 0, rest + 1, tf.where(byte(last) == 0, last + 1, last))
+        in_frame = is_frame | (in_frame & in_data)
+        frame_ends = in_frame & ends & (first_end < 0)
+        frame_pixels = tf.cast(width, tf.int64) * tf.cast(height, tf.int64)
+        return (
+            tf.where(stops, position, after),
+            ~stops & ~ends,
+            in_frame,
+            pixels + tf.where(is_frame, frame_pixels, tf.constant(0, tf.int64)),
+            tf.where(frame_ends, after, first_end),
+            steps + 1,
+            stops,
+        )
+
+    def more(position, in_data, in_frame, pixels, first_end, steps, stopped):
+        return ~stopped & (position < size) & (steps < GIF_MAX_STEPS)
+
+    start = 13 + color_table(byte(10))  # after the header, screen descriptor and color table
+    no, zero = tf.constant(False), tf.constant(0)
+    position, _, _, pixels, first_end, _, stopped = tf.while_loop(
+        more, step, (start, no, no, tf.constant(0, tf.int64), zero - 1, zero, no)
+    )
+    cut = tf.minimum(tf.where(first_end >= 0, first_end, position), size)
+    first_frame = tf.strings.join([tf.strings.substr(data, 0, cut), b";"])
+    return pixels, first_frame, stopped | (position >= size)
 
 
 def declared_pixels(data):
     """Width x height that an image file declares in its header, int64; -1 for another format.
 
-    Reads the first bytes only (JPEG: its frame header), in stock TF ops, so that a huge image
-    can be refused before it is decoded. Formats: JPEG, PNG, GIF, BMP, WebP (VP8, VP8L, VP8X),
-    those that `tf.io.decode_image` reads.
+    Reads the header only (JPEG: its frame header; GIF: its block structure, for the
+    descriptors of all its frames, summed), in stock TF ops, so that a huge image can be
+    refused before it is decoded. Formats: JPEG, PNG, GIF, BMP, WebP (VP8, VP8L, VP8X), those that
+    `tf.io.decode_image` reads.
     """
+    return _declared(data)[0]
+
+
+def _declared(data):
+    """(`declared_pixels(data)`, the bytes to decode: a GIF's first frame only, whether the
+    file was read far enough to tell: False for a GIF of more than GIF_MAX_STEPS blocks)."""
     padded = tf.strings.join([data, b"\0" * _HEADER_BYTES])
     head = tf.io.decode_raw(tf.strings.substr(padded, 0, _HEADER_BYTES), tf.uint8)
     head = tf.cast(head, tf.int64)
@@ -195,7 +280,6 @@ def declared_pixels(data):
     vp8l = little(21, 4)
     candidates = [  # (is this format, its declared pixels)
         (starts(0, b"\x89PNG\r\n\x1a\n"), big(16, 4) * big(20, 4)),
-        (starts(0, b"GIF8"), little(6, 2) * little(8, 2)),
         (starts(0, b"BM"), signed32(little(18, 4)) * signed32(little(22, 4))),
         (
             starts(0, b"RIFF") & starts(8, b"WEBPVP8X"),
@@ -213,10 +297,17 @@ def declared_pixels(data):
     pixels = tf.constant(-1, tf.int64)
     for is_format, count in reversed(candidates):
         pixels = tf.where(is_format, count, pixels)
+
+    def jpeg():
+        shape = tf.cast(tf.io.extract_jpeg_shape(data)[:2], tf.int64)
+        return tf.reduce_prod(shape), data, tf.constant(True)
+
     return tf.cond(
         starts(0, b"\xff\xd8\xff"),
-        lambda: tf.reduce_prod(tf.cast(tf.io.extract_jpeg_shape(data)[:2], tf.int64)),
-        lambda: pixels,
+        jpeg,
+        lambda: tf.cond(
+            starts(0, b"GIF8"), lambda: _read_gif(data), lambda: (pixels, data, tf.constant(True))
+        ),
     )
 
 
@@ -224,23 +315,32 @@ def decode_images(image_bytes, size, crop_pct=0.9, max_pixels=DEFAULT_MAX_IMAGE_
     """string `[batch]` of image files -> float32 `[batch, size, size, 3]` in [0, 255].
 
     Each file's header is read first: a format other than JPEG, PNG, GIF, BMP and WebP, or an
-    image of more than `max_pixels` pixels, is refused (InvalidArgument) before decoding, so a
-    small file that declares a huge image cannot take the server's memory.
+    image of more than `max_pixels` pixels (a GIF: all its frames together), is refused
+    (InvalidArgument) before decoding, so a small file that declares a huge image cannot take
+    the server's memory. A GIF is decoded from its first frame only.
     """
 
     def one(data):
-        pixels = declared_pixels(data)
+        pixels, data, read = _declared(data)
         checks = [
             tf.debugging.Assert(
                 pixels >= 0, [f"Unknown image file format: send {IMAGE_FORMATS} files."]
+            ),
+            tf.debugging.Assert(
+                read,
+                [
+                    f"The GIF has too many blocks to read (more than {GIF_MAX_STEPS} steps: "
+                    "about two a frame, more for data sub-blocks of unusual lengths). Send a "
+                    "still image, or an animation of fewer frames."
+                ],
             ),
             tf.debugging.Assert(
                 pixels <= max_pixels,
                 [
                     "The image is too large: its header declares",
                     pixels,
-                    f"pixels, more than the limit of {max_pixels} set at export "
-                    f"(--max_image_pixels). Resize it before sending.",
+                    f"pixels (a GIF: all its frames together), more than the limit of "
+                    f"{max_pixels} (max_image_pixels). Resize it first.",
                 ],
             ),
         ]
@@ -258,6 +358,33 @@ def decode_images(image_bytes, size, crop_pct=0.9, max_pixels=DEFAULT_MAX_IMAGE_
     )
 
 
+@functools.cache
+def _file_decoder(size, crop_pct, max_pixels):
+    return tf.function(
+        lambda data: decode_images(data[None], size, crop_pct, max_pixels)[0],
+        input_signature=[tf.TensorSpec([], tf.string)],
+    )
+
+
+def decode_image_file(data, size, crop_pct=CROP_PCT, max_pixels=DEFAULT_MAX_IMAGE_PIXELS):
+    """One image file's bytes -> float32 `[size, size, 3]` in [0, 255], checked and decoded as
+    `serving_bytes` does (`decode_images`, in a graph also when called eagerly). Raises a
+    ValueError that says why for a file it refuses or cannot decode."""
+    try:
+        return _file_decoder(size, float(crop_pct), max_pixels)(data)
+    except tf.errors.InvalidArgumentError as error:
+        raise ValueError(_op_error_reason(error)) from None
+
+
+def _op_error_reason(error):
+    """The first line of a TF op error's message, without the names of graph nodes; an
+    assertion's data joined into one sentence."""
+    text = re.sub(r"\{\{[^}]*\}\}", "", error.message).strip().splitlines()[0].strip()
+    if text.startswith("assertion failed:"):
+        text = " ".join(re.findall(r"\[([^\[\]]*)\]", text))
+    return text
+
+
 def serving_crop_pct(model, weights=None):
     """The center crop that serving must apply to match how `model` was evaluated: the
     `--crop_pct` of the training run when `weights` is its model_dir, else that of the
@@ -270,6 +397,18 @@ def serving_crop_pct(model, weights=None):
             return crop_pct
     release = getattr(model, "pretrained_release", None)
     return release.crop_pct if release is not None else CROP_PCT
+
+
+def check_crop_pct(crop_pct):
+    if isinstance(crop_pct, bool) or not (
+        isinstance(crop_pct, (int, float)) and 0.05 <= crop_pct <= 1.0
+    ):
+        raise ValueError(f"`crop_pct` must be a number in [0.05, 1], received {crop_pct!r}.")
+    return crop_pct
+
+
+def check_max_image_pixels(max_image_pixels):
+    return t2t_layers._check_int("max_image_pixels", max_image_pixels)
 
 
 def check_version(version):
@@ -313,7 +452,7 @@ def export_saved_model(
     check_model(model)
     version = check_version(version)
     fused_layer_norm = uses_onednn_layer_norm(layer_norm)
-    max_image_pixels = t2t_layers._check_int("max_image_pixels", max_image_pixels)
+    max_image_pixels = check_max_image_pixels(max_image_pixels)
     name = name or model.name
     path = os.path.join(export_dir, name, str(version))
     if tf.io.gfile.exists(path) and not overwrite:
@@ -324,10 +463,7 @@ def export_saved_model(
         )
     size = image_size(model)
     serve = serving_fn(model, fused_layer_norm, class_token_only=True)
-    if crop_pct is None:
-        crop_pct = serving_crop_pct(model)
-    if not (isinstance(crop_pct, (int, float)) and 0.05 <= crop_pct <= 1.0):
-        raise ValueError(f"`crop_pct` must be a number in [0.05, 1], received {crop_pct!r}.")
+    crop_pct = check_crop_pct(serving_crop_pct(model) if crop_pct is None else crop_pct)
 
     def serve_pixels(images):
         # The layers refuse another size too; this says so in the signature's own words.
@@ -349,16 +485,42 @@ def export_saved_model(
         serve_bytes,
         input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")],
     )
-    staging = os.path.join(export_dir, name, f".{version}.partial")
-    if tf.io.gfile.exists(staging):
-        tf.io.gfile.rmtree(staging)
-    archive.write_out(staging, verbose=False)
-    if warmup_images is not None:
-        write_warmup_requests(staging, name, warmup_images)
-    if tf.io.gfile.exists(path):
-        tf.io.gfile.rmtree(path)
-    tf.io.gfile.rename(staging, path)
+    with _replaced_whole(path) as staging:
+        archive.write_out(staging, verbose=False)
+        if warmup_images is not None:
+            write_warmup_requests(staging, name, warmup_images)
     return path
+
+
+def _remove(path):
+    if tf.io.gfile.isdir(path):
+        tf.io.gfile.rmtree(path)
+    elif tf.io.gfile.exists(path):
+        tf.io.gfile.remove(path)
+
+
+@contextlib.contextmanager
+def _replaced_whole(path):
+    """Yields a temporary path beside `path` (`.<name>.partial`) to write an export into; when
+    the block ends, it replaces `path` whole (a folder or a file), so that `path` never holds a
+    half-written export, or files of an earlier one. On an error the temporary path is removed
+    and `path` is left as it was."""
+    parent, base = os.path.split(path.rstrip("/"))
+    staging = os.path.join(parent, f".{base}.partial")
+    _remove(staging)
+    if parent:
+        tf.io.gfile.makedirs(parent)
+    try:
+        yield staging
+    except BaseException:
+        _remove(staging)
+        raise
+    previous = os.path.join(parent, f".{base}.previous")
+    _remove(previous)
+    if tf.io.gfile.exists(path):
+        tf.io.gfile.rename(path, previous)
+    tf.io.gfile.rename(staging, path)
+    _remove(previous)
 
 
 # --- TF Serving warmup requests (PredictionLog records, encoded without tensorflow-serving-api) --
@@ -828,20 +990,21 @@ instance_group [ {{ kind: KIND_CPU, count: 1 }} ]
 
 def export_triton(model, output_dir, name, input_dtype="uint8", onnx_path=None, version=1):
     """A Triton model repository entry: `output_dir/<name>/config.pbtxt` and
-    `output_dir/<name>/<version>/model.onnx` (copied from `onnx_path`, else exported).
-    Returns the entry's folder."""
+    `output_dir/<name>/<version>/model.onnx` (copied from `onnx_path`, else exported), written
+    under a temporary name and put in place whole: it replaces an existing entry. Returns the
+    entry's folder."""
     version = check_version(version)
+    config = triton_config(model, name, input_dtype)
     folder = os.path.join(output_dir, name)
-    os.makedirs(os.path.join(folder, str(version)), exist_ok=True)
-    target = os.path.join(folder, str(version), "model.onnx")
-    if onnx_path is None:
-        export_onnx(model, target, input_dtype)
-    else:
-        with open(onnx_path, "rb") as f:
-            _write_atomically(target, f.read())
-    _write_atomically(
-        os.path.join(folder, "config.pbtxt"), triton_config(model, name, input_dtype).encode()
-    )
+    with _replaced_whole(folder) as staging:
+        os.makedirs(os.path.join(staging, str(version)))
+        target = os.path.join(staging, str(version), "model.onnx")
+        if onnx_path is None:
+            export_onnx(model, target, input_dtype)
+        else:
+            shutil.copyfile(onnx_path, target)
+        with open(os.path.join(staging, "config.pbtxt"), "w") as f:
+            f.write(config)
     return folder
 
 
@@ -879,19 +1042,47 @@ def export(
 ):
     """Writes the chosen formats under `output_dir`; returns `{artifact: path}`.
 
-    See `export_saved_model` for `version`, `overwrite`, `max_image_pixels`, `crop_pct` and
-    `layer_norm` (the SavedModel's; the other formats take their converters' forms).
+    See `export_saved_model` for `version`, `max_image_pixels`, `crop_pct` and `layer_norm`
+    (the SavedModel's; the other formats take their converters' forms).
     The SavedModel gets a TF Serving `batching_parameters.txt` beside its version folders.
     `input_dtype` is that of the ONNX and OpenVINO inputs; `triton` also writes a Triton
     model repository (`output_dir/triton/<name>/`) around the ONNX model.
+    Each format's output (the SavedModel's version folder, `<name>_tflite/`, `<name>.onnx`,
+    `<name>_openvino/`, `triton/<name>/`) is written under a temporary name and put in place
+    whole, so it holds one export's files only. Where one exists, nothing is written (or
+    converted) unless `overwrite`; then each is replaced whole.
     """
     for fmt in formats:
         if fmt not in FORMATS:
             raise ValueError(f"Unknown export format {fmt!r}; choose from {', '.join(FORMATS)}.")
+    if not formats and not triton:
+        raise ValueError(f"Nothing to export: no format given; choose from {', '.join(FORMATS)}.")
+    # Refused before anything is written:
     check_input_dtype(input_dtype)
-    uses_onednn_layer_norm(layer_norm)  # refused before anything is written
+    uses_onednn_layer_norm(layer_norm)
     check_model(model)
     name = name or model.name
+    paths = {}
+    if "saved_model" in formats:
+        check_max_image_pixels(max_image_pixels)
+        if crop_pct is not None:
+            check_crop_pct(crop_pct)
+        paths["saved_model"] = os.path.join(output_dir, name, str(check_version(version)))
+    if "tflite" in formats:
+        paths["tflite"] = os.path.join(output_dir, f"{name}_tflite")
+    if "onnx" in formats:
+        paths["onnx"] = os.path.join(output_dir, f"{name}.onnx")
+    if "openvino" in formats:
+        paths["openvino"] = os.path.join(output_dir, f"{name}_openvino")
+    if triton:
+        paths["triton"] = os.path.join(output_dir, "triton", name)
+    existing = [path for path in paths.values() if tf.io.gfile.exists(path)]
+    if existing and not overwrite:
+        raise ValueError(
+            f"{' and '.join(existing)} already exist{'s' if len(existing) == 1 else ''}: "
+            f"nothing was written. Pass overwrite=True (--overwrite) to replace "
+            f"{'it' if len(existing) == 1 else 'each'} whole, or export to another folder."
+        )
     # Each optional converter is looked for before anything is written.
     if "onnx" in formats or triton:
         _optional("tf2onnx", "onnx", "The ONNX export")
@@ -910,24 +1101,23 @@ def export(
         written["tf_serving_batching"] = batching
     if "tflite" in formats:
         kinds = TFLITE_KINDS if representative_images is not None else TFLITE_KINDS[:3]
-        folder = os.path.join(output_dir, f"{name}_tflite")
-        os.makedirs(folder, exist_ok=True)
-        for kind, flatbuffer in tflite_models(model, representative_images, kinds).items():
-            path = os.path.join(folder, f"{name}_{kind}.tflite")
-            with open(path, "wb") as f:
-                f.write(flatbuffer)
-            written[f"tflite_{kind}"] = path
+        with _replaced_whole(paths["tflite"]) as staging:
+            tf.io.gfile.makedirs(staging)
+            for kind, flatbuffer in tflite_models(model, representative_images, kinds).items():
+                with tf.io.gfile.GFile(os.path.join(staging, f"{name}_{kind}.tflite"), "wb") as f:
+                    f.write(flatbuffer)
+        for kind in kinds:
+            written[f"tflite_{kind}"] = os.path.join(paths["tflite"], f"{name}_{kind}.tflite")
     if "onnx" in formats:
         os.makedirs(output_dir, exist_ok=True)
-        written["onnx"] = export_onnx(model, os.path.join(output_dir, f"{name}.onnx"), input_dtype)
+        written["onnx"] = export_onnx(model, paths["onnx"], input_dtype)
     if triton:
         written["triton"] = export_triton(
-            model, os.path.join(output_dir, "triton"), name, input_dtype, written.get("onnx")
+            model, os.path.dirname(paths["triton"]), name, input_dtype, written.get("onnx")
         )
     if "openvino" in formats:
-        folder = os.path.join(output_dir, f"{name}_openvino")
-        os.makedirs(folder, exist_ok=True)
-        written["openvino"] = export_openvino(
-            model, os.path.join(folder, f"{name}.xml"), input_dtype
-        )
+        with _replaced_whole(paths["openvino"]) as staging:
+            os.makedirs(staging)
+            export_openvino(model, os.path.join(staging, f"{name}.xml"), input_dtype)
+        written["openvino"] = os.path.join(paths["openvino"], f"{name}.xml")
     return written

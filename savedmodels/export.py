@@ -24,12 +24,14 @@ if __package__ in (None, ""):
 import numpy as np
 
 
-def representative_images(folder, size, crop_pct=0.9, limit=64):
-    """Up to `limit` images under `folder`, preprocessed as the evaluation, uint8."""
+def representative_images(folder, size, crop_pct=0.9, limit=64, max_pixels=None):
+    """Up to `limit` images under `folder`, preprocessed as the evaluation, uint8; each read
+    as `serving_bytes` reads it (`keras_t2t.export.decode_image_file`, `max_pixels`)."""
     import tensorflow as tf
 
-    from keras_t2t.imagenet import resize_and_center_crop
+    from keras_t2t import export
 
+    max_pixels = export.DEFAULT_MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     paths = sorted(
         os.path.join(root, name)
         for root, _, names in os.walk(folder)
@@ -41,10 +43,10 @@ def representative_images(folder, size, crop_pct=0.9, limit=64):
     images = []
     for path in paths:
         try:
-            image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
-        except tf.errors.InvalidArgumentError:
-            raise ValueError(f"{path!r} is not a readable image.") from None
-        images.append(resize_and_center_crop(image, size, crop_pct).numpy().astype(np.uint8))
+            image = export.decode_image_file(tf.io.read_file(path), size, crop_pct, max_pixels)
+        except ValueError as error:
+            raise ValueError(f"{path!r} is not a readable image: {error}") from None
+        images.append(image.numpy().astype(np.uint8))
     return np.stack(images)
 
 
@@ -80,8 +82,10 @@ def main(argv=None):
     parser.add_argument("--classes", type=int, help="default: the run's, or 1000")
     parser.add_argument("--version", type=int, default=1, help="SavedModel version folder (>= 1)")
     parser.add_argument(
-        "--overwrite", action="store_true", help="replace an existing SavedModel version folder"
-    )
+        "--overwrite", action="store_true",
+        help="replace existing exports whole (each format's folder or file); without it, an "
+        "existing one stops the export before anything is written",
+    )  # fmt: skip
     parser.add_argument(
         "--max_image_pixels",
         type=int,
@@ -110,21 +114,35 @@ def main(argv=None):
     from keras_t2t.models import model_for_command_line
 
     formats = [f.strip() for f in args.format.split(",") if f.strip()]
-    try:
-        if "saved_model" in formats:
-            export.check_version(args.version)
+    max_image_pixels = args.max_image_pixels
+    if max_image_pixels is None:
+        max_image_pixels = export.DEFAULT_MAX_IMAGE_PIXELS
+    try:  # the flags are checked before the model is built
         for fmt in formats:
             if fmt not in export.FORMATS:
                 raise ValueError(
                     f"Unknown --format {fmt!r}; choose from {', '.join(export.FORMATS)}."
                 )
+        if not formats and not args.triton:
+            raise ValueError(
+                f"--format={args.format!r} names no format; choose from "
+                f"{', '.join(export.FORMATS)}."
+            )
+        if "saved_model" in formats:
+            export.check_version(args.version)
+        export.check_max_image_pixels(max_image_pixels)
+        if args.crop_pct is not None:
+            export.check_crop_pct(args.crop_pct)
         model = model_for_command_line(args.model, args.weights, args.image_size, args.classes)
-        crop_pct = args.crop_pct or export.serving_crop_pct(model, args.weights)
+        crop_pct = args.crop_pct
+        if crop_pct is None:
+            crop_pct = export.serving_crop_pct(model, args.weights)
         samples = None
         if args.representative_data:
             samples = representative_images(
-                args.representative_data, model.input_shape[1], crop_pct
-            )
+                args.representative_data, model.input_shape[1], crop_pct,
+                max_pixels=max_image_pixels,
+            )  # fmt: skip
         elif "tflite" in formats:
             print("note: no --representative_data, so no full int8 TFLite model")
         if args.weights is None:
@@ -136,7 +154,7 @@ def main(argv=None):
             args.version,
             samples,
             overwrite=args.overwrite,
-            max_image_pixels=args.max_image_pixels or export.DEFAULT_MAX_IMAGE_PIXELS,
+            max_image_pixels=max_image_pixels,
             crop_pct=crop_pct,
             input_dtype=args.input_dtype,
             triton=args.triton,

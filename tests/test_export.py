@@ -1,9 +1,11 @@
 """Deployment: a stand-alone SavedModel for TF Serving and builtins-only TFLite models, on
 the golden performer model (so that the outputs depend on every weight) and real photos."""
 
+import functools
 import os
 import pathlib
 import re
+import struct
 import subprocess
 import sys
 import time
@@ -256,6 +258,100 @@ def test_max_image_pixels_is_set_at_export(tmp_path):
     assert serve(image_bytes=tf.constant([small]))["probabilities"].shape == (1, 10)
     with pytest.raises(tf.errors.InvalidArgumentError, match=r"\[1640\] .*limit of 1600"):
         serve(image_bytes=tf.constant([large]))
+
+
+GRAPHIC_CONTROL = b"\x21\xf9\x04\x00\x00\x00\x00\x00"
+
+
+@functools.cache
+def _lzw(width, height):
+    """The LZW data (code size, sub-blocks, terminator) of a one-colour frame, as PIL writes
+    it: a few bytes for a frame of millions of pixels."""
+    image_module = pytest.importorskip("PIL.Image")
+    data = _encode(image_module.new("P", (width, height), 1), "GIF")
+    position = 13 + (3 << ((data[10] & 7) + 1) if data[10] & 0x80 else 0)
+    while data[position] == 0x21:  # extensions: label, sub-blocks
+        position += 2
+        while data[position]:
+            position += data[position] + 1
+        position += 1
+    return data[position + 10 : -1]  # after the descriptor, up to the trailer
+
+
+def _gif(frames, screen=(1, 1), before=GRAPHIC_CONTROL, local_table=False):
+    """A GIF built by hand: a 2-colour table; for each `(width, height)` frame, `before` (an
+    extension), the descriptor and one-colour LZW data."""
+    data = b"GIF89a" + struct.pack("<HHBBB", *screen, 0x80, 0, 0) + b"\0\0\0\xff\xff\xff"
+    table = b"\0\0\0\xff\xff\xff" if local_table else b""
+    for width, height in frames:
+        descriptor = struct.pack("<HHHHB", 0, 0, width, height, 0x80 if local_table else 0)
+        data += before + b"\x2c" + descriptor + table + _lzw(width, height)
+    return data + b";"
+
+
+def test_serving_bytes_counts_every_gif_frame(exported):
+    """TensorFlow's GIF decoder allocates each frame descriptor's size, whatever the logical
+    screen says, and decodes every frame: a GIF's frames count together against the limit."""
+    serve = tf.saved_model.load(exported["written"]["saved_model"]).signatures["serving_bytes"]
+    hostile = {
+        "1x1 screen, a frame over the limit": _gif([(4097, 4096)]),
+        "17 frames of 1024x1024": _gif([(1024, 1024)] * 17, screen=(1024, 1024)),
+        "a small frame, then one over the limit": _gif([(8, 8), (4097, 4096)], screen=(8, 8)),
+    }
+    for name, data in hostile.items():
+        start = time.perf_counter()
+        with pytest.raises(tf.errors.InvalidArgumentError, match="too large.*16777216"):
+            serve(image_bytes=tf.constant([data]))
+            pytest.fail(f"{name}: answered")
+        assert time.perf_counter() - start < 3.0, name  # refused from the descriptors alone
+
+
+def test_declared_pixels_of_a_gif_sum_its_frames():
+    comment = (  # sub-blocks of many lengths: a run longer than one step reads, then others
+        b"\x21\xfe" + (b"\xff" + b"c" * 255) * 1500 + b"\x11" + b"c" * 17 + b"\x01c\x03abc\0"
+    )
+    cases = [
+        (_gif([(37, 53)]), 37 * 53),
+        (_gif([(37, 53)], screen=(5000, 5000)), 37 * 53),  # the screen is not decoded
+        (_gif([(30, 20), (7, 9), (300, 200)], local_table=True), 600 + 63 + 60000),
+        (_gif([(30, 20), (7, 9)], before=GRAPHIC_CONTROL + comment), 600 + 63),
+        (_gif([(30, 20), (7, 9)], before=b"") + b"junk after the trailer", 600 + 63),
+        (_gif([(30, 20), (7, 9)])[:-3], 600 + 63),  # truncated in its last frame's data
+        (_gif([(30, 20)])[:-1] + b"\x2c\0\0\0\0\x07\0", 600),  # in its last descriptor
+        # giflib reads the sub-blocks after an empty extension's terminator as its data: such
+        # an extension ends the file, which is cut there before it is decoded
+        (_gif([(30, 20)])[:-1] + b"\x21\xfe\x00" + _gif([(4097, 4096)], before=b"")[19:], 600),
+        (b"GIF89a", 0),
+    ]
+    for data, pixels in cases:
+        assert int(export.declared_pixels(tf.constant(data))) == pixels, data[:40]
+
+
+def test_an_animated_gif_is_decoded_from_its_first_frame():
+    image_module = pytest.importorskip("PIL.Image")
+    rng = np.random.default_rng(3)
+    frames = [image_module.fromarray(rng.integers(0, 255, (30, 40, 3), np.uint8)).convert("P")
+              for _ in range(3)]  # fmt: skip
+    animated = _encode(frames[0], "GIF", save_all=True, append_images=frames[1:], comment=b"hi")
+    still = _encode(frames[0], "GIF")
+    decode = tf.function(lambda data, limit: export.decode_images(data, 32, 1.0, limit))
+    np.testing.assert_array_equal(
+        decode(tf.constant([animated]), 3 * 30 * 40), decode(tf.constant([still]), 30 * 40)
+    )
+    with pytest.raises(ValueError, match=r"too large: its header declares 3600 pixels"):
+        export.decode_image_file(animated, 32, max_pixels=3 * 30 * 40 - 1)
+
+
+def test_a_gif_too_slow_to_read_is_refused_fast():
+    """Reading a GIF's structure takes a step per block (a run of equal sub-blocks being one):
+    a GIF built of more blocks than GIF_MAX_STEPS is refused, within a bounded time."""
+    comments = b"\x21\xfe\x01c\x00" * export.GIF_MAX_STEPS  # a step each
+    fewer = _gif([(1, 1)], before=comments[10:])  # the frame and the trailer: 2 steps
+    assert export.decode_image_file(fewer, 32).shape == (32, 32, 3)
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match="too many blocks"):
+        export.decode_image_file(_gif([(1, 1)], before=comments), 32)
+    assert time.perf_counter() - start < 3.0
 
 
 def test_corrupt_image_bytes_give_an_error(exported):
@@ -526,6 +622,9 @@ def test_export_cli(tmp_path):
         ),
         (["--model=t2t_vit_7", "--weights=/nonexistent.pth"], "does not exist"),
         (["--model=t2t_vit_7", "--version=0"], "version must be an integer >= 1"),
+        (["--model=t2t_vit_7", "--format="], "--format='' names no format; choose from"),
+        (["--model=t2t_vit_7", "--max_image_pixels=0"], "max_image_pixels` must be an integer"),
+        (["--model=t2t_vit_7", "--crop_pct=0"], r"crop_pct` must be a number in \[0.05, 1\]"),
     ],
 )
 def test_export_cli_errors(tmp_path, args, match):
@@ -547,6 +646,66 @@ def test_an_existing_version_is_refused_unless_overwrite(tmp_path):
     for version in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="version must be an integer >= 1"):
             export.export(model, str(tmp_path), formats=("saved_model",), version=version)
+
+
+def test_reexport_replaces_each_format_whole(tmp_path, monkeypatch):
+    """Each format's output holds one export's files: an existing one stops a new export before
+    anything is converted; with overwrite it is replaced whole, and a conversion that fails
+    leaves it as it was. (The converters are stand-ins: what is checked is the files.)"""
+    converted = []
+
+    def tflite_models(model, representative_images=None, kinds=export.TFLITE_KINDS):
+        converted.append("tflite")
+        return {kind: kind.encode() for kind in kinds}
+
+    def export_onnx(model, path, input_dtype="uint8"):
+        converted.append("onnx")
+        pathlib.Path(path).write_bytes(b"onnx")
+        return path
+
+    def export_openvino(model, path, input_dtype="uint8"):
+        converted.append("openvino")
+        pathlib.Path(path).write_bytes(b"xml")
+        pathlib.Path(path).with_suffix(".bin").write_bytes(b"bin")
+        return path
+
+    for function in (tflite_models, export_onnx, export_openvino):
+        monkeypatch.setattr(export, function.__name__, function)
+    model, out = tiny_model(input_shape=(32, 32, 3)), tmp_path / "out"
+    formats = ("tflite", "onnx", "openvino")
+
+    def run(**kwargs):
+        return export.export(model, str(out), formats, name="m", triton=True, **kwargs)
+
+    def files():
+        return sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+
+    written = run(representative_images=np.zeros((2, 32, 32, 3), np.uint8))
+    assert pathlib.Path(written["tflite_int8"]).exists()
+    (out / "m_openvino" / "other.bin").write_bytes(b"")  # files that a new export does not write
+    (out / "triton" / "m" / "2").mkdir()
+    before, converted[:] = files(), []
+    with pytest.raises(ValueError, match=r"m_tflite and \S+m\.onnx and \S+m_openvino and "
+                       r"\S+triton/m already exist: nothing was written.*--overwrite"):  # fmt: skip
+        run()
+    assert converted == [] and files() == before
+
+    def failing(model, path, input_dtype="uint8"):
+        pathlib.Path(path).write_bytes(b"half")
+        raise RuntimeError("conversion failed")
+
+    monkeypatch.setattr(export, "export_openvino", failing)
+    with pytest.raises(RuntimeError, match="conversion failed"):
+        run(overwrite=True)
+    assert sorted(os.listdir(out / "m_openvino")) == ["m.bin", "m.xml", "other.bin"]
+    monkeypatch.setattr(export, "export_openvino", export_openvino)
+    run(overwrite=True)  # without representative images: no int8 model
+    assert files() == [
+        "m.onnx", "m_openvino", "m_openvino/m.bin", "m_openvino/m.xml", "m_tflite",
+        "m_tflite/m_dynamic_int8.tflite", "m_tflite/m_float16.tflite",
+        "m_tflite/m_float32.tflite", "triton", "triton/m", "triton/m/1",
+        "triton/m/1/model.onnx", "triton/m/config.pbtxt",
+    ]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
