@@ -167,17 +167,18 @@ def _pyplot():
 
 
 def _load_image(path, size, crop_pct):
+    """Read as `serving_bytes` reads it: formats, the pixel limit and GIFs checked first."""
     import tensorflow as tf
 
-    from keras_t2t.imagenet import resize_and_center_crop
+    from keras_t2t.export import decode_image_file
 
     try:
-        image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
-    except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError) as error:
-        raise ValueError(
-            f"{path!r} is not a readable image file ({error.message.strip()})."
-        ) from None
-    return resize_and_center_crop(image, size, crop_pct).numpy()
+        return decode_image_file(tf.io.read_file(path), size, crop_pct).numpy()
+    except tf.errors.NotFoundError as error:
+        reason = error.message.strip()
+    except ValueError as error:
+        reason = str(error)
+    raise ValueError(f"{path!r} is not a readable image file ({reason}).")
 
 
 def _grid(maps, columns=8):
@@ -228,19 +229,29 @@ def write_pictures(model, image, name, output, top=None):
     return paths
 
 
-def _top5(model, image):
+def _class_names(model):
+    """The ImageNet class names for a 1000-class `model`, else None. Without them (no network,
+    a stalled server: one try, bounded by $KERAS_T2T_DOWNLOAD_TIMEOUT), None with a warning:
+    the pictures are titled with class ids."""
+    if model.output_shape[-1] != 1000:
+        return None
+    from keras_t2t.imagenet import class_index
+
+    try:
+        return class_index(attempts=1)
+    except OSError as error:
+        print(f"warning: class ids instead of names: {error}", file=sys.stderr)
+        return None
+
+
+def _top5(model, image, names=None):
     probabilities = np.asarray(model(image[None].astype("float32")))[0]
     if probabilities.min() < 0 or abs(probabilities.sum() - 1) > 1e-3:
         probabilities = np.exp(probabilities - probabilities.max())
         probabilities /= probabilities.sum()
     best = np.argsort(-probabilities)[:5]
-    if len(probabilities) == 1000:
-        try:
-            from keras_t2t.imagenet import decode_predictions
-
-            return [f"{n} {p:.2f}" for _, n, p in decode_predictions(probabilities[None])[0]]
-        except Exception:  # the class names are downloaded by Keras; without network, ids
-            pass
+    if names is not None and len(probabilities) == len(names):
+        return [f"{names[str(i)][1]} {probabilities[i]:.2f}" for i in best]
     return [f"class {i} {probabilities[i]:.2f}" for i in best]
 
 
@@ -267,10 +278,11 @@ def main(argv=None):
         model = model_for_command_line(args.model, args.weights, args.image_size)
         crop_pct = args.crop_pct or export.serving_crop_pct(model, args.weights)
         os.makedirs(args.output, exist_ok=True)
+        names = _class_names(model) if args.weights else None  # once, for all the images
         for path in args.images:
             image = _load_image(path, model.input_shape[1], crop_pct)
             stem = os.path.splitext(os.path.basename(path))[0]
-            top = _top5(model, image) if args.weights else None
+            top = _top5(model, image, names) if args.weights else None
             for written in write_pictures(model, image, stem, args.output, top):
                 print(written)
             if top:

@@ -1,9 +1,13 @@
 """keras_t2t.explain: attention maps against the official code, rollout, feature maps, CLI."""
 
+import json
 import os
 import pathlib
+import socket
 import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -148,3 +152,125 @@ def test_cli_without_matplotlib_says_how_to_install_it(tmp_path):
     )  # fmt: skip
     assert result.returncode == 2
     assert "pip install keras-t2t[viz]" in result.stderr and "Traceback" not in result.stderr
+
+
+def _in_a_thread(function, within):
+    """function()'s result, run in a thread that must end within `within` seconds."""
+    outcome = {}
+    thread = threading.Thread(target=lambda: outcome.update(result=function()), daemon=True)
+    thread.start()
+    thread.join(within)
+    assert not thread.is_alive(), f"still running after {within} s: a download hangs"
+    return outcome["result"]
+
+
+@pytest.fixture
+def silent_server():
+    """A loopback server that accepts connections and never answers: (url, connections)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    listener.settimeout(0.05)
+    connections, stopping = [], threading.Event()
+
+    def serve():
+        while not stopping.is_set():
+            try:
+                connections.append(listener.accept()[0])
+            except OSError:
+                pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}/imagenet_class_index.json", connections
+    stopping.set()
+    thread.join(5)
+    for connection in connections:
+        connection.close()
+    listener.close()
+
+
+def _class_names_from(monkeypatch, tmp_path, url):
+    """The class index comes from `url` (ours and Keras' own download) into an empty cache."""
+    from keras.src.applications import imagenet_utils
+
+    from keras_t2t import imagenet
+
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras_home"))
+    monkeypatch.setattr(imagenet, "CLASS_INDEX_URL", url, raising=False)
+    monkeypatch.setattr(imagenet, "_CLASS_INDEX", None, raising=False)
+    monkeypatch.setattr(imagenet_utils, "CLASS_INDEX_PATH", url)
+    monkeypatch.setattr(imagenet_utils, "CLASS_INDEX", None)
+
+
+def test_cli_falls_back_to_class_ids_when_the_class_names_stall(
+    tmp_path, monkeypatch, capsys, silent_server
+):
+    pytest.importorskip("matplotlib")
+    url, connections = silent_server
+    _class_names_from(monkeypatch, tmp_path, url)
+    monkeypatch.setenv("KERAS_T2T_DOWNLOAD_TIMEOUT", "1")
+    photos = [_photo(tmp_path / "a.jpg"), _photo(tmp_path / "b.jpg", seed=1)]
+    weights = tmp_path / "t2t_vit_7.weights.h5"
+    keras_t2t.T2TViT7(input_shape=(32, 32, 3)).save_weights(weights)  # 1000 classes
+    started = time.monotonic()
+    code = _in_a_thread(
+        lambda: explain.main([*map(str, photos), "--model=t2t_vit_7", f"--weights={weights}",
+                              "--image_size=32", f"--output={tmp_path / 'out'}"]),
+        within=30,
+    )  # fmt: skip
+    assert code == 0
+    assert time.monotonic() - started < 20
+    out, err = capsys.readouterr()
+    assert "warning: class ids instead of names" in err and url in err
+    assert "no data for 1 s" in err
+    assert str(tmp_path / "keras_home" / "models" / "imagenet_class_index.json") in err
+    assert err.count("warning:") == 1 and len(connections) == 1  # one try, for both images
+    assert f"{photos[0]}: class " in out and f"{photos[1]}: class " in out
+    assert len(list((tmp_path / "out").glob("*.png"))) == 4
+    assert not list((tmp_path / "keras_home" / "models").glob("*.partial"))
+
+
+def test_cli_names_the_classes_from_the_class_index(tmp_path, monkeypatch, capsys):
+    """The class index downloaded (from a loopback server), checked and cached once."""
+    import hashlib
+    import http.server
+
+    from keras_t2t import imagenet
+
+    pytest.importorskip("matplotlib")
+    index = json.dumps({str(i): [f"n{i:08d}", f"name_{i}"] for i in range(1000)}).encode()
+    requests = []
+
+    class Index(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            requests.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(index)))
+            self.end_headers()
+            self.wfile.write(index)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Index)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/imagenet_class_index.json"
+    _class_names_from(monkeypatch, tmp_path, url)
+    monkeypatch.setattr(imagenet, "CLASS_INDEX_MD5", hashlib.md5(index).hexdigest())
+    weights = tmp_path / "t2t_vit_7.weights.h5"
+    keras_t2t.T2TViT7(input_shape=(32, 32, 3)).save_weights(weights)
+    photo = _photo(tmp_path / "a.jpg")
+    try:
+        code = explain.main([str(photo), "--model=t2t_vit_7", f"--weights={weights}",
+                             "--image_size=32", f"--output={tmp_path / 'out'}"])  # fmt: skip
+        assert code == 0
+        out, err = capsys.readouterr()
+        assert f"{photo}: name_" in out and "warning" not in err
+        monkeypatch.setattr(imagenet, "_CLASS_INDEX", None)  # read again: from the cache
+        assert imagenet.class_index()["7"] == ["n00000007", "name_7"]
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert len(requests) == 1
+    assert (tmp_path / "keras_home" / "models" / "imagenet_class_index.json").read_bytes() == index
