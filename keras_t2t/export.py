@@ -373,10 +373,10 @@ def decode_image_file(data, size, crop_pct=CROP_PCT, max_pixels=DEFAULT_MAX_IMAG
     try:
         return _file_decoder(size, float(crop_pct), max_pixels)(data)
     except tf.errors.InvalidArgumentError as error:
-        raise ValueError(_op_error_reason(error)) from None
+        raise ValueError(op_error_reason(error)) from None
 
 
-def _op_error_reason(error):
+def op_error_reason(error):
     """The first line of a TF op error's message, without the names of graph nodes; an
     assertion's data joined into one sentence."""
     text = re.sub(r"\{\{[^}]*\}\}", "", error.message).strip().splitlines()[0].strip()

@@ -14,6 +14,7 @@ JPEG, `image/class/label`, `image/class/text`, `image/format`, `image/filename`,
 
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -163,9 +164,13 @@ def folder_examples(input_dir, label_offset=1):
                 try:
                     image = tf.io.decode_image(data, channels=3, expand_animations=False)
                 except tf.errors.InvalidArgumentError as error:
+                    from keras_t2t.export import op_error_reason
+
+                    # The decoder's words, without node names or the op's name.
+                    reason = re.sub(r"\s*\[Op:[^\]]*\].*$", "", op_error_reason(error))
                     raise ValueError(
-                        f"{path!r} is not a readable image: {error.message}. Nothing was "
-                        f"written; remove or replace the file and run again."
+                        f"{path!r} is not a readable image: {reason.rstrip('.')}. Nothing "
+                        f"was written; remove or replace the file and run again."
                     ) from None
                 is_jpeg = data[:3] == b"\xff\xd8\xff"
                 jpeg = data if is_jpeg and image.shape[-1] == 3 else to_jpeg(image)

@@ -88,10 +88,33 @@ def evaluate(
     )
     try:
         return trainer.evaluate_model(net, dataset, strategy)
-    except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as error:
+    except trainer.DATA_ERRORS as error:
         if not trainer.is_data_error(error):
             raise
-        raise trainer.TrainingError(trainer._data_error_message(error)) from None
+        if isinstance(error, trainer.DATA_READ_ERRORS):
+            message = trainer.unreadable_data_message(
+                error, "validation", "Put the shard back, then run again."
+            )
+        else:
+            message = trainer._data_error_message(error)
+        raise trainer.TrainingError(message) from None
+
+
+def check_output(path):
+    """Makes the folder of --output `path`; raises OSError with a message that says why it
+    cannot (its parent is a file, or `path` is a folder)."""
+    if os.path.isdir(path):
+        raise OSError(f"cannot write --output {path!r}: it is a folder")
+    parent = os.path.dirname(os.path.normpath(path))
+    existing = parent
+    while existing and not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if existing and not os.path.isdir(existing):
+        raise OSError(f"cannot write --output {path!r}: {existing} is a file, not a folder")
+    try:
+        os.makedirs(os.path.abspath(parent or "."), exist_ok=True)
+    except OSError as error:
+        raise OSError(f"cannot write --output {path!r}: {error.strerror}") from None
 
 
 def main(argv=None):
@@ -118,9 +141,9 @@ def main(argv=None):
     logging.getLogger("keras_t2t").setLevel(logging.INFO)
     try:
         if args.output:  # checked before the evaluation, not after it
-            os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+            check_output(args.output)
     except OSError as error:
-        print(f"error: cannot write --output {args.output!r}: {error.strerror}", file=sys.stderr)
+        print(f"error: {error}", file=sys.stderr)
         return 2
     try:
         results = evaluate(

@@ -8,7 +8,9 @@ Sections: config and recipe -> strategy -> data -> model, optimizer, EMA -> chec
 steps -> the loop -> evaluation.
 """
 
+import contextlib
 import dataclasses
+import errno
 import json
 import logging
 import math
@@ -712,8 +714,9 @@ class Trainer:
         return record
 
     def _write_record(self, record):
-        with tf.io.gfile.GFile(os.path.join(self.config.model_dir, "config.json"), "w") as f:
-            json.dump(record, f, indent=2, sort_keys=True)
+        path = os.path.join(self.config.model_dir, "config.json")
+        with self._writing(path, "it is as it was"):
+            _write_whole(path, lambda partial: _write_json(partial, record, sort_keys=True))
 
     def _check_same_step(self):
         """Every worker must have restored the same checkpoint: TF does not re-synchronize
@@ -752,13 +755,46 @@ class Trainer:
         goes to --model_dir; another worker's to its scratch folder, deleted right after."""
         number = int(self.step.numpy())
         if self.chief:
-            path = self.manager.save(checkpoint_number=number)
+            prefix = os.path.join(self.manager.directory, f"ckpt-{number}")
+            note = f"the partial {os.path.basename(prefix)} was removed"
+            with self._writing(f"the checkpoint {prefix}", note), _no_partial_checkpoint(prefix):
+                path = self.manager.save(checkpoint_number=number)
             logger.info("Saved checkpoint %s.", path)
             return path
         scratch = os.path.join(self.dir, "checkpoints")
-        tf.train.CheckpointManager(self.checkpoint, scratch, max_to_keep=1).save(number)
-        tf.io.gfile.rmtree(scratch)
+        try:
+            with self._writing(f"this worker's copy of the checkpoint, in {scratch}"):
+                tf.train.CheckpointManager(self.checkpoint, scratch, max_to_keep=1).save(number)
+        finally:
+            _remove_quietly(scratch)
         return None
+
+    @contextlib.contextmanager
+    def _writing(self, what, note=None):
+        """Turns a full disk (`is_disk_full`) while writing `what` into a TrainingError that
+        says so, where, and which checkpoint is kept (`note`: what else was kept or undone)."""
+        latest = self.manager.latest_checkpoint  # read first: a failed save may change it
+        try:
+            yield
+        except Exception as error:
+            if isinstance(error, TrainingError) or not is_disk_full(error):
+                raise
+            text = getattr(error, "message", None) or str(error)
+            full = (
+                "the disk quota is exceeded (Disk quota exceeded)"
+                if "quota" in text.lower() or getattr(error, "errno", None) == errno.EDQUOT
+                else "the disk is full (No space left on device)"
+            )
+            kept = (
+                f"The last good checkpoint, {latest}, is kept" if latest
+                else "No checkpoint had been saved yet"
+            )  # fmt: skip
+            raise TrainingError(
+                f"Cannot write {what}: {full}. {kept}{f'; {note}' if note else ''}. Free some "
+                f"space on the disk of --model_dir {self.config.model_dir} (or move the run to "
+                f"another --model_dir), then run the same command again to "
+                f"{'resume' if latest else 'start again'}."
+            ) from None
 
     # --- steps ----------------------------------------------------------------------------
 
@@ -858,6 +894,23 @@ class Trainer:
         """The shard counts when --skip_bad_records (see `data.train_dataset`), else None."""
         return self.shards.get(split) if self.config.skip_bad_records else None
 
+    def _input_error(self, error, split):
+        """The TrainingError for an error of the input pipeline (`DATA_ERRORS`): a shard that
+        cannot be opened any more, or bad data (`_bad_data`)."""
+        if not isinstance(error, DATA_READ_ERRORS):
+            return self._bad_data(error, split)
+        latest = self.manager.latest_checkpoint
+        kept = (
+            f"The last checkpoint, {latest}, is kept" if latest
+            else "No checkpoint had been saved yet"
+        )  # fmt: skip
+        then = (
+            f"{kept}: put the shard back (or rebuild the TFRecords with "
+            f"training/build_tfrecords.py), then run the same command again to "
+            f"{'resume' if latest else 'start again'}."
+        )
+        return TrainingError(unreadable_data_message(error, split, then))
+
     def _bad_data(self, error, split):
         """A TrainingError for a data error, naming the bad record where it can be found."""
         message = _data_error_message(error)
@@ -890,10 +943,10 @@ class Trainer:
                 self.model, self._eval_dataset(), self.strategy, step_fn=self._eval_step,
                 stop=stop,
             )  # fmt: skip
-        except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as error:
+        except DATA_ERRORS as error:
             if not is_data_error(error):
                 raise
-            raise self._bad_data(error, "validation") from None
+            raise self._input_error(error, "validation") from None
         finally:
             if ema:
                 self.ema.swap()
@@ -930,8 +983,9 @@ class Trainer:
         self._resume()
         train_loop = self._build_train_loop()
         iterator = self._train_iterator()
-        writer = tf.summary.create_file_writer(os.path.join(self.dir, "train"))
-        eval_writer = tf.summary.create_file_writer(os.path.join(self.dir, "eval"))
+        with self._writing(f"the TensorBoard summaries in {self.dir}"):
+            writer = tf.summary.create_file_writer(os.path.join(self.dir, "train"))
+            eval_writer = tf.summary.create_file_writer(os.path.join(self.dir, "eval"))
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         step = int(self.step.numpy())
         start_step, start_time = step, time.time()
@@ -945,10 +999,10 @@ class Trainer:
                 tick = time.time()
                 try:
                     train_loop(iterator, tf.constant(steps))
-                except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as error:
+                except DATA_ERRORS as error:
                     if not is_data_error(error):
                         raise
-                    raise self._bad_data(error, "train") from None
+                    raise self._input_error(error, "train") from None
                 loss = float(self.loss_sum.read_value().numpy()) / steps
                 self.loss_sum.assign(0.0)
                 step = int(self.step.numpy())
@@ -1033,10 +1087,15 @@ class Trainer:
             step, self.total_steps, epoch, loss, lr, images_per_second, _duration(eta),
         )  # fmt: skip
         if self.chief:
-            with writer.as_default(step=step):
-                tf.summary.scalar("loss", loss)
-                tf.summary.scalar("learning_rate", lr)
-                tf.summary.scalar("images_per_second", images_per_second)
+            with self._writing(f"the TensorBoard summaries in {self.dir}"):
+                self._write_scalars(writer, step, loss, lr, images_per_second)
+
+    @staticmethod
+    def _write_scalars(writer, step, loss, lr, images_per_second):
+        with writer.as_default(step=step):
+            tf.summary.scalar("loss", loss)
+            tf.summary.scalar("learning_rate", lr)
+            tf.summary.scalar("images_per_second", images_per_second)
 
     def _log_eval(self, writer, results):
         logger.info(
@@ -1045,15 +1104,16 @@ class Trainer:
             results["ema_top1"], results["ema_top5"], results["ema_loss"],
         )  # fmt: skip
         if self.chief:
-            with writer.as_default(step=results["step"]):
-                for key in ("top1", "top5", "loss", "ema_top1", "ema_top5", "ema_loss"):
-                    tf.summary.scalar(key, results[key])
+            with self._writing(f"the TensorBoard summaries in {self.dir}"):
+                with writer.as_default(step=results["step"]):
+                    for key in ("top1", "top5", "loss", "ema_top1", "ema_top5", "ema_loss"):
+                        tf.summary.scalar(key, results[key])
 
     def write_results(self, results):
         if self.chief and results is not None:
             path = os.path.join(self.config.model_dir, "eval_results.json")
-            with tf.io.gfile.GFile(path, "w") as f:
-                json.dump(results, f, indent=2)
+            with self._writing(path, "it is as it was"):
+                _write_whole(path, lambda partial: _write_json(partial, results))
             logger.info("Wrote %s.", path)
 
     def run(self):
@@ -1069,7 +1129,9 @@ class Trainer:
             )
         if config.mode != "train" and results is None:
             results = self.evaluate_both()
-            self._log_eval(tf.summary.create_file_writer(os.path.join(self.dir, "eval")), results)
+            with self._writing(f"the TensorBoard summaries in {self.dir}"):
+                writer = tf.summary.create_file_writer(os.path.join(self.dir, "eval"))
+            self._log_eval(writer, results)
         if self._exported_step != int(self.step.numpy()):
             self.export_weights(results)
         self.write_results(results)
@@ -1087,12 +1149,14 @@ class Trainer:
         if not self.chief:
             return
         folder = self.config.model_dir
-        self.model.save_weights(os.path.join(folder, RUN_WEIGHTS["raw"]))
-        self.ema.swap()
-        try:
-            self.model.save_weights(os.path.join(folder, RUN_WEIGHTS["ema"]))
-        finally:
+        # Each file is written whole or not at all: config.json never names a partial one.
+        with self._writing(f"the weights in {folder}", "the weights files are as they were"):
+            _write_whole(os.path.join(folder, RUN_WEIGHTS["raw"]), self.model.save_weights)
             self.ema.swap()
+            try:
+                _write_whole(os.path.join(folder, RUN_WEIGHTS["ema"]), self.model.save_weights)
+            finally:
+                self.ema.swap()
         record = self._record()
         record[RECORD_KEY] = dict(RUN_WEIGHTS, step=step, best=None)
         if results:
@@ -1341,6 +1405,51 @@ def rewrite_checkpoint_state(directory, latest):
     )
 
 
+@contextlib.contextmanager
+def _no_partial_checkpoint(prefix):
+    """Undoes a failed save of checkpoint `prefix` (a full disk, a storage error): removes the
+    `<prefix>_temp` folder of its shards and the files of `prefix` that were not there before
+    it. The state file, written last, still names the previous checkpoint."""
+    before = set(tf.io.gfile.glob(prefix + ".*"))
+    try:
+        yield
+    except BaseException:
+        partial = [path for path in tf.io.gfile.glob(prefix + ".*") if path not in before]
+        for path in (prefix + "_temp", *partial):
+            _remove_quietly(path)
+        raise
+
+
+def _remove_quietly(path):
+    """Removes file or folder `path` if it exists; a failure is logged, not raised."""
+    try:
+        if tf.io.gfile.isdir(path):
+            tf.io.gfile.rmtree(path)
+        elif tf.io.gfile.exists(path):
+            tf.io.gfile.remove(path)
+    except (tf.errors.OpError, OSError) as error:
+        logger.warning("Could not remove %s (%s).", path, _first_line(error))
+
+
+def _write_whole(path, write):
+    """`write(partial)`, then `partial` renamed to `path`: a write that fails (a full disk)
+    leaves `path` as it was and no partial file. (`partial` keeps the name's ending, which
+    Keras checks.)"""
+    folder, name = os.path.split(path)
+    partial = os.path.join(folder, f"partial-{name}")
+    try:
+        write(partial)
+        tf.io.gfile.rename(partial, path, overwrite=True)
+    except BaseException:
+        _remove_quietly(partial)
+        raise
+
+
+def _write_json(path, value, **kwargs):
+    with tf.io.gfile.GFile(path, "w") as f:
+        json.dump(value, f, indent=2, **kwargs)
+
+
 def check_compatible(config, checkpoint_dir):
     """Refuses a run whose model differs from the one that wrote the checkpoints; returns the
     previous run's record (config.json) when it goes on from it, else None."""
@@ -1432,18 +1541,61 @@ def is_data_error(error):
     return any(marker in text for marker in _INPUT_PIPELINE_MARKERS)
 
 
+# What TF puts around an op's own words: "Graph execution error:", the node's trace, the
+# names of graph nodes ({{function_node ...}}, [[{{node ...}}]]) and the op ([Op:...]).
+_NOISE_LINES = ("Graph execution error", "Detected at node", "<stack traces", "[[", "File ", "}}")
+_NODE_NAMES = re.compile(r"\{\{[^}]*\}\}|\s*\[\[[^\]]*\]\]|\s*\[Op:[^\]]*\].*$")
+
+
+def _error_detail(error):
+    """The op's own words in a TF error's message (its first line that is not noise)."""
+    text = getattr(error, "message", None) or str(error)
+    lines = [line.strip() for line in text.splitlines() if line.strip()] or [""]
+    detail = next((line for line in lines if not line.startswith(_NOISE_LINES)), lines[0])
+    return _NODE_NAMES.sub("", detail).strip()[:300]
+
+
 def _data_error_message(error):
     text = getattr(error, "message", str(error))
     if "label out of range" in text:
-        detail = text[text.index("label out of range") :].split("\n")[0]
+        # The assertion's message, without the brackets and the values TF prints after it
+        # ("] [Condition x < y did not hold element-wise:] [x (sub:0) = ] [2] ..."), nor the
+        # escaped quote of its summary.
+        detail = text[text.index("label out of range") :].split("\n")[0].split("]")[0]
+        detail = detail.replace("\\'", "'").rstrip(" .")
         return f"Bad data: {detail}."
-    # TF puts "Graph execution error:" and the node's trace before the op's own words.
-    noise = ("Graph execution error", "Detected at node", "<stack traces", "[[", "File ", "}}")
-    lines = [line.strip() for line in text.splitlines() if line.strip()] or [""]
-    detail = next((line for line in lines if not line.startswith(noise)), lines[0])
     return (
         f"Bad data: a record could not be read or decoded ({type(error).__name__}: "
-        f"{detail[:300]}). The TFRecords are corrupt or not in the ImageNet "
+        f"{_error_detail(error)}). The TFRecords are corrupt or not in the ImageNet "
         f"layout (image/encoded JPEG, image/class/label); rewrite them with "
         f"training/build_tfrecords.py. Checkpoints already saved are kept."
     )
+
+
+# What the input pipeline raises for a file that is gone or cannot be opened, not for its
+# bytes: a shard deleted, moved or made unreadable after the files were checked.
+DATA_READ_ERRORS = (tf.errors.NotFoundError, tf.errors.PermissionDeniedError)
+# Every error of the input pipeline that becomes a one-line message (see `is_data_error`).
+DATA_ERRORS = (tf.errors.InvalidArgumentError, tf.errors.DataLossError, *DATA_READ_ERRORS)
+
+
+def unreadable_data_message(error, split, then):
+    """The message for a TFRecord shard that could not be opened in the middle of a pass
+    (`DATA_READ_ERRORS`); `then` says what is kept and how to go on."""
+    how = "deleted or moved" if isinstance(error, tf.errors.NotFoundError) else "made unreadable"
+    return (
+        f"Cannot read the {split} TFRecords: {_error_detail(error)} ({type(error).__name__}). "
+        f"A shard was {how} after the files were checked at the start. {then}"
+    )
+
+
+# A full disk: ENOSPC or EDQUOT, as TF, h5py and Python word it.
+_DISK_FULL_TEXT = re.compile(r"no space left on device|disk quota exceeded", re.IGNORECASE)
+
+
+def is_disk_full(error):
+    """Whether `error` says that the disk (or the quota) is full."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = getattr(error, "message", None) or str(error)
+    return bool(_DISK_FULL_TEXT.search(text))
