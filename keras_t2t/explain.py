@@ -4,7 +4,9 @@
 
 The model is not changed: these functions run its layers one by one, eagerly, and ask each
 attention layer for its weights (`attention_weights`), so a normal model carries no extra
-outputs and pays nothing.
+outputs and pays nothing. Each function checks what it is given first: a keras_t2t model and a
+batch `(batch, side, side, 3)` at the model's size (and `maps` of that model), else a
+ValueError that says what the model takes.
 
 >>> import numpy as np, keras_t2t
 >>> from keras_t2t import explain
@@ -18,6 +20,7 @@ outputs and pays nothing.
 
 import argparse
 import os
+import re
 import sys
 
 import numpy as np
@@ -32,6 +35,93 @@ def _blocks(model):
             blocks.append(model.get_layer(f"blocks_{len(blocks)}"))
         except ValueError:
             return blocks
+
+
+def _side(model):
+    """The image side of a keras_t2t model; a ValueError that says so for anything else."""
+    from keras_t2t.layers import T2TModule
+
+    try:
+        t2t = model.get_layer("tokens_to_token")
+        for name in ("cls_token", "pos_embed", "norm"):
+            model.get_layer(name)
+    except (AttributeError, TypeError, ValueError):
+        t2t = None
+    if not isinstance(t2t, T2TModule):
+        received = "None" if model is None else f"a {type(model).__name__}"
+        if getattr(model, "name", None):
+            received += f" named {model.name!r}"
+        raise ValueError(
+            f"`model` must be a keras_t2t T2T-ViT (keras_t2t.T2TViT7(...), create_model(...), "
+            f"with or without its head); received {received}."
+        )
+    return int(model.input_shape[1])
+
+
+def _checked_images(model, images):
+    """The entry check of `attention_maps`, `attention_rollout` and `feature_maps`: `images`
+    a batch `(batch, side, side, 3)` of numbers at `model`'s size, batch >= 1. Returns them
+    as float32; raises a ValueError that says what is wrong."""
+    side = _side(model)
+    expected = f"a batch of images (batch, {side}, {side}, 3)"
+    if images is None:
+        raise ValueError(f"`images` must be {expected}; received None.")
+    try:
+        array = np.asarray(images)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"`images` must be {expected}; received {error}.") from None
+    if array.dtype.kind not in "uif":
+        raise ValueError(f"`images` must be {expected} of numbers; received dtype {array.dtype}.")
+    if array.ndim != 4:
+        hint = " (one image: add the batch axis, images[None])" if array.ndim == 3 else ""
+        raise ValueError(f"`images` must be {expected}; received shape {array.shape}{hint}.")
+    batch, height, width, channels = array.shape
+    if channels != 3:
+        raise ValueError(
+            f"The model takes RGB images with 3 channels; received {channels} (shape "
+            f"{array.shape}). Repeat a grayscale channel: np.repeat(images, 3, axis=-1)."
+        )
+    if (height, width) != (side, side):
+        raise ValueError(
+            f"The model takes {side}x{side} images; received {height}x{width} (shape "
+            f"{array.shape}). Resize them, or use a model built for that size."
+        )
+    if batch == 0:
+        raise ValueError(f"`images` holds no image (shape {array.shape}): give at least one.")
+    return array.astype("float32", copy=False)
+
+
+def _checked_maps(model, maps, batch):
+    """`maps` as `attention_maps(model, images)` gives them for `batch` images: the keys of
+    this model's layers and their shapes, else a ValueError that names what differs."""
+    side = _side(model)
+    tokens = (side // 16) ** 2 + 1
+    expected = {"t2t_1": (batch, (side // 4) ** 2, (side // 4) ** 2),
+                "t2t_2": (batch, (side // 8) ** 2, (side // 8) ** 2)}  # fmt: skip
+    for i, block in enumerate(_blocks(model)):
+        expected[f"block_{i}"] = (batch, block.num_heads, tokens, tokens)
+    problem = None
+    if not isinstance(maps, dict):
+        problem = f"received {type(maps).__name__}, not a dict"
+    else:
+        missing = [k for k in expected if k not in maps]
+        extra = sorted(map(str, set(maps) - set(expected)))
+        if missing or extra:
+            problem = ", ".join(
+                [f"{k!r} missing" for k in missing] + [f"{k!r} is not this model's" for k in extra]
+            )
+        else:
+            for key, shape in expected.items():
+                got = np.shape(maps[key])
+                if got != shape:
+                    problem = f"{key!r} has shape {got}, this model's is {shape}"
+                    break
+    if problem:
+        raise ValueError(
+            f"`maps` must be attention_maps(model, images) of this model for the {batch} "
+            f"image(s) given: {problem}."
+        )
+    return {key: np.asarray(maps[key], "float32") for key in expected}
 
 
 def _forward(model, images, collect):
@@ -64,6 +154,7 @@ def attention_maps(model, images):
     `"block_0"` ... `"block_{depth-1}"`, `(batch, heads, 1 + N, 1 + N)`, the backbone's
     softmax attention (token 0 is the class token). Equal to the official code's (tested).
     """
+    images = _checked_images(model, images)
     maps = {}
     _forward(model, images, lambda name, layer, x: maps.__setitem__(
         name, np.asarray(layer.attention_weights(x), "float32")))  # fmt: skip
@@ -116,7 +207,10 @@ def attention_rollout(model, images, maps=None):
        onto the image pixels.
     Maps already computed by `attention_maps` can be passed as `maps`.
     """
-    maps = attention_maps(model, images) if maps is None else maps
+    if maps is None:
+        maps = attention_maps(model, images)
+    else:
+        maps = _checked_maps(model, maps, len(_checked_images(model, images)))
     size = model.input_shape[1]
     blocks = sorted((k for k in maps if k.startswith("block_")), key=lambda k: int(k[6:]))
     rollout = None
@@ -138,7 +232,7 @@ def feature_maps(model, images):
     """The T2T maps and the token grid as NumPy arrays, for pictures as the paper's Fig. 2:
     `"t2t_1"` `(batch, H/4, W/4, 64)`, `"t2t_2"` `(batch, H/8, W/8, 64)`, `"tokens"`
     `(batch, H/16, W/16, embed_dim)` (the final-norm patch tokens)."""
-    map1, map2, tokens = _forward(model, images, lambda *_: None)
+    map1, map2, tokens = _forward(model, _checked_images(model, images), lambda *_: None)
     side = model.input_shape[1] // 16
     tokens = np.asarray(tokens)[:, 1:]
     return {
@@ -166,6 +260,17 @@ def _pyplot():
     return plt
 
 
+def _read_error(path):
+    """Why `path` cannot be read as an image file (a folder, missing), else None."""
+    import tensorflow as tf
+
+    if tf.io.gfile.isdir(path):
+        return f"{path!r} is a folder, not an image file; give the image files in it"
+    if not tf.io.gfile.exists(path):
+        return f"{path!r}: no such file"
+    return None
+
+
 def _load_image(path, size, crop_pct):
     """Read as `serving_bytes` reads it: formats, the pixel limit and GIFs checked first."""
     import tensorflow as tf
@@ -173,12 +278,38 @@ def _load_image(path, size, crop_pct):
     from keras_t2t.export import decode_image_file
 
     try:
-        return decode_image_file(tf.io.read_file(path), size, crop_pct).numpy()
-    except tf.errors.NotFoundError as error:
-        reason = error.message.strip()
+        data = tf.io.read_file(path)
+    except tf.errors.OpError as error:
+        # The op's message without TF's node names and op tag, e.g. "...; Is a directory".
+        reason = _read_error(path) or re.sub(r"\{\{.*?\}\}|\[Op:\w+\]", "", error.message)
+        raise ValueError(f"cannot read {path!r}: {reason.strip()}") from None
+    try:
+        return decode_image_file(data, size, crop_pct).numpy()
     except ValueError as error:
-        reason = str(error)
-    raise ValueError(f"{path!r} is not a readable image file ({reason}).")
+        raise ValueError(f"{path!r} is not a readable image file ({error}).") from None
+
+
+def _output_names(paths):
+    """Each image's name for its pictures: the file name without its extension. Two different
+    images with one name (a/x.jpg and b/x.png, x.jpg and x.bmp; compared ignoring case, as
+    macOS and Windows do) would overwrite each other's pictures: a ValueError that names them.
+    A path given twice is drawn once. Returns [(path, name)]."""
+    named, owner = [], {}
+    for path in paths:
+        name = os.path.splitext(os.path.basename(path))[0]
+        key = name.casefold()
+        if key in owner:
+            if os.path.realpath(owner[key]) == os.path.realpath(path):
+                continue
+            raise ValueError(
+                f"{owner[key]!r} and {path!r} would both be drawn as {name}_rollout.png and "
+                f"{name}_t2t_maps.png: the pictures are named after the file name without "
+                f"its extension. Rename one, or run them with different --output folders. "
+                f"Nothing was written."
+            )
+        owner[key] = path
+        named.append((path, name))
+    return named
 
 
 def _grid(maps, columns=8):
@@ -251,8 +382,17 @@ def _top5(model, image, names=None):
         probabilities /= probabilities.sum()
     best = np.argsort(-probabilities)[:5]
     if names is not None and len(probabilities) == len(names):
-        return [f"{names[str(i)][1]} {probabilities[i]:.2f}" for i in best]
-    return [f"class {i} {probabilities[i]:.2f}" for i in best]
+        return [f"{names[str(i)][1]} {_percent(probabilities[i])}" for i in best]
+    return [f"class {i} {_percent(probabilities[i])}" for i in best]
+
+
+def _percent(probability):
+    """A probability as a percentage to three significant digits (87.3%, 0.123%): a model
+    that is unsure among 1000 classes gives each well under 1%."""
+    percent = 100 * float(probability)
+    if not np.isfinite(percent):
+        return "nan"
+    return f"{percent:.3g}%" if percent >= 0.001 else "<0.001%"
 
 
 def main(argv=None):
@@ -260,7 +400,13 @@ def main(argv=None):
         prog="python -m keras_t2t.explain",
         description="Writes attention-rollout and T2T feature-map pictures (PNG) per image.",
     )
-    parser.add_argument("images", nargs="+", help="JPEG/PNG/... files")
+    parser.add_argument(
+        "images", nargs="+",
+        help="JPEG, PNG, GIF, BMP or WebP files. The pictures are named after each file's name "
+        "without its extension (photo.jpg: photo_rollout.png, photo_t2t_maps.png); two images "
+        "with the same name (a/x.jpg and b/x.jpg, x.jpg and x.png) are refused before "
+        "anything is written, never overwritten",
+    )  # fmt: skip
     parser.add_argument("--model", help="variant, e.g. t2t_vit_7 (default: the run's)")
     parser.add_argument(
         "--weights", help="imagenet, a .pth.tar / .weights.h5 file or a run's --model_dir"
@@ -270,6 +416,11 @@ def main(argv=None):
     parser.add_argument("--output", required=True, help="folder for the PNG files")
     args = parser.parse_args(argv)
     try:
+        images = _output_names(args.images)  # refused before the model is built
+        for path, _ in images:
+            reason = _read_error(path)
+            if reason:
+                raise ValueError(reason)
         plt = _pyplot()
         del plt
         from keras_t2t import export
@@ -279,11 +430,10 @@ def main(argv=None):
         crop_pct = args.crop_pct or export.serving_crop_pct(model, args.weights)
         os.makedirs(args.output, exist_ok=True)
         names = _class_names(model) if args.weights else None  # once, for all the images
-        for path in args.images:
+        for path, name in images:
             image = _load_image(path, model.input_shape[1], crop_pct)
-            stem = os.path.splitext(os.path.basename(path))[0]
             top = _top5(model, image, names) if args.weights else None
-            for written in write_pictures(model, image, stem, args.output, top):
+            for written in write_pictures(model, image, name, args.output, top):
                 print(written)
             if top:
                 print(f"{path}: {', '.join(top)}")

@@ -675,14 +675,42 @@ def pixels_function(model, input_dtype="uint8"):
     """(tf.function, its input spec, output names): pixels `images` `[batch, size, size, 3]`
     -> the named outputs, as the SavedModel's `serving_default`; what ONNX and OpenVINO
     convert. The output names are in the order of the function's flat outputs.
+    float32 pixels: an image with a NaN or infinite pixel is answered `classes` -1
+    (`NO_CLASS`) with NaN `probabilities` and `scores` (`_no_class_for_non_finite`).
     """
     check_input_dtype(input_dtype)
     size = image_size(model)
     serve = serving_fn(model)
+    if input_dtype == "float32":
+        serve = _no_class_for_non_finite(serve)
     spec = tf.TensorSpec([None, size, size, 3], tf.as_dtype(input_dtype), name="images")
     function = tf.function(serve, input_signature=[spec])
     names = list(tf.nest.flatten({name: name for name in OUTPUTS}))
     return function, spec, names
+
+
+NO_CLASS = -1  # `classes` of an image that has no answer (float32 ONNX/OpenVINO: non-finite)
+
+
+def _no_class_for_non_finite(serve):
+    """`serve` whose rows for images with a NaN or infinite pixel say so: `classes` NO_CLASS,
+    `probabilities` and `scores` NaN. Without this the NaN probabilities reach the argmax,
+    which ONNX Runtime and OpenVINO answer with class 0. ONNX has no op that fails a request
+    (TensorFlow's CheckNumerics has no counterpart), so the answer is marked instead; the
+    check is exact (IsNaN and IsInf on the pixels) and costs one pass over them. uint8 pixels
+    are finite by their type."""
+
+    def marked(images):
+        outputs = serve(images)
+        finite = tf.reduce_all(tf.math.is_finite(images), axis=[1, 2, 3])
+        nan = tf.constant(float("nan"), tf.float32)
+        return {
+            "probabilities": tf.where(finite[:, None], outputs["probabilities"], nan),
+            "classes": tf.where(finite, outputs["classes"], NO_CLASS),
+            "scores": tf.where(finite, outputs["scores"], nan),
+        }
+
+    return marked
 
 
 def _erfc_as_one_minus_erf(ctx, node, name, args):

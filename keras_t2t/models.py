@@ -281,6 +281,12 @@ def feature_maps_model(model):
     the T2T module, and `"tokens"` `(side/16, side/16, embed_dim)`: the final-norm patch tokens
     as a map. Shares its weights with `model`.
     """
+    layers = {layer.name for layer in getattr(model, "layers", ())}
+    if not isinstance(model, keras.Model) or not {"tokens_to_token", "norm"} <= layers:
+        raise ValueError(
+            f"Expected a keras_t2t T2T-ViT model (e.g. keras_t2t.T2TViT14()), received "
+            f"{type(model).__name__}."
+        )
     t2t = model.get_layer("tokens_to_token")
     _, map1, map2 = keras.tree.flatten(t2t.output)  # (tokens, (map1, map2))
     tokens = model.get_layer("norm").output

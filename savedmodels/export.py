@@ -55,6 +55,17 @@ def _reason(error):
     return text.splitlines()[0] if text else type(error).__name__
 
 
+def _size(path):
+    """Bytes of an export: a folder's files, or a file with the files it needs beside it (an
+    OpenVINO IR's .xml and its .bin of weights)."""
+    if os.path.isdir(path):
+        return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
+    size = os.path.getsize(path)
+    if path.endswith(".xml") and os.path.isfile(path[: -len(".xml")] + ".bin"):
+        size += os.path.getsize(path[: -len(".xml")] + ".bin")
+    return size
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -72,7 +83,8 @@ def main(argv=None):
     )  # fmt: skip
     parser.add_argument(
         "--input_dtype", default="uint8", choices=["uint8", "float32"],
-        help="pixel dtype of the ONNX and OpenVINO inputs (values in [0, 255] either way)",
+        help="pixel dtype of the ONNX and OpenVINO inputs (values in [0, 255] either way; "
+        "float32: an image with a NaN or infinite pixel gets class -1 and NaN scores)",
     )  # fmt: skip
     parser.add_argument(
         "--triton", action="store_true",
@@ -167,12 +179,7 @@ def main(argv=None):
         print(f"error: cannot write to --output {args.output!r}: {_reason(error)}", file=sys.stderr)
         return 2
     for artifact, path in written.items():
-        size = (
-            sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
-            if os.path.isdir(path)
-            else os.path.getsize(path)
-        )
-        print(f"{artifact:20s} {size / 2**20:8.2f} MiB  {path}")
+        print(f"{artifact:20s} {_size(path) / 2**20:8.2f} MiB  {path}")
     return 0
 
 

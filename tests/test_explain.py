@@ -274,3 +274,107 @@ def test_cli_names_the_classes_from_the_class_index(tmp_path, monkeypatch, capsy
         server.server_close()
     assert len(requests) == 1
     assert (tmp_path / "keras_home" / "models" / "imagenet_class_index.json").read_bytes() == index
+
+
+@pytest.fixture(scope="module")
+def model32():
+    return keras_t2t.T2TViT7(input_shape=(32, 32, 3), classes=10)
+
+
+_FUNCTIONS = {
+    "attention_maps": explain.attention_maps,
+    "attention_rollout": explain.attention_rollout,
+    "feature_maps": explain.feature_maps,
+}
+
+
+@pytest.mark.parametrize("function", sorted(_FUNCTIONS))
+@pytest.mark.parametrize("images, message", [
+    pytest.param(np.zeros((1, 64, 64, 3)), r"takes 32x32 images; received 64x64", id="64px"),
+    pytest.param(np.zeros((1, 16, 16, 3)), r"takes 32x32 images; received 16x16", id="16px"),
+    pytest.param(np.zeros((2, 48, 32, 3)), r"takes 32x32 images; received 48x32", id="48x32"),
+    pytest.param(np.zeros((1, 32, 32, 1)), r"RGB images with 3 channels; received 1", id="gray"),
+    pytest.param(np.zeros((1, 32, 32, 4)), r"RGB images with 3 channels; received 4", id="rgba"),
+    pytest.param(np.zeros((0, 32, 32, 3)), r"holds no image", id="batch0"),
+    pytest.param(np.zeros((32, 32, 3)), r"\(batch, 32, 32, 3\); received shape \(32, 32, 3\) "
+                 r"\(one image", id="rank3"),
+    pytest.param(np.zeros((1, 1, 32, 32, 3)), r"\(batch, 32, 32, 3\); received shape",
+                 id="rank5"),
+    pytest.param(None, r"\(batch, 32, 32, 3\); received None", id="None"),
+    pytest.param("photo.jpg", r"of numbers; received dtype", id="str"),
+])  # fmt: skip
+def test_the_api_refuses_wrong_images_in_its_own_words(model32, function, images, message):
+    """F18: one check at the entry of attention_maps / attention_rollout / feature_maps: a
+    ValueError that says what the model takes, not a TF shape error deep in a layer, and no
+    answer for what the model itself refuses (one channel, batch 0)."""
+    with pytest.raises(ValueError, match=message):
+        _FUNCTIONS[function](model32, images)
+
+
+@pytest.mark.parametrize("function", sorted(_FUNCTIONS))
+@pytest.mark.parametrize("model", [None, "t2t_vit_7", keras_t2t.T2TViT7])
+def test_the_api_refuses_what_is_not_a_t2t_model(function, model):
+    with pytest.raises(ValueError, match=r"`model` must be a keras_t2t T2T-ViT"):
+        _FUNCTIONS[function](model, np.zeros((1, 32, 32, 3)))
+
+
+def test_rollout_refuses_maps_of_another_model_or_incomplete(model32):
+    images = np.random.default_rng(0).uniform(0, 255, (1, 32, 32, 3)).astype("float32")
+    maps = explain.attention_maps(model32, images)
+    np.testing.assert_allclose(explain.attention_rollout(model32, images, maps=maps),
+                               explain.attention_rollout(model32, images))  # fmt: skip
+    other = keras_t2t.T2TViT7(input_shape=(48, 48, 3), classes=10)
+    wrong = {
+        "another model's": explain.attention_maps(other, np.zeros((1, 48, 48, 3))),
+        "without a block": {k: v for k, v in maps.items() if k != "block_3"},
+        "with an extra block": {**maps, "block_7": maps["block_6"]},
+        "without the T2T maps": {k: v for k, v in maps.items() if k.startswith("block_")},
+        "None values": dict.fromkeys(maps),
+        "a list": list(maps.values()),
+    }
+    for bad in wrong.values():
+        with pytest.raises(ValueError, match=r"`maps` must be attention_maps\(model, images\)"):
+            explain.attention_rollout(model32, images, maps=bad)
+    with pytest.raises(ValueError, match=r"for the 2 image\(s\) given: 't2t_1' has shape"):
+        explain.attention_rollout(model32, np.concatenate([images, images]), maps=maps)
+
+
+def test_cli_refuses_a_folder_and_same_named_images_before_writing(tmp_path, capsys):
+    """F14: a folder as the image gets an error without a traceback; images whose pictures
+    would have one name (dup1/same.jpg and dup2/same.png, flower.jpg and flower.bmp) are
+    refused before anything is written, never overwritten. The same path twice is drawn once."""
+    (tmp_path / "a_folder.jpg").mkdir()
+    for one, two in (("dup1/same.jpg", "dup2/same.png"), ("flower.jpg", "Flower.bmp"),
+                     ("a/x.jpg", "b/x.jpg")):  # fmt: skip
+        paths = [tmp_path / one, tmp_path / two]
+        for seed, path in enumerate(paths):
+            path.parent.mkdir(exist_ok=True)
+            _photo(path, seed)
+        code = explain.main([*map(str, paths), "--model=t2t_vit_7", "--image_size=32",
+                             f"--output={tmp_path / 'out'}"])  # fmt: skip
+        err = capsys.readouterr().err
+        assert code == 2 and "would both be drawn as" in err and str(paths[1]) in err, err
+        assert not (tmp_path / "out").exists()
+    code = explain.main([str(tmp_path / "a_folder.jpg"), "--model=t2t_vit_7",
+                         f"--output={tmp_path / 'out'}"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "is a folder, not an image file" in err and "Traceback" not in err
+    with pytest.raises(ValueError, match="is a folder"):  # the reader, called directly
+        explain._load_image(str(tmp_path / "a_folder.jpg"), 32, 0.9)
+    photo = str(tmp_path / "flower.jpg")
+    assert explain._output_names([photo, photo]) == [(photo, "flower")]
+
+
+def test_top5_gives_an_unsure_model_s_probabilities_in_readable_digits():
+    """F19: a 1000-class model unsure between its classes (each well under 1%) printed 0.00
+    for every one."""
+    probabilities = np.full(1000, 0.4 / 995)
+    probabilities[[3, 1, 4, 5, 9]] = [0.2, 0.15, 0.1, 0.1, 0.05]
+    probabilities[::97] = 0.4 / 995 / 1e4  # tiny ones elsewhere
+    probabilities /= probabilities.sum()
+    top = explain._top5(lambda images: probabilities[None], np.zeros((32, 32, 3)))
+    assert top[0].startswith("class 3 ") and top[0].endswith("%")
+    assert "0.00" not in " ".join(top) and top[-1] == f"class 9 {100 * probabilities[9]:.3g}%"
+    uniform = explain._top5(lambda images: np.full((1, 1000), 1e-3), np.zeros((32, 32, 3)))
+    assert all(entry.endswith(" 0.1%") for entry in uniform), uniform
+    assert explain._percent(0.87312) == "87.3%" and explain._percent(1e-9) == "<0.001%"

@@ -121,6 +121,13 @@ def test_pooled_features_are_the_token_sequence_pooled():
         np.testing.assert_allclose(np.asarray(pooled(x)), expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("model", [None, "t2t_vit_7", keras.Sequential([keras.Input((4,))])])
+def test_feature_and_pyramid_models_refuse_what_is_not_a_t2t_model(model):
+    for make in (keras_t2t.feature_maps_model, keras_t2t.pyramid_model):
+        with pytest.raises(ValueError, match="Expected a keras_t2t T2T-ViT model"):
+            make(model)
+
+
 def test_feature_maps_model():
     model = tiny_model(include_top=False, input_shape=(96, 96, 3))
     features = keras_t2t.feature_maps_model(model)

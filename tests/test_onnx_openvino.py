@@ -201,7 +201,10 @@ def test_another_image_size_is_refused_not_answered(served, side):
         _openvino(served["openvino"], images)
 
 
-def test_float32_pixels_give_the_uint8_answers(tmp_path):
+def test_float32_pixels_give_the_uint8_answers_and_non_finite_ones_no_class(tmp_path):
+    """float32 pixels: the uint8 model's answers; an image with a NaN or infinite pixel gets
+    class NO_CLASS (-1) and NaN scores from both engines, where the argmax of its NaN
+    probabilities said class 0 (F16). The other images of its batch keep their answers."""
     model = tiny_model()
     images = _images(3, 64, seed=5)
     written = export.export(
@@ -216,6 +219,50 @@ def test_float32_pixels_give_the_uint8_answers(tmp_path):
                                        {"INFERENCE_PRECISION_HINT": "f32"})  # fmt: skip
     got = _openvino(compiled, images.astype(np.float32))
     np.testing.assert_allclose(got["probabilities"], expected["probabilities"], atol=TOLERANCE)
+
+    bad = np.concatenate([images, images[:1], images[:1], images[:1]]).astype(np.float32)
+    bad[3, 10, 20, 1] = np.nan  # one NaN pixel
+    bad[4, 0, 0, 0] = np.inf  # one +Inf pixel
+    bad[5] = -np.inf
+    for run, engine in ((_onnx, session), (_openvino, compiled)):
+        got = run(engine, bad)
+        np.testing.assert_array_equal(got["classes"][3:], [export.NO_CLASS] * 3)
+        assert np.isnan(got["scores"][3:]).all() and np.isnan(got["probabilities"][3:]).all()
+        np.testing.assert_array_equal(got["classes"][:3], expected["classes"])
+        np.testing.assert_allclose(got["probabilities"][:3], expected["probabilities"],
+                                   atol=TOLERANCE)  # fmt: skip
+    # OpenVINO's Python API converts an array of another dtype when called (the README says
+    # so); an ov.Tensor of another dtype is refused.
+    request = compiled.create_infer_request()
+    with pytest.raises(RuntimeError, match="precision"):
+        request.set_input_tensor(ov.Tensor(images.astype(np.int8)))
+
+
+def _export_cli():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("export_cli", ROOT / "savedmodels" / "export.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_export_cli_counts_the_openvino_weights_in_its_size(tmp_path, monkeypatch, capsys):
+    """The printed size of the OpenVINO IR is its .xml and .bin together: it was the .xml alone
+    (0.31 MiB for a 15.6 MiB model; F19)."""
+
+    def fake_export(model, output_dir, formats, *args, **kwargs):
+        folder = pathlib.Path(output_dir) / f"{model.name}_openvino"
+        folder.mkdir(parents=True)
+        (folder / f"{model.name}.xml").write_bytes(b"x" * 2**19)
+        (folder / f"{model.name}.bin").write_bytes(bytes(3 * 2**20))
+        return {"openvino": str(folder / f"{model.name}.xml")}
+
+    monkeypatch.setattr(export, "export", fake_export)
+    code = _export_cli().main(["--model=t2t_vit_7", "--image_size=32", "--classes=5",
+                               f"--output={tmp_path}", "--format=openvino"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0 and re.search(r"^openvino\s+3\.50 MiB  .*t2t_vit_7\.xml$", out, re.M), out
 
 
 def test_a_missing_converter_is_named_before_anything_is_written(tmp_path, monkeypatch):
