@@ -1243,3 +1243,22 @@ def test_flag_values_are_checked_first(tmp_path, monkeypatch, capsys, script, ar
     assert code == 2
     assert re.search(f"error: {match}", capsys.readouterr().err)
     assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
+
+
+def test_a_resume_without_the_weights_that_set_the_normalization_is_refused(tmp_path):
+    """A run fine-tuned from a release normalizes with that release's mean and std, which the
+    model is built with and no checkpoint holds: resuming without --weights would change it."""
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "ckpt-4.index").write_bytes(b"")
+    config = dict(model="t2t_vit_14", image_size=224, num_classes=10, model_dir=str(tmp_path))
+    record = json.loads(trainer.Config(**config, weights="cifar10").to_json())
+    (tmp_path / "config.json").write_text(json.dumps(record))
+    checkpoints = str(tmp_path / "checkpoints")
+    with pytest.raises(trainer.TrainingError, match=r"started from --weights=cifar10.*Pass"):
+        trainer.check_compatible(trainer.Config(**config), checkpoints)
+    assert json.loads((tmp_path / "config.json").read_text()) == record
+    assert trainer.check_compatible(trainer.Config(**config, weights="cifar10"), checkpoints)
+    # A release normalized as ImageNet (and any file) resumes without --weights.
+    record["weights"] = "imagenet"
+    (tmp_path / "config.json").write_text(json.dumps(record))
+    assert trainer.check_compatible(trainer.Config(**config), checkpoints)

@@ -26,7 +26,9 @@ from keras import ops
 
 import keras_t2t
 from keras_t2t import layers as t2t_layers
+from keras_t2t import pretrained
 from keras_t2t import weights as weights_lib
+from keras_t2t.imagenet import IMAGENET_MEAN, IMAGENET_STD
 from training import data as data_lib
 
 logger = logging.getLogger("keras_t2t.training")
@@ -1481,7 +1483,32 @@ def check_compatible(config, checkpoint_dir):
             f"such as --epochs may change), or use another --model_dir to start anew; nothing "
             f"in {config.model_dir} was changed."
         )
+    # The normalization is built into the model from the release it started from, and a
+    # checkpoint does not hold it: a run fine-tuned from "cifar10" resumes with CIFAR's.
+    started = previous.get("weights")
+    if config.weights is None and started and _normalization(previous, started) != (
+        _normalization(previous, None)
+    ):
+        raise TrainingError(
+            f"--model_dir {config.model_dir} holds checkpoints of a run that started from "
+            f"--weights={started}, whose images are normalized with that release's mean and "
+            f"std; this run gives no --weights and would use ImageNet's. Pass "
+            f"--weights={started} to resume (the checkpoint's weights replace the release's); "
+            f"nothing in {config.model_dir} was changed."
+        )
     return previous
+
+
+def _normalization(record, weights):
+    """(mean, std) of a run of `record`'s model started from `weights` (a release name, or
+    anything else: ImageNet's)."""
+    if weights and pretrained.is_release_name(weights) and record.get("model"):
+        try:
+            release = pretrained.find_release(record["model"], weights, record.get("image_size"))
+            return tuple(release.mean), tuple(release.std)
+        except ValueError:
+            pass
+    return tuple(IMAGENET_MEAN), tuple(IMAGENET_STD)
 
 
 def _check_pod_paths(config, strategy):
