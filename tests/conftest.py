@@ -95,3 +95,15 @@ def register_tiny_releases(monkeypatch=None, **overrides):
     for name, config in configs.items():
         monkeypatch.setitem(models.MODEL_CONFIGS, name, config)
     monkeypatch.setattr(pretrained, "RELEASES", releases)
+
+
+def export_cli():
+    """`savedmodels/export.py` imported as a module, to call its `main(argv)` in this process
+    (its own process is tested by the CLI tests of test_export.py)."""
+    import importlib.util
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "savedmodels" / "export.py"
+    spec = importlib.util.spec_from_file_location("export_cli", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -12,7 +12,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import tiny_model
+from conftest import export_cli, tiny_model
 
 tf = pytest.importorskip("tensorflow")
 from keras_t2t import export  # noqa: E402
@@ -238,15 +238,6 @@ def test_float32_pixels_give_the_uint8_answers_and_non_finite_ones_no_class(tmp_
         request.set_input_tensor(ov.Tensor(images.astype(np.int8)))
 
 
-def _export_cli():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("export_cli", ROOT / "savedmodels" / "export.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_export_cli_counts_the_openvino_weights_in_its_size(tmp_path, monkeypatch, capsys):
     """The printed size of the OpenVINO IR is its .xml and .bin together: it was the .xml alone
     (0.31 MiB for a 15.6 MiB model; F19)."""
@@ -259,7 +250,7 @@ def test_export_cli_counts_the_openvino_weights_in_its_size(tmp_path, monkeypatc
         return {"openvino": str(folder / f"{model.name}.xml")}
 
     monkeypatch.setattr(export, "export", fake_export)
-    code = _export_cli().main(["--model=t2t_vit_7", "--image_size=32", "--classes=5",
+    code = export_cli().main(["--model=t2t_vit_7", "--image_size=32", "--classes=5",
                                f"--output={tmp_path}", "--format=openvino"])  # fmt: skip
     out = capsys.readouterr().out
     assert code == 0 and re.search(r"^openvino\s+3\.50 MiB  .*t2t_vit_7\.xml$", out, re.M), out
