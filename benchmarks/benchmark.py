@@ -826,9 +826,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.short:
         args.ablations = args.ablations or args.backend == "tensorflow"
-        args.models, args.image_size, args.batch_sizes = "t2t_vit_7", 32, "1,2"
-        if args.backend != "tensorflow":
-            args.batch_sizes = "2"  # each batch size is another compilation
+        # One batch size: each is another trace or compilation of every path.
+        args.models, args.image_size, args.batch_sizes = "t2t_vit_7", 32, "2"
         args.train_batch, args.memory_batch, args.memory_sizes = 2, 2, "32"
         args.min_time, args.peak_size = 0.0, 1024
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
