@@ -563,6 +563,33 @@ def test_tflite_models(exported, kind):
         assert agreement >= 0.8, agreement
 
 
+def test_full_int8_keeps_the_performers_in_float_and_the_matmuls_in_int8(exported):
+    """`_full_int8`: the Tokens-to-Token performers compute in float but for their Dense
+    layers (int8 ruins their first LayerNorm and exp features); every FULLY_CONNECTED, and
+    the transformer blocks' LayerNorms, attention matmuls and softmax, compute in int8."""
+    pytest.importorskip("ai_edge_litert")
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    interpreter = Interpreter(
+        model_path=exported["written"]["tflite_int8"],
+        experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
+    )
+    tensors = interpreter.get_tensor_details()
+    dtypes = {}  # (op, "performer" or "other") -> dtypes of its first input
+    for op in interpreter._get_ops_details():
+        name = tensors[op["outputs"][0]]["name"]
+        where = "performer" if re.search(r"tokens_to_token[^/]*/attention[12]", name) else "other"
+        key = (op["op_name"], where)
+        dtypes.setdefault(key, set()).add(np.dtype(tensors[op["inputs"][0]]["dtype"]).name)
+    for op in ("EXP", "SUM", "DIV", "BATCH_MATMUL", "MEAN", "RSQRT", "GELU"):
+        assert dtypes[(op, "performer")] == {"float32"}, op
+    for where in ("performer", "other"):
+        assert dtypes[("FULLY_CONNECTED", where)] == {"int8"}, where
+    for op in ("BATCH_MATMUL", "SOFTMAX", "MEAN", "RSQRT", "GELU"):
+        assert dtypes[(op, "other")] == {"int8"}, op
+    assert dtypes[("ADD", "other")] == {"float32"}
+
+
 def test_tflite_slices_twin_has_the_same_weights(exported):
     twin = export.with_soft_split(exported["model"], "slices")
     assert twin.get_layer("tokens_to_token").soft_split0.implementation == "slices"
