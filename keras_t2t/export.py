@@ -377,9 +377,10 @@ def decode_image_file(data, size, crop_pct=CROP_PCT, max_pixels=DEFAULT_MAX_IMAG
 
 
 def op_error_reason(error):
-    """The first line of a TF op error's message, without the names of graph nodes; an
-    assertion's data joined into one sentence."""
+    """The first line of a TF op error's message, without the names of graph nodes and of the
+    op (`[Op:DecodeImage]`); an assertion's data joined into one sentence."""
     text = re.sub(r"\{\{[^}]*\}\}", "", error.message).strip().splitlines()[0].strip()
+    text = re.sub(r"\s*\[Op:[^\]]*\].*$", "", text)
     if text.startswith("assertion failed:"):
         text = " ".join(re.findall(r"\[([^\[\]]*)\]", text))
     return text

@@ -14,7 +14,6 @@ JPEG, `image/class/label`, `image/class/text`, `image/format`, `image/filename`,
 
 import json
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -166,8 +165,7 @@ def folder_examples(input_dir, label_offset=1):
                 except tf.errors.InvalidArgumentError as error:
                     from keras_t2t.export import op_error_reason
 
-                    # The decoder's words, without node names or the op's name.
-                    reason = re.sub(r"\s*\[Op:[^\]]*\].*$", "", op_error_reason(error))
+                    reason = op_error_reason(error)
                     raise ValueError(
                         f"{path!r} is not a readable image: {reason.rstrip('.')}. Nothing "
                         f"was written; remove or replace the file and run again."
