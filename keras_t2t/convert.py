@@ -13,13 +13,13 @@ import sys
 
 import numpy as np
 
+from keras_t2t import models, reference
+from keras_t2t import weights as weights_lib
+from keras_t2t.imagenet import preprocess_input
+
 
 def convert(src, dst, model=None, num_heads=None, check=True, seed=0):
     """Converts `src` to `dst`; returns a dict of what was done and measured."""
-    from keras_t2t import models, reference
-    from keras_t2t import weights as weights_lib
-    from keras_t2t.imagenet import preprocess_input
-
     if not str(dst).endswith(weights_lib.KERAS_SUFFIX):
         raise ValueError(f"The output must end in {weights_lib.KERAS_SUFFIX}, received {dst!r}.")
     weights_lib.check_path(src)

@@ -4,7 +4,7 @@ The paper reports MACs; `count_flops(...) / 2` reproduces them (T2T-ViT-14 at 22
 Elementwise work (norms, activations, softmax, exp) is left out, as in the paper's counter.
 """
 
-from keras_t2t.configs import SOFT_SPLITS
+from keras_t2t.configs import MODEL_CONFIGS, SOFT_SPLITS
 
 
 def _grid(side, kernel, stride, padding):
@@ -78,8 +78,6 @@ def count_flops(model_or_name, image_size=None, classes=1000):
     4.8
     """
     if isinstance(model_or_name, str):
-        from keras_t2t.configs import MODEL_CONFIGS
-
         if model_or_name not in MODEL_CONFIGS:
             raise ValueError(
                 f"Unknown T2T-ViT variant {model_or_name!r}. "

@@ -2,10 +2,11 @@
 
 `T2TViT14(weights="imagenet")` looks its file up in `RELEASES`, downloads it once (`fetch`)
 into Keras' cache (`$KERAS_HOME/models/keras_t2t`, by default `~/.keras/models/keras_t2t`),
-checks its size and sha384 where they are published, converts it to a Keras `.weights.h5`
-beside it and loads that. Later calls read the converted file only, with no network; a record
-beside it (`<name>.weights.h5.json`: the sha256 of the conversion and the sha384 of the file it
-was made from) is checked first, and a conversion that differs from it is made again.
+checks its size and sha384 where they are published, and converts it to a Keras `.weights.h5`
+beside it, without building a model (`release_state`). Later calls read the converted file
+only, with no network; a record beside it (`<name>.weights.h5.json`: the sha256 of the
+conversion and the sha384 of the file it was made from) is checked first, and a conversion
+that differs from it is made again. The model that `weights=` builds is the only one.
 
 The environment variable `KERAS_T2T_WEIGHTS_URL` replaces the release URL base: the file is
 fetched from `$KERAS_T2T_WEIGHTS_URL/<file name>` (an `https://`, `http://` or `file://`
@@ -13,7 +14,7 @@ mirror, for air-gapped clusters). `fetch` gives up on a server that sends nothin
 `$KERAS_T2T_DOWNLOAD_TIMEOUT` seconds (default 30) at any point of a download, tries
 `DOWNLOAD_ATTEMPTS` times in all where the failure may pass, and never leaves a partial file.
 
-The table is kept apart from the architectures (`models.MODEL_CONFIGS`), as timm keeps its
+The table is kept apart from the architectures (`configs.MODEL_CONFIGS`), as timm keeps its
 `pretrained_cfg`: what each file was trained on and how it must be fed.
 """
 
@@ -22,6 +23,8 @@ import json
 import logging
 import os
 
+from keras_t2t import weights as weights_lib
+from keras_t2t.configs import MODEL_CONFIGS
 from keras_t2t.download import DownloadError, fetch, file_digest, keras_home, remove_file
 from keras_t2t.imagenet import IMAGENET_MEAN, IMAGENET_STD
 
@@ -238,14 +241,19 @@ def _conversion_problem(release, converted):
     return None
 
 
-def weights_file(release):
-    """A `.weights.h5` of `release` for `models.T2TViT`: the cached conversion, made (from the
-    downloaded file) on the first call, and made again when it differs from its record."""
+def release_state(release):
+    """The weights of `release` as a `weights.WeightsState`, for the model that `models.T2TViT`
+    builds: read from the cached conversion; converted from the downloaded file (and cached)
+    on the first call, and again when the cached one differs from its record or cannot be
+    read. Builds no model."""
     converted = converted_path(release)
     if os.path.isfile(converted):
         problem = _conversion_problem(release, converted)
         if problem is None:
-            return converted
+            try:
+                return weights_lib.read_keras_weights(converted, MODEL_CONFIGS.get(release.model))
+            except ValueError as error:  # derived data: made again from the released file
+                problem = f"it cannot be read: {error}"
         logger.warning(
             "The cached %s is not the conversion of %s that was written (%s): converting it "
             "again.", converted, release.file_name, problem,
@@ -253,17 +261,19 @@ def weights_file(release):
         remove_file(converted)
         remove_file(record_path(release))
     source = download(release)
-    from keras_t2t import models
-
     logger.info("Converting %s to %s (once).", source, converted)
+    state = _convert(release, source)
+    _cache(release, source, state)
+    return state
+
+
+def _convert(release, source):
+    """The `WeightsState` of the downloaded official file, checked to be of the release's
+    architecture; a file that is not (from a mirror that the table has no hash to check
+    against) is renamed `<name>.bad`."""
     try:
-        model = models.create_model(
-            release.model,
-            weights=source,
-            input_shape=(release.image_size, release.image_size, 3),
-            classes=release.classes,
-            classifier_activation=None,
-        )
+        state = weights_lib.read_weights(source, MODEL_CONFIGS.get(release.model) or {})
+        weights_lib.check_architecture(state, MODEL_CONFIGS.get(release.model) or {})
     except ValueError as error:
         if release.sha384 is not None:  # the released file itself, checked: not its fault
             raise
@@ -274,12 +284,18 @@ def weights_file(release):
             f"of {release.model}: {error} It was moved to {bad}; check the mirror "
             f"({URL_VARIABLE}) and call again."
         ) from None
-    folder = os.path.dirname(converted)
-    staging = os.path.join(folder, f".{os.getpid()}.{release.stem}.weights.h5")
+    return state
+
+
+def _cache(release, source, state):
+    """Writes `state` as the cached conversion of `release` (a Keras `.weights.h5`) and its
+    record; a cache that cannot be written is left out (the next call converts again)."""
+    converted = converted_path(release)
+    staging = os.path.join(os.path.dirname(converted), f".{os.getpid()}.{release.stem}.weights.h5")
     record = record_path(release)
     record_staging = staging + ".json"
     try:
-        model.save_weights(staging)
+        weights_lib.write_keras_weights(state, staging)
         with open(record_staging, "w") as f:
             json.dump(
                 {
@@ -296,5 +312,3 @@ def weights_file(release):
         logger.warning("Cannot cache the converted weights at %s: %s", converted, error)
         for path in (staging, record_staging, converted, record):
             remove_file(path)
-        return source
-    return converted

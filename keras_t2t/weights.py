@@ -7,10 +7,12 @@ to the Keras layout: Linear weights transposed, and the patch axis of the layers
 soft-split vector (`norm1` and `kqv`/`qkv` of both T2T layers, `project`) permuted from
 PyTorch's channel-major unfold order to the order of `tf.image.extract_patches`.
 
-A "state" is a dict from Keras variable paths (`blocks_0/attn/qkv/kernel`) to NumPy arrays;
+A `.weights.h5` is read from its datasets, each under the path of its variable, after its
+metadata is checked (`read_keras_weights`). Either file gives a "state" without building a
+model: a dict from Keras variable paths (`blocks_0/attn/qkv/kernel`) to NumPy arrays.
 `assign_state` puts one into a model, leaving out a head that does not fit, interpolating a
 position table of another size, and failing with the names of every missing, unexpected or
-mis-shaped tensor.
+mis-shaped tensor. This module imports no builder: `models` imports it.
 """
 
 import dataclasses
@@ -221,6 +223,24 @@ def guess_variant(config):
     return None
 
 
+def check_architecture(state, architecture):
+    """Raises ValueError when `state`, read from an official checkpoint, is of another
+    architecture than `architecture` (builder arguments), as far as its tensors show it (the
+    heads cannot be seen); `assign_state` checks every tensor when it goes into a model."""
+    if not state.config or not architecture:
+        return
+    expected = dict(token_dim=64, qkv_bias=False)
+    expected.update(architecture)
+    keys = ("tokens_type", "embed_dim", "depth", "mlp_ratio", "token_dim", "qkv_bias")
+    differ = [
+        f"{key} {state.config.get(key)!r} (expected {expected[key]!r})"
+        for key in keys
+        if key in expected and state.config.get(key) != expected[key]
+    ]
+    if differ:
+        raise ValueError(f"Its tensors are of another architecture: {', '.join(differ)}.")
+
+
 def resolve_architecture(found, model=None, num_heads=None, source="the checkpoint"):
     """(variant name or None, builder arguments) for a checkpoint of config `found`.
 
@@ -313,13 +333,44 @@ def official_to_state(state_dict, source="state dict"):
 
 
 # --- Keras .weights.h5 ----------------------------------------------------------------------
+#
+# `model.save_weights` writes the variables of each layer as the datasets `vars/0`, `vars/1`,
+# ... of a group `layers/<top-level layer>/<attribute>/...`: a top-level group is named after
+# the layer's class in snake case (repeats numbered `_1`, `_2`, ... in model order), a nested
+# one after the attribute that holds the layer (in keras_t2t, the layer's own name), and each
+# `vars` group records its layer's name in its `name` attribute. A variable's path is the
+# names of the layers on the way joined by "/", then the variable's own name (`kernel`, ...),
+# which is known from its position in `vars` and the kind of layer. So a file is read into a
+# state without building a model, and its every tensor is checked before it is read.
 
-
-POS_DATASET = "layers/position_embedding/vars/0"
-HEAD_DATASET = "layers/dense/vars/0"
+H5_LAYERS = "layers"  # the group of a functional model's layers
+# The top-level layers of a T2TViT: their group in a .weights.h5 -> their name in the model.
+# For files whose `vars` groups do not record the names, and to write the cache of a release.
+H5_TOP_LEVEL = {
+    "t2t_module": "tokens_to_token",
+    "class_token": "cls_token",
+    "position_embedding": "pos_embed",
+    "layer_norm": "norm",
+    "dense": "head",
+}
+_H5_BLOCK = re.compile(r"transformer_block(?:_([1-9][0-9]*))?")  # blocks_0, blocks_1, ...
+_H5_BLOCK_NAME = re.compile(r"blocks_(0|[1-9][0-9]*)")
+_LAYER_NAME = re.compile(r"[A-Za-z0-9_.-]{1,200}")
+# The variables of a layer in the order Keras stores them, by the layer's name: the layer
+# norms, the performer's frozen random features, the class token, the position table, and
+# the Dense layers (kqv, qkv, proj, fc1, fc2, project, head; qkv without a bias).
+_VARIABLE_NAMES = (
+    (re.compile(r"norm[0-9]*"), ("gamma", "beta")),
+    (re.compile(r"attention[0-9]"), ("w",)),
+    (re.compile(r"cls_token"), ("token",)),
+    (re.compile(r"pos_embed"), ("pos_embed",)),
+    (re.compile(r".+"), ("kernel", "bias")),
+)
+# Groups of a .weights.h5 that are no layer's: a compiled model's optimizer state.
+_NOT_WEIGHTS = ("optimizer/",)
 # The largest position table a .weights.h5 may declare: a 64 x 64 token grid, 1024 x 1024
-# pixels (the releases are 224 and 384). The twin model that reads a file is built at the
-# file's size, so the bound is checked before it is built.
+# pixels (the releases are 224 and 384). A model built without `input_shape` takes the size of
+# its weights, so the bound is checked before any tensor is read.
 MAX_POSITION_SIDE = 64
 _EXPECTED_H5 = (
     "Expected a .weights.h5 saved from a keras_t2t model (`model.save_weights`) or written by "
@@ -327,41 +378,100 @@ _EXPECTED_H5 = (
 )
 
 
-def keras_weights_info(path, embed_dim=None):
-    """(position table shape, head kernel shape or None, has preprocessing, `{dataset: (shape,
-    numeric, None or why it is not stored whole)}`) of a .weights.h5.
+def _variable_name(layer, index):
+    names = next(names for pattern, names in _VARIABLE_NAMES if pattern.fullmatch(layer))
+    return names[index] if index < len(names) else f"vars/{index}"  # reported as unexpected
 
-    Reads the file's metadata only, and checks it before any tensor is read: every tensor is
-    a numeric array stored whole in the file (as Keras writes them: contiguous, or compact in
-    its header; not chunked, compressed, virtual, in external files or left unallocated, and
-    its bytes within the file's length), so that no declared shape can make the loader
-    allocate more than the file holds; the position table is `(1, 1 + n * n, embed_dim)` with
-    n at most `MAX_POSITION_SIDE`, and the head `(embed_dim, classes)`.
-    """
+
+def _h5_variable_path(dataset, layer_names):
+    """The variable path (`blocks_0/attn/qkv/kernel`) of the dataset `dataset`
+    (`layers/transformer_block/attn/qkv/vars/0`) of a .weights.h5, given the layer names its
+    `vars` groups record (`{group: name}`); None for a dataset that is not a layer's."""
+    parts = dataset.split("/")
+    if (
+        len(parts) < 4
+        or parts[0] != H5_LAYERS
+        or parts[-2] != "vars"
+        or not parts[-1].isdigit()
+        or len(parts[-1]) > 6
+    ):
+        return None
+    groups, names = parts[1:-2], []
+    for depth, group in enumerate(groups):
+        name = layer_names.get("/".join([H5_LAYERS, *groups[: depth + 1]]))
+        if name is None and depth == 0:
+            block = _H5_BLOCK.fullmatch(group)
+            name = f"blocks_{block.group(1) or 0}" if block else H5_TOP_LEVEL.get(group, group)
+        names.append(name or group)
+    return "/".join([*names, _variable_name(names[-1], int(parts[-1]))])
+
+
+def _h5_dataset(path):
+    """The dataset of a .weights.h5 in Keras' layout that holds the variable `path`: the
+    inverse of `_h5_variable_path`, for the variables of a T2TViT. Returns (dataset, the
+    layer names of its groups)."""
+    *layers, variable = path.split("/")
+    block = _H5_BLOCK_NAME.fullmatch(layers[0]) if layers else None
+    if block:
+        group = "transformer_block" + ("" if block.group(1) == "0" else f"_{block.group(1)}")
+    else:
+        group = next((g for g, name in H5_TOP_LEVEL.items() if layers and name == layers[0]), None)
+    if group is None or not all(_LAYER_NAME.fullmatch(layer) for layer in layers):
+        raise ValueError(f"{path!r} is not the path of a keras_t2t T2TViT variable.")
+    names = next(names for pattern, names in _VARIABLE_NAMES if pattern.fullmatch(layers[-1]))
+    if variable not in names:
+        raise ValueError(f"{path!r} is not the path of a keras_t2t T2TViT variable.")
+    groups = [group, *layers[1:]]
+    named = {
+        "/".join([H5_LAYERS, *groups[: depth + 1]]): layers[depth] for depth in range(len(groups))
+    }
+    dataset = "/".join([H5_LAYERS, *groups, "vars", str(names.index(variable))])
+    return dataset, named
+
+
+def write_keras_weights(state, path):
+    """Writes `state` as a `.weights.h5` in Keras' layout, as `model.save_weights` of a
+    T2TViT would: `model.load_weights` and `read_keras_weights` both read it. No model is
+    built."""
     import h5py
 
-    datasets = {}
-    try:
-        file_size = os.path.getsize(path)
-    except OSError as error:
-        raise ValueError(f"Could not read {path!r} as keras_t2t weights ({error}).") from None
+    with h5py.File(path, "w") as f:
+        for variable, array in sorted(state.arrays.items()):
+            dataset, named = _h5_dataset(variable)
+            for group, name in named.items():
+                f.require_group(f"{group}/vars").attrs["name"] = name
+            f.create_dataset(dataset, data=np.asarray(array, np.float32))
+
+
+def _name_attribute(group):
+    """The layer name a `vars` group records, or None where it records none that is valid."""
+    if "name" not in group.attrs:
+        return None
+    attribute = group.attrs.get_id("name")
+    if attribute.shape != () or attribute.get_storage_size() > 1024:
+        return None
+    name = group.attrs["name"]
+    if isinstance(name, bytes):
+        name = name.decode("utf-8", "replace")
+    return name if isinstance(name, str) and _LAYER_NAME.fullmatch(name) else None
+
+
+def _inspect_keras_weights(f, path, file_size, embed_dim):
+    """The checks of `keras_weights_info` on the open file `f`; returns (position table
+    shape, head kernel shape or None, has preprocessing, datasets, `{variable path: dataset}`,
+    datasets that are no layer's variables)."""
+    import h5py
+
+    datasets, layer_names = {}, {}
 
     def collect(name, item):
         if isinstance(item, h5py.Dataset):
             datasets[name] = _dataset_info(item, file_size)
+        elif name.endswith("/vars") and isinstance(item, h5py.Group):
+            layer_names[name[: -len("/vars")]] = _name_attribute(item)
 
-    try:
-        with h5py.File(path, "r") as f:
-            f.visititems(collect)
-            has_preprocessing = "rescaling" in f.get("layers", {})
-    except (OSError, KeyError, RuntimeError) as error:  # h5py: KeyError for a damaged object
-        raise ValueError(
-            f"Could not read {path!r} as keras_t2t weights ({error}). {_EXPECTED_H5}"
-        ) from error
-    if POS_DATASET not in datasets:
-        raise ValueError(
-            f"{path!r} holds no keras_t2t position table ({POS_DATASET}). {_EXPECTED_H5}"
-        )
+    f.visititems(collect)
+    has_preprocessing = "rescaling" in f.get(H5_LAYERS, {})
     for name, (shape, numeric, problem) in datasets.items():
         if not numeric or problem:
             raise ValueError(
@@ -371,7 +481,24 @@ def keras_weights_info(path, embed_dim=None):
                 f". Keras writes every tensor as a plain array inside the file; the file was "
                 f"altered or crafted."
             )
-    pos_shape = datasets[POS_DATASET][0]
+    paths, skipped = {}, []
+    for name in sorted(datasets):
+        variable = _h5_variable_path(name, layer_names)
+        if variable is None and name.startswith(_NOT_WEIGHTS):
+            skipped.append(name)
+            continue
+        variable = variable or name  # no layer's: reported as unexpected by `assign_state`
+        if variable in paths:
+            raise ValueError(
+                f"{path!r} holds two tensors of the variable {variable}: {paths[variable]} and "
+                f"{name}. {_EXPECTED_H5}"
+            )
+        paths[variable] = name
+    if POS_EMBED not in paths:
+        raise ValueError(
+            f"{path!r} holds no keras_t2t position table ({POS_EMBED}). {_EXPECTED_H5}"
+        )
+    pos_shape = datasets[paths[POS_EMBED]][0]
     tokens = pos_shape[1] - 1 if len(pos_shape) == 3 else -1
     if (
         len(pos_shape) != 3
@@ -391,7 +518,7 @@ def keras_weights_info(path, embed_dim=None):
             f"grid ({16 * side} x {16 * side} pixels). This loader takes at most "
             f"{MAX_POSITION_SIDE} x {MAX_POSITION_SIDE} ({16 * MAX_POSITION_SIDE} pixels)."
         )
-    head_shape = datasets[HEAD_DATASET][0] if HEAD_DATASET in datasets else None
+    head_shape = datasets[paths[HEAD_KERNEL]][0] if HEAD_KERNEL in paths else None
     if head_shape is not None and (
         len(head_shape) != 2 or (embed_dim is not None and head_shape[0] != embed_dim)
     ):
@@ -399,7 +526,44 @@ def keras_weights_info(path, embed_dim=None):
             f"The head in {path!r} has shape {head_shape}; a model of width "
             f"{embed_dim or 'D'} needs ({embed_dim or 'D'}, classes)."
         )
-    return pos_shape, head_shape, has_preprocessing, datasets
+    return pos_shape, head_shape, has_preprocessing, datasets, paths, skipped
+
+
+def _open_keras_weights(path, embed_dim, read):
+    """`_inspect_keras_weights` of the file at `path`, and `{variable path: array}` if `read`."""
+    import h5py
+
+    try:
+        file_size = os.path.getsize(path)
+    except OSError as error:
+        raise ValueError(f"Could not read {path!r} as keras_t2t weights ({error}).") from None
+    try:
+        with h5py.File(path, "r") as f:
+            info = _inspect_keras_weights(f, path, file_size, embed_dim)
+            # Every tensor is stored whole in the file: reading them all takes at most the
+            # file's size.
+            arrays = None
+            if read:
+                arrays = {p: np.asarray(f[d][()], np.float32) for p, d in info[4].items()}
+    except (OSError, KeyError, RuntimeError) as error:  # h5py: KeyError for a damaged object
+        raise ValueError(
+            f"Could not read {path!r} as keras_t2t weights ({error}). {_EXPECTED_H5}"
+        ) from error
+    return info, arrays
+
+
+def keras_weights_info(path, embed_dim=None):
+    """(position table shape, head kernel shape or None, has preprocessing, `{dataset: (shape,
+    numeric, None or why it is not stored whole)}`) of a .weights.h5.
+
+    Reads the file's metadata only, and checks it before any tensor is read: every tensor is
+    a numeric array stored whole in the file (as Keras writes them: contiguous, or compact in
+    its header; not chunked, compressed, virtual, in external files or left unallocated, and
+    its bytes within the file's length), so that no declared shape can make the loader
+    allocate more than the file holds; the position table is `(1, 1 + n * n, embed_dim)` with
+    n at most `MAX_POSITION_SIDE`, and the head `(embed_dim, classes)`.
+    """
+    return _open_keras_weights(path, embed_dim, read=False)[0][:4]
 
 
 def _dataset_info(dataset, file_size):
@@ -435,50 +599,24 @@ def _dataset_info(dataset, file_size):
     return shape, numeric, None
 
 
-def read_keras_weights(path, config):
-    """Reads a `.weights.h5` written by a keras_t2t model of architecture `config`.
+def read_keras_weights(path, config=None):
+    """Reads a `.weights.h5` written by a keras_t2t model into a `WeightsState`, with no model.
 
-    The file's metadata is checked first (`keras_weights_info`); it is then loaded into a
-    twin model of the file's own head and size, whose variables give the state, so it loads
-    into models with another head or size too. The twin is checked tensor by tensor against
-    the file's declared shapes before any tensor is read.
+    The file's metadata is checked first (`keras_weights_info`; the width of the position
+    table and the head against `config["embed_dim"]` where given), then each tensor is read
+    under the path of its variable. A compiled model's optimizer state is left out. Whether
+    the tensors fit a model is `assign_state`'s to check, which names every one that does not.
     """
-    pos_shape, head_shape, has_preprocessing, datasets = keras_weights_info(
-        path, config.get("embed_dim")
-    )
-    from keras_t2t.models import T2TViT
-
-    side = math.isqrt(pos_shape[1] - 1)
-    twin = T2TViT(
-        **config,
-        include_top=head_shape is not None,
-        classes=head_shape[1] if head_shape is not None else 1000,
-        input_shape=(16 * side, 16 * side, 3),
-        include_preprocessing=has_preprocessing,
-        pooling=None,
-    )
-    expected = sorted(tuple(v.shape) for v in twin.weights)
-    declared = sorted(shape for shape, _, _ in datasets.values())
-    if expected != declared:
-        extra = [s for s in set(declared) if declared.count(s) > expected.count(s)]
-        lacking = [s for s in set(expected) if expected.count(s) > declared.count(s)]
-        raise ValueError(
-            f"The weights in {path!r} do not fit a model of architecture {config}: the file "
-            f"declares {len(declared)} tensors, the model has {len(expected)}; shapes only "
-            f"in the file: {sorted(extra)[:8]}, only in the model: {sorted(lacking)[:8]}."
-        )
-    try:
-        twin.load_weights(path)
-    except ValueError as error:
-        raise ValueError(
-            f"The weights in {path!r} do not fit a model of architecture {config}: {error}"
-        ) from error
-    arrays = {v.path: np.asarray(v.numpy()) for v in twin.weights}
+    embed_dim = (config or {}).get("embed_dim")
+    (pos_shape, head_shape, _, _, _, skipped), arrays = _open_keras_weights(path, embed_dim, True)
+    if skipped:
+        logger.info("Left out the %d tensors of %s that are no layer's (%s, ...).",
+                    len(skipped), path, skipped[0])  # fmt: skip
     return WeightsState(
         arrays=arrays,
         source=path,
         names={p: p for p in arrays},
-        image_size=16 * side,
+        image_size=16 * math.isqrt(pos_shape[1] - 1),
         classes=None if head_shape is None else head_shape[1],
     )
 

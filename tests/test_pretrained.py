@@ -223,6 +223,7 @@ def _pickle_that_runs_code(path):
     [
         ("not a checkpoint", "not the released"),
         ("exploit", r"not the released.*(refus|not allowed)"),
+        ("other variant", r"not the released.*another architecture: tokens_type 'transformer'"),
     ],
 )
 def test_mirror_serving_something_else(mirror, keras_home, monkeypatch, content, match):
@@ -231,6 +232,8 @@ def test_mirror_serving_something_else(mirror, keras_home, monkeypatch, content,
     target = folder / "t2t_tiny_performer.pth.tar"
     if content == "exploit":
         _pickle_that_runs_code(target)
+    elif content == "other variant":  # a T2T-ViT checkpoint, of another architecture
+        shutil.copy(folder / "t2t_tiny_transformer.pth.tar", target)
     else:
         target.write_text("<html>404 page of a proxy</html>")
     monkeypatch.setenv(pretrained.URL_VARIABLE, url)
@@ -252,6 +255,58 @@ def test_damaged_cached_conversion_is_made_again(mirror, keras_home, monkeypatch
     logits = np.asarray(model(io["images_nchw"].transpose(0, 2, 3, 1)))
     np.testing.assert_allclose(logits, io["logits"], atol=1e-4)
     assert converted.stat().st_size > 1000
+
+
+def count_models(monkeypatch):
+    """A list that gets one entry per `keras.Model` built from now on (functional ones too)."""
+    import keras
+
+    built, init = [], keras.Model.__init__
+
+    def counting(self, *args, **kwargs):
+        built.append(type(self).__name__)
+        return init(self, *args, **kwargs)
+
+    monkeypatch.setattr(keras.Model, "__init__", counting)
+    return built
+
+
+def test_weights_build_exactly_one_model(mirror, keras_home, monkeypatch, tmp_path):
+    """As keras.applications: a release (first call: download and conversion; later calls:
+    the cache), an official file, a .weights.h5 and a run's model_dir each build the one
+    model that is returned, and no other."""
+    register_tiny_releases(monkeypatch)
+    monkeypatch.setenv(pretrained.URL_VARIABLE, mirror[0])
+    io = np.load(DATA / "t2t_tiny_performer_io.npz")
+    images = io["images_nchw"].transpose(0, 2, 3, 1)
+    built = count_models(monkeypatch)
+    first = load("t2t_tiny_performer")  # downloaded and converted
+    assert len(built) == 1 and (keras_home / "t2t_tiny_performer.weights.h5").is_file()
+    cached = load("t2t_tiny_performer")  # from the cached conversion
+    assert len(built) == 2
+    for model in (first, cached):
+        np.testing.assert_allclose(np.asarray(model(images)), io["logits"], atol=1e-4)
+
+    checkpoint = str(DATA / "t2t_tiny_performer.pth.tar")
+    loaded = {}
+    for kind, weights in [("pth.tar", checkpoint), ("weights.h5", None), ("run", None)]:
+        if kind == "weights.h5":
+            weights = str(tmp_path / "tiny.weights.h5")
+            loaded["pth.tar"].save_weights(weights)
+        elif kind == "run":
+            run = tmp_path / "run"
+            run.mkdir()
+            shutil.copy(tmp_path / "tiny.weights.h5", run / "model.weights.h5")
+            record = {"model": "t2t_tiny_performer", "saved_weights": {"raw": "model.weights.h5"}}
+            (run / "config.json").write_text(json.dumps(record))
+            weights = str(run)
+        before = len(built)
+        loaded[kind] = keras_t2t.create_model(
+            "t2t_tiny_performer", weights=weights, include_preprocessing=False,
+            classifier_activation=None,
+        )  # fmt: skip
+        assert len(built) == before + 1, f"weights={kind} built {len(built) - before} models"
+        np.testing.assert_allclose(np.asarray(loaded[kind](images)), io["logits"], atol=1e-4)
 
 
 NO_TORCH = (
