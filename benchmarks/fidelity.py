@@ -92,9 +92,10 @@ def write_records(folder, train_per_class, val_per_class, size):
 
 
 def recipe(args, data_dir, model_dir, seed):
-    from training import data, trainer
+    from training import data
+    from training.config import Config
 
-    return trainer.Config(
+    return Config(
         model="t2t_vit_7", data_dir=data_dir, model_dir=model_dir, image_size=args.image_size,
         num_classes=CLASSES, batch_size=args.batch_size, epochs=args.epochs, warmup_epochs=0,
         cooldown_epochs=0, learning_rate=args.learning_rate * 512 / args.batch_size,

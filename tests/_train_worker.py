@@ -25,6 +25,8 @@ def main():
         )
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from training import data, trainer
+    from training.config import Config
+    from training.errors import TrainingError
 
     if no_dropout:  # the performer's official dropout (0.1) differs between runs
         import keras
@@ -41,10 +43,10 @@ def main():
         trainer.build_model = build_model
     aug = data.Augmentation(**config.pop("aug")) if "aug" in config else data.Augmentation.none()
     try:
-        job = trainer.Trainer(trainer.Config(**config, aug=aug))
+        job = trainer.Trainer(Config(**config, aug=aug))
         np.savez(out.replace(".npz", "_init.npz"), *[v.numpy() for v in job.model.weights])
         job.run()
-    except trainer.TrainingError as error:
+    except TrainingError as error:
         print(f"TrainingError: {error}", flush=True)
         return 3
     np.savez(out, *[v.numpy() for v in job.model.weights])

@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import keras  # noqa: E402
 
 from keras_t2t import layers  # noqa: E402
-from training import trainer  # noqa: E402
+from training import optim  # noqa: E402
 
 STRATEGY = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 
@@ -42,7 +42,7 @@ def loss_scale_overflow_on_one_replica():
     """Float16 loss scaling: an inf in replica 1's gradients only."""
     with STRATEGY.scope():
         variable = keras.Variable(np.ones(4, np.float32), name="w")
-        optimizer = trainer.LossScaleOptimizer(keras.optimizers.SGD(0.1))
+        optimizer = optim.LossScaleOptimizer(keras.optimizers.SGD(0.1))
         optimizer.build([variable])
     scale = float(optimizer.dynamic_scale.numpy())
 
@@ -82,7 +82,7 @@ def ema_per_replica():
     merge_calls the update makes (each one is a cross-replica synchronization)."""
     with STRATEGY.scope():
         weights = keras.Variable(np.arange(6, dtype=np.float32).reshape(2, 3), name="w")
-        ema = trainer.ExponentialMovingAverage([weights], decay=0.5)
+        ema = optim.ExponentialMovingAverage([weights], decay=0.5)
         step = tf.Variable(0, dtype=tf.int64)
     calls = []
     merge_call = tf.distribute.ReplicaContext.merge_call

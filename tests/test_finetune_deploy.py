@@ -16,6 +16,7 @@ from test_pretrained import mirror  # noqa: F401  (a fixture)
 import keras_t2t
 from keras_t2t import export, pretrained
 from training import build_tfrecords, data, trainer
+from training.config import Config
 
 CLASSES = 4
 
@@ -58,7 +59,7 @@ def test_finetune_from_imagenet_weights_then_serve(mirror, tmp_path, monkeypatch
     build_tfrecords.write_shards(_pattern_examples(40, 1), str(records), "validation", 1)
 
     run = tmp_path / "run"
-    config = trainer.Config(
+    config = Config(
         model="t2t_tiny_performer", weights="imagenet", recipe="finetune", data_dir=str(records),
         model_dir=str(run), image_size=64, num_classes=CLASSES, batch_size=16, epochs=8,
         learning_rate=3e-2, steps_per_loop=6, eval_every_epochs=8, jit_compile=False,

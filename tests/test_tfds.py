@@ -5,6 +5,7 @@ import pytest
 import tensorflow as tf
 
 from training import data, trainer
+from training.config import Config
 
 tfds = pytest.importorskip("tensorflow_datasets")
 
@@ -95,7 +96,7 @@ def test_a_run_on_tfds_evaluates_every_example(tiny_tfds, tmp_path, monkeypatch)
             super().__init__(split, builder=tiny_tfds)
 
     monkeypatch.setattr(data, "TFDSSource", Tiny)
-    config = trainer.Config(
+    config = Config(
         model="t2t_vit_7", data_source="tfds", data_dir="somewhere", model_dir=str(tmp_path),
         image_size=32, num_classes=4, batch_size=4, epochs=1, warmup_epochs=0, cooldown_epochs=0,
         steps_per_epoch=2, steps_per_loop=2, drop_path_rate=0.0, jit_compile=False,

@@ -18,7 +18,10 @@ import pytest
 import tensorflow as tf
 
 from keras_t2t.imagenet import resize_and_center_crop
-from training import build_tfrecords, data, trainer
+from training import build_tfrecords, data, distribute, evaluation, optim, trainer
+from training import checkpoints as checkpoints_lib
+from training.config import Config, checkpoint_interval, recipe, resolve
+from training.errors import Preempted, TrainingError, is_data_error
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "_train_worker.py"
@@ -60,7 +63,7 @@ def test_a_few_steps_with_xla_and_the_full_augmentation(tiny_records, tmp_path):
     aug = data.Augmentation(
         randaugment_ops=2, mixup_alpha=0.8, cutmix_alpha=1.0, random_erasing=0.25
     )
-    config = trainer.Config(**tiny_config(tiny_records, tmp_path, jit_compile=True), aug=aug)
+    config = Config(**tiny_config(tiny_records, tmp_path, jit_compile=True), aug=aug)
     results = trainer.Trainer(config).run()
     assert results["step"] == 6 and results["examples"] == 20
     for key in ("top1", "top5", "loss", "ema_top1", "ema_top5", "ema_loss"):
@@ -364,9 +367,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(
 
 def _run_config(data_dir, model_dir, **overrides):
     return trainer.Trainer(
-        trainer.Config(
-            **tiny_config(data_dir, model_dir, **overrides), aug=data.Augmentation.none()
-        )
+        Config(**tiny_config(data_dir, model_dir, **overrides), aug=data.Augmentation.none())
     ).run()
 
 
@@ -391,7 +392,7 @@ def test_undecodable_image(tmp_path):
     examples = [build_tfrecords.make_example(b"not a jpeg", 1, "1", "x.jpg", 4, 4)] * 16
     build_tfrecords.write_shards(iter(examples), str(folder), "train", 1)
     with pytest.raises(
-        trainer.TrainingError,
+        TrainingError,
         match=r"Bad data: a record could not be read or decoded \(InvalidArgumentError: [^)]*"
         r"Unknown image file format.*The bad record: number \d+ of \S+train-00000-of-00001 "
         r"\(image/filename 'x.jpg'\)",
@@ -403,7 +404,7 @@ def test_undecodable_image(tmp_path):
 def test_label_out_of_range(tmp_path):
     folder = tmp_path / "labels"
     build_tfrecords.write_shards(_random_examples(16, 4, 0, label=9), str(folder), "train", 1)
-    with pytest.raises(trainer.TrainingError, match="label out of range.*--num_classes"):
+    with pytest.raises(TrainingError, match="label out of range.*--num_classes"):
         _run_config(str(folder), tmp_path / "run", mode="train")
 
 
@@ -426,8 +427,8 @@ def test_label_out_of_range(tmp_path):
     ],
 )
 def test_bad_flags(tmp_path, overrides, match):
-    with pytest.raises(trainer.TrainingError, match=match):
-        trainer.resolve(trainer.Config(**{**tiny_config(str(tmp_path), tmp_path), **overrides}))
+    with pytest.raises(TrainingError, match=match):
+        resolve(Config(**{**tiny_config(str(tmp_path), tmp_path), **overrides}))
 
 
 def test_cli_reports_errors_without_a_traceback(tmp_path):
@@ -451,21 +452,21 @@ PAPER = dict(  # the released weights' recipe (README, "Training recipe")
 def test_recipe_defaults():
     for model, lr, wd in [("t2t_vit_14", 5e-4, 0.05), ("t2t_vit_t_24", 5e-4, 0.065),
                           ("t2t_vit_12", 1e-3, 0.03)]:  # fmt: skip
-        values = trainer.recipe(model)
+        values = recipe(model)
         assert values["learning_rate"] == lr and values["weight_decay"] == wd
         assert {k: values[k] for k in PAPER} == PAPER
         aug = values["aug"]
         assert (aug.randaugment_ops, aug.mixup_alpha, aug.cutmix_alpha) == (2, 0.8, 1.0)
         assert (aug.random_erasing, aug.label_smoothing, aug.crop_scale_min) == (0.25, 0.1, 0.08)
-    config = trainer.resolve(trainer.Config(strategy="tpu"))
+    config = resolve(Config(strategy="tpu"))
     assert config.mixed_precision == "bfloat16" and config.epochs == 310
     assert config.aug == data.Augmentation() and config.learning_rate == 5e-4
 
 
 def test_finetune_recipe():
-    config = trainer.resolve(trainer.Config(model="t2t_vit_7", recipe="finetune", epochs=12))
+    config = resolve(Config(model="t2t_vit_7", recipe="finetune", epochs=12))
     assert config.epochs == 12  # what is given wins
-    assert config.learning_rate < trainer.recipe("t2t_vit_7")["learning_rate"]
+    assert config.learning_rate < recipe("t2t_vit_7")["learning_rate"]
     assert config.warmup_epochs <= 1 and config.cooldown_epochs == 0
     aug = config.aug
     assert (aug.randaugment_ops, aug.mixup_alpha, aug.cutmix_alpha, aug.random_erasing) == (
@@ -475,14 +476,14 @@ def test_finetune_recipe():
         0.0,
     )
     assert aug.hflip and aug.label_smoothing == 0.1
-    with pytest.raises(trainer.TrainingError, match="--recipe must be one of"):
-        trainer.resolve(trainer.Config(recipe="cifar"))
+    with pytest.raises(TrainingError, match="--recipe must be one of"):
+        resolve(Config(recipe="cifar"))
 
 
 def test_weight_decay_exclusions(tmp_path):
-    config = trainer.resolve(trainer.Config(**tiny_config(str(tmp_path), tmp_path)))
+    config = resolve(Config(**tiny_config(str(tmp_path), tmp_path)))
     model = trainer.build_model(config)
-    optimizer, _ = trainer.build_optimizer(config, 10, model)
+    optimizer, _ = optim.build_optimizer(config, 10, model)
     decayed = {v.path for v in model.trainable_variables if optimizer._use_weight_decay(v)}
     assert "blocks_0/attn/qkv/kernel" in decayed and "head/kernel" in decayed
     for path in ("blocks_0/attn/proj/bias", "blocks_0/norm1/gamma", "norm/beta", "cls_token/token"):
@@ -490,10 +491,10 @@ def test_weight_decay_exclusions(tmp_path):
 
 
 def test_schedule_warmup_cosine_cooldown(tmp_path):
-    config = trainer.resolve(trainer.Config(**tiny_config(
+    config = resolve(Config(**tiny_config(
         str(tmp_path), tmp_path, epochs=10, warmup_epochs=2, cooldown_epochs=3,
         learning_rate=1e-3, batch_size=512)))  # fmt: skip
-    _, schedule = trainer.build_optimizer(config, 100, trainer.build_model(config))
+    _, schedule = optim.build_optimizer(config, 100, trainer.build_model(config))
     assert float(schedule(0)) == pytest.approx(1e-6)
     assert float(schedule(200)) == pytest.approx(1e-3, rel=1e-4)  # peak after warmup
     assert float(schedule(700)) == pytest.approx(1e-5, rel=1e-3)  # cosine ends at min_lr
@@ -670,7 +671,7 @@ def _unavailable(path):
 )  # fmt: skip
 def test_checkpoint_read_errors_are_classified(error, kind):
     path = "/runs/503_timeout/checkpoints/ckpt-6"
-    assert trainer.classify_checkpoint_error(error, path) == kind
+    assert checkpoints_lib.classify_checkpoint_error(error, path) == kind
 
 
 def test_a_storage_error_while_restoring_sets_nothing_aside(
@@ -682,9 +683,9 @@ def test_a_storage_error_while_restoring_sets_nothing_aside(
 
     shutil.copytree(two_checkpoints, tmp_path, dirs_exist_ok=True)
     waits = []
-    monkeypatch.setattr(trainer, "RESTORE_RETRY_DELAYS", (0.25, 0.5, 1.0))
-    monkeypatch.setattr(trainer, "_sleep", waits.append)
-    real_verify, calls, failures = trainer.verify_checkpoint, [], {}
+    monkeypatch.setattr(checkpoints_lib, "RESTORE_RETRY_DELAYS", (0.25, 0.5, 1.0))
+    monkeypatch.setattr(checkpoints_lib, "_sleep", waits.append)
+    real_verify, calls, failures = checkpoints_lib.verify_checkpoint, [], {}
 
     def flaky(path):  # the fault each checkpoint gets, from `failures`: [error, times left]
         calls.append(os.path.basename(path))
@@ -694,7 +695,7 @@ def test_a_storage_error_while_restoring_sets_nothing_aside(
             raise error
         real_verify(path)
 
-    monkeypatch.setattr(trainer, "verify_checkpoint", flaky)
+    monkeypatch.setattr(checkpoints_lib, "verify_checkpoint", flaky)
     before = _files(tmp_path)
     # Storage unavailable for good: the command line stops with a message, all kept.
     failures["ckpt-6"] = [_unavailable("ckpt-6"), 99]
@@ -718,11 +719,11 @@ def test_a_storage_error_while_restoring_sets_nothing_aside(
 
     # Permission denied: no retry.
     run = trainer.Trainer(
-        trainer.Config(**tiny_config(tiny_records, tmp_path), aug=data.Augmentation.none())
+        Config(**tiny_config(tiny_records, tmp_path), aug=data.Augmentation.none())
     )
     calls.clear()
     failures["ckpt-6"] = [tf.errors.PermissionDeniedError(None, None, "403 Forbidden"), 1]
-    with pytest.raises(trainer.TrainingError, match=r"read the checkpoint \S+ckpt-6: permission"):
+    with pytest.raises(TrainingError, match=r"read the checkpoint \S+ckpt-6: permission"):
         run.restore()
     assert calls == ["ckpt-6"] and _files(tmp_path) == before
 
@@ -738,7 +739,7 @@ def test_a_storage_error_while_restoring_sets_nothing_aside(
     calls.clear()
     failures["ckpt-6"] = [tf.errors.DataLossError(None, None, "checksum does not match"), 1]
     failures["ckpt-3"] = [_unavailable("ckpt-3"), 99]
-    with pytest.raises(trainer.TrainingError, match=r"only the corrupt ckpt-6 was set aside"):
+    with pytest.raises(TrainingError, match=r"only the corrupt ckpt-6 was set aside"):
         run.restore()
     checkpoints = tmp_path / "checkpoints"
     assert sorted(p.name for p in checkpoints.glob("corrupt-*")) == [
@@ -756,15 +757,15 @@ def test_another_model_in_the_same_model_dir_is_refused_first(
     shutil.copytree(two_checkpoints, tmp_path, dirs_exist_ok=True)
     record = (tmp_path / "config.json").read_text()
     with pytest.raises(
-        trainer.TrainingError,
+        TrainingError,
         match=r"checkpoints of another model \(--model=t2t_vit_7\); this run asks for "
         r"--model=t2t_vit_10\. Use another --model_dir",
     ):
         _run_config(tiny_records, tmp_path, mode="train", model="t2t_vit_10")
-    with pytest.raises(trainer.TrainingError, match=r"--num_classes=4.*--num_classes=5"):
+    with pytest.raises(TrainingError, match=r"--num_classes=4.*--num_classes=5"):
         _run_config(tiny_records, tmp_path, mode="train", num_classes=5)
     with pytest.raises(
-        trainer.TrainingError,
+        TrainingError,
         match=r"a run with --recipe=imagenet; this run asks for --recipe=finetune\. A run resumes "
         r"with its own recipe: pass --recipe=imagenet to resume",
     ):
@@ -778,7 +779,7 @@ def test_a_resumed_run_keeps_the_weights_it_started_from(tiny_records, two_check
     record["weights"] = "cifar10"  # as a run fine-tuned from a release records it
     (tmp_path / "config.json").write_text(json.dumps(record))
     run = trainer.Trainer(  # resumed without --weights (a resume needs none)
-        trainer.Config(**tiny_config(tiny_records, tmp_path), aug=data.Augmentation.none())
+        Config(**tiny_config(tiny_records, tmp_path), aug=data.Augmentation.none())
     )
     assert run._resume().endswith("ckpt-6")
     assert json.loads((tmp_path / "config.json").read_text())["weights"] == "cifar10"
@@ -792,7 +793,7 @@ def test_a_checkpoint_that_does_not_fit_is_not_taken_for_corrupt(
 ):
     shutil.copytree(two_checkpoints, tmp_path, dirs_exist_ok=True)
     (tmp_path / "config.json").unlink()  # no record to compare with: the restore tells
-    with pytest.raises(trainer.TrainingError, match=r"ckpt-6 does not fit this run"):
+    with pytest.raises(TrainingError, match=r"ckpt-6 does not fit this run"):
         _run_config(tiny_records, tmp_path, mode="train", image_size=48)
     assert (tmp_path / "checkpoints" / "ckpt-6.index").exists()
     assert not list((tmp_path / "checkpoints").glob("corrupt-*"))
@@ -800,7 +801,7 @@ def test_a_checkpoint_that_does_not_fit_is_not_taken_for_corrupt(
     # "another model": the record would name the wrong run's --image_size=48).
     assert not (tmp_path / "config.json").exists()
     run = trainer.Trainer(
-        trainer.Config(**tiny_config(tiny_records, tmp_path), aug=data.Augmentation.none())
+        Config(**tiny_config(tiny_records, tmp_path), aug=data.Augmentation.none())
     )
     assert run._resume().endswith("ckpt-6")
     assert json.loads((tmp_path / "config.json").read_text())["image_size"] == 32
@@ -808,19 +809,19 @@ def test_a_checkpoint_that_does_not_fit_is_not_taken_for_corrupt(
 
 def test_missing_tensorboard_is_reported_at_start(tiny_records, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorboard", None)
-    with pytest.raises(trainer.TrainingError, match=r"tensorboard.*pip install keras-t2t\[train\]"):
+    with pytest.raises(TrainingError, match=r"tensorboard.*pip install keras-t2t\[train\]"):
         _run_config(tiny_records, tmp_path)
     assert not (tmp_path / "config.json").exists()
 
 
 def test_a_model_dir_that_cannot_be_created(tiny_records, tmp_path):
     (tmp_path / "file").write_text("")
-    with pytest.raises(trainer.TrainingError, match=r"Cannot create --model_dir .*file/run"):
+    with pytest.raises(TrainingError, match=r"Cannot create --model_dir .*file/run"):
         _run_config(tiny_records, tmp_path / "file" / "run")
 
 
 def test_nan_without_any_checkpoint_says_so(tiny_records, tmp_path):
-    with pytest.raises(trainer.TrainingError, match="diverged.*no checkpoint had been saved yet"):
+    with pytest.raises(TrainingError, match="diverged.*no checkpoint had been saved yet"):
         _run_config(tiny_records, tmp_path, mode="train", learning_rate=1e30, warmup_epochs=0)
 
 
@@ -912,7 +913,7 @@ def bad_records(tmp_path):
 
 def test_a_bad_record_is_named(bad_records, tmp_path):
     with pytest.raises(
-        trainer.TrainingError,
+        TrainingError,
         match=r"The bad record: number (2 of \S+train-00000-of-00002 \(image/filename "
         r"'broken.jpg'\), which cannot be parsed or decoded|5 of \S+train-00001-of-00002, "
         r"which cannot be read)",
@@ -1005,7 +1006,7 @@ def test_ema_warms_up():
     import keras
 
     weight = keras.Variable(0.0)  # as the model's weights
-    ema = trainer.ExponentialMovingAverage([weight], decay=0.99996)
+    ema = optim.ExponentialMovingAverage([weight], decay=0.99996)
     weight.assign(1.0)
     for step in range(100):
         ema.update(tf.constant(step, tf.int64))
@@ -1055,15 +1056,15 @@ def test_flags_take_their_defaults_from_the_recipe(tmp_path):
     try:
         flags(["train_imagenet.py", f"--data_dir={tmp_path}", "--recipe=finetune", "--mixup=0.2",
                "--model=t2t_vit_7", "--epochs=7"])  # fmt: skip
-        config = trainer.resolve(train_imagenet.config_from_flags())
+        config = resolve(train_imagenet.config_from_flags())
     finally:
         flags.unparse_flags()
-    finetune = trainer.recipe("t2t_vit_7", "finetune")
+    finetune = recipe("t2t_vit_7", "finetune")
     assert config.recipe == "finetune" and config.epochs == 7
     assert config.learning_rate == finetune["learning_rate"]
     assert config.aug.mixup_alpha == 0.2 and config.aug.randaugment_ops == 0
     assert config.aug.cutmix_alpha == finetune["aug"].cutmix_alpha
-    defaults = trainer.Config()
+    defaults = Config()
     assert (config.batch_size, config.image_size) == (defaults.batch_size, defaults.image_size)
 
 
@@ -1084,22 +1085,22 @@ def test_only_input_pipeline_errors_become_bad_data(tiny_records, tmp_path, monk
         raise failure
 
     with monkeypatch.context() as patch:
-        patch.setattr(trainer, "evaluate_model", failing_evaluation)
+        patch.setattr(evaluation, "evaluate_model", failing_evaluation)
         with pytest.raises(tf.errors.InvalidArgumentError, match="XLA compilation failed"):
             _run_config(tiny_records, tmp_path / "run_eval", epochs=1, warmup_epochs=0)
     monkeypatch.setattr(trainer.Trainer, "_build_train_loop", failing_loop)
     with pytest.raises(tf.errors.InvalidArgumentError, match="XLA compilation failed"):
         _run_config(tiny_records, tmp_path / "run", mode="train")
     # What the input pipeline raises still becomes a one-line "Bad data" message.
-    assert trainer.is_data_error(tf.errors.DataLossError(None, None, "corrupted record at 12"))
+    assert is_data_error(tf.errors.DataLossError(None, None, "corrupted record at 12"))
     decoding = "Unknown image file format\n [[while/body/_1/while/IteratorGetNext]]"
-    assert trainer.is_data_error(tf.errors.InvalidArgumentError(None, None, decoding))
-    assert not trainer.is_data_error(failure)
+    assert is_data_error(tf.errors.InvalidArgumentError(None, None, decoding))
+    assert not is_data_error(failure)
 
 
 def test_checkpoint_every_steps_and_a_failed_save_after_sigterm(tiny_records, tmp_path, caplog):
     # Between the ends of epochs too (#10, item 10): every 2 steps here, in loops of 1.
-    config = trainer.Config(
+    config = Config(
         **tiny_config(
             tiny_records, tmp_path, mode="train", epochs=1, warmup_epochs=0, steps_per_epoch=7,
             steps_per_loop=1, checkpoint_every="2",
@@ -1155,13 +1156,13 @@ def test_sigterm_during_an_evaluation_stops_at_once(tiny_records, tmp_path, monk
             sigterm()
 
     _count_steps_only(monkeypatch)
-    monkeypatch.setattr(trainer, "make_eval_step", fake_eval_step)
+    monkeypatch.setattr(evaluation, "make_eval_step", fake_eval_step)
     monkeypatch.setattr(trainer.Trainer, "export_weights", export_then_sigterm)
     config = tiny_config(
         tiny_records, tmp_path, epochs=3, warmup_epochs=0, steps_per_epoch=2, checkpoint_every="0"
     )
-    run = trainer.Trainer(trainer.Config(**config, aug=data.Augmentation.none()))
-    with pytest.raises(trainer.Preempted, match="stopped by SIGTERM at step 2;"):
+    run = trainer.Trainer(Config(**config, aug=data.Augmentation.none()))
+    with pytest.raises(Preempted, match="stopped by SIGTERM at step 2;"):
         run.run()
     assert _latest_step(tmp_path) == 2 and int(run.step.numpy()) == 2
     # 3 batches a pass: SIGTERM in the evaluation ends it at the next batch; in the export
@@ -1173,29 +1174,29 @@ def test_sigterm_during_an_evaluation_stops_at_once(tiny_records, tmp_path, monk
 
 @pytest.mark.parametrize("value", ["ten", "-2", "5s", "m", ""])
 def test_checkpoint_every_is_checked(value):
-    with pytest.raises(trainer.TrainingError, match="--checkpoint_every must be minutes"):
-        trainer.checkpoint_interval(value)
+    with pytest.raises(TrainingError, match="--checkpoint_every must be minutes"):
+        checkpoint_interval(value)
 
 
 def test_checkpoint_every_forms():
-    assert trainer.checkpoint_interval("10m") == (10.0, None)
-    assert trainer.checkpoint_interval("2000") == (None, 2000)
-    assert trainer.checkpoint_interval("0") == (None, None)
+    assert checkpoint_interval("10m") == (10.0, None)
+    assert checkpoint_interval("2000") == (None, 2000)
+    assert checkpoint_interval("0") == (None, None)
 
 
 def test_a_tpu_pod_refuses_paths_on_the_local_disk(tmp_path):
     pod = types.SimpleNamespace(extended=types.SimpleNamespace(num_hosts=4))
-    config = trainer.Config(strategy="tpu", data_dir=str(tmp_path), model_dir="gs://b/run")
-    with pytest.raises(trainer.TrainingError, match=r"4 hosts.*--data_dir=\S+ is on this machine"):
-        trainer._check_pod_paths(config, pod)
+    config = Config(strategy="tpu", data_dir=str(tmp_path), model_dir="gs://b/run")
+    with pytest.raises(TrainingError, match=r"4 hosts.*--data_dir=\S+ is on this machine"):
+        distribute.check_pod_paths(config, pod)
     config.model_dir = str(tmp_path / "run")
-    with pytest.raises(trainer.TrainingError, match="--data_dir=.* and --model_dir=.*gs://"):
-        trainer._check_pod_paths(config, pod)
+    with pytest.raises(TrainingError, match="--data_dir=.* and --model_dir=.*gs://"):
+        distribute.check_pod_paths(config, pod)
     config.data_dir, config.model_dir = "gs://b/imagenet", "gs://b/run"
-    trainer._check_pod_paths(config, pod)  # accepted
+    distribute.check_pod_paths(config, pod)  # accepted
     # One host (a single TPU VM, --tpu=local) reads its own disk.
     config.data_dir = str(tmp_path)
-    trainer._check_pod_paths(config, types.SimpleNamespace(extended=types.SimpleNamespace()))
+    distribute.check_pod_paths(config, types.SimpleNamespace(extended=types.SimpleNamespace()))
 
 
 @pytest.mark.parametrize(
@@ -1245,14 +1246,14 @@ def test_a_resume_without_the_weights_that_set_the_normalization_is_refused(tmp_
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "ckpt-4.index").write_bytes(b"")
     config = dict(model="t2t_vit_14", image_size=224, num_classes=10, model_dir=str(tmp_path))
-    record = json.loads(trainer.Config(**config, weights="cifar10").to_json())
+    record = json.loads(Config(**config, weights="cifar10").to_json())
     (tmp_path / "config.json").write_text(json.dumps(record))
     checkpoints = str(tmp_path / "checkpoints")
-    with pytest.raises(trainer.TrainingError, match=r"started from --weights=cifar10.*Pass"):
-        trainer.check_compatible(trainer.Config(**config), checkpoints)
+    with pytest.raises(TrainingError, match=r"started from --weights=cifar10.*Pass"):
+        checkpoints_lib.check_compatible(Config(**config), checkpoints)
     assert json.loads((tmp_path / "config.json").read_text()) == record
-    assert trainer.check_compatible(trainer.Config(**config, weights="cifar10"), checkpoints)
+    assert checkpoints_lib.check_compatible(Config(**config, weights="cifar10"), checkpoints)
     # A release normalized as ImageNet (and any file) resumes without --weights.
     record["weights"] = "imagenet"
     (tmp_path / "config.json").write_text(json.dumps(record))
-    assert trainer.check_compatible(trainer.Config(**config), checkpoints)
+    assert checkpoints_lib.check_compatible(Config(**config), checkpoints)

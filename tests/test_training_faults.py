@@ -13,6 +13,14 @@ import pytest
 import tensorflow as tf
 
 from training import build_tfrecords, data, trainer
+from training.config import Config
+from training.errors import (
+    TrainingError,
+    data_error_message,
+    is_data_error,
+    is_disk_full,
+    unreadable_data_message,
+)
 
 
 @pytest.fixture(scope="module")
@@ -129,8 +137,8 @@ def test_a_shard_deleted_during_the_run_is_a_clear_error(records, tmp_path, monk
         "replica:0/task:0/device:CPU:0}} /data/train-00001-of-00002; No such file or "
         "directory [Op:IteratorGetNext] name: ",
     )  # fmt: skip
-    assert trainer.is_data_error(eager)
-    assert trainer.unreadable_data_message(eager, "validation", "Then.") == (
+    assert is_data_error(eager)
+    assert unreadable_data_message(eager, "validation", "Then.") == (
         "Cannot read the validation TFRecords: /data/train-00001-of-00002; No such file or "
         "directory (NotFoundError). A shard was deleted or moved after the files were "
         "checked at the start. Then."
@@ -202,7 +210,7 @@ def test_a_full_disk_while_writing_the_weights_or_config_json(records, tmp_path,
     previous file as it was (config.json never names a half-written weights file)."""
     _count_steps_only(monkeypatch)
     run_dir = tmp_path / "run"
-    config = trainer.Config(
+    config = Config(
         model="t2t_vit_7", data_dir=str(records), model_dir=str(run_dir), image_size=32,
         num_classes=4, batch_size=8, epochs=1, warmup_epochs=0, steps_per_epoch=2,
         steps_per_loop=2, mode="train", jit_compile=False, checkpoint_every="0",
@@ -222,7 +230,7 @@ def test_a_full_disk_while_writing_the_weights_or_config_json(records, tmp_path,
     with monkeypatch.context() as patch:
         patch.setattr(type(run.model), "save_weights", save_half_then_fail)
         with pytest.raises(
-            trainer.TrainingError,
+            TrainingError,
             match=rf"Cannot write the weights in {re.escape(str(run_dir))}: the disk is full "
             r"\(No space left on device\)\. The last good checkpoint, \S+ckpt-2, is kept; the "
             r"weights files are as they were\.",
@@ -236,12 +244,12 @@ def test_a_full_disk_while_writing_the_weights_or_config_json(records, tmp_path,
     with monkeypatch.context() as patch:
         patch.setattr(json, "dump", dump_half_then_fail)
         with pytest.raises(
-            trainer.TrainingError,
+            TrainingError,
             match=rf"Cannot write {re.escape(str(run_dir / 'config.json'))}: the disk is full "
             r".*ckpt-2, is kept; it is as it was\.",
         ):
             run._write_record(run._record())
-        with pytest.raises(trainer.TrainingError, match="eval_results.json: the disk is full"):
+        with pytest.raises(TrainingError, match="eval_results.json: the disk is full"):
             run.write_results(dict(top1=0.5))
     after = {name: (run_dir / name).read_bytes() for name in before}
     assert after == before
@@ -249,10 +257,10 @@ def test_a_full_disk_while_writing_the_weights_or_config_json(records, tmp_path,
     assert not (run_dir / "eval_results.json").exists()
 
     # An out-of-memory error is no full disk: it keeps its type.
-    assert not trainer.is_disk_full(
+    assert not is_disk_full(
         tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor")
     )
-    assert trainer.is_disk_full(OSError(errno.EDQUOT, "Disk quota exceeded"))
+    assert is_disk_full(OSError(errno.EDQUOT, "Disk quota exceeded"))
 
 
 # --- F19: messages --------------------------------------------------------------------------
@@ -266,14 +274,14 @@ def _label_error(label, num_classes, label_offset, graph):
     try:
         tf.function(lambda it: next(it))(iterator) if graph else next(iterator)
     except tf.errors.InvalidArgumentError as error:
-        assert trainer.is_data_error(error)
+        assert is_data_error(error)
         return error
     raise AssertionError("no error")
 
 
 @pytest.mark.parametrize("graph", [False, True])
 def test_the_label_out_of_range_message_is_one_clean_sentence(graph):
-    too_large = trainer._data_error_message(_label_error(3, 2, 1, graph))
+    too_large = data_error_message(_label_error(3, 2, 1, graph))
     assert too_large == (
         "Bad data: label out of range: a record's label is >= num_classes + label_offset "
         "(2 + 1); check --num_classes and --label_offset."
@@ -289,9 +297,9 @@ def test_the_label_out_of_range_message_is_one_clean_sentence(graph):
         "element-wise:] [x (sub:0) = ] [2] [y (assert_less/y:0) = ] [2]\n\t [[{{node "
         "assert_less/Assert/Assert}}]]\n\t [[while/IteratorGetNext]] [Op:__inference_loop_45]",
     )  # fmt: skip
-    assert trainer.is_data_error(review)
-    assert trainer._data_error_message(review) == too_large
-    negative = trainer._data_error_message(_label_error(0, 2, 1, graph))
+    assert is_data_error(review)
+    assert data_error_message(review) == too_large
+    negative = data_error_message(_label_error(0, 2, 1, graph))
     assert negative == (
         "Bad data: label out of range: a record's label is < --label_offset (1); ImageNet "
         "TFRecords use labels 1..1000 (--label_offset=1), zero-based data needs "

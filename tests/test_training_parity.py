@@ -17,7 +17,8 @@ from conftest import tiny_model
 import keras_t2t
 from keras_t2t import reference
 from keras_t2t import weights as weights_lib
-from training import data, trainer
+from training import data, optim
+from training.config import Config
 
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.torch
@@ -98,7 +99,7 @@ def test_loss_and_every_gradient_equal_the_official(golden):
 
 
 def _adamw_config():
-    return trainer.Config(
+    return Config(
         batch_size=512, learning_rate=1e-3, weight_decay=0.05, epochs=10, warmup_epochs=0,
         cooldown_epochs=0, warmup_lr=1e-6, min_lr=1e-5, mixed_precision="float32",
     )  # fmt: skip
@@ -115,7 +116,7 @@ def test_adamw_steps_equal_torch_with_the_official_parameter_groups(golden):
         lr=config.learning_rate, betas=(0.9, 0.999), eps=1e-8,
     )  # fmt: skip
     model = _keras_model(golden)
-    optimizer, schedule = trainer.build_optimizer(config, 100, model)
+    optimizer, schedule = optim.build_optimizer(config, 100, model)
     variables = {v.path: v for v in model.trainable_variables}
     rng = np.random.default_rng(0)
     for step in range(3):
@@ -148,7 +149,7 @@ def test_weight_decay_groups_are_the_officials(golden):
     parameters = _official_parameters(golden)
     model = _keras_model(golden)
     config = _adamw_config()
-    optimizer, _ = trainer.build_optimizer(config, 100, model)
+    optimizer, _ = optim.build_optimizer(config, 100, model)
     before = {v.path: v.numpy() for v in model.trainable_variables}
     optimizer.apply_gradients(
         [(np.zeros(v.shape, np.float32), v) for v in model.trainable_variables]

@@ -26,7 +26,8 @@ import keras_t2t
 from keras_t2t import export, pretrained
 from keras_t2t import weights as weights_lib
 from training import data as data_lib
-from training import trainer
+from training import errors
+from training.evaluation import evaluate_model
 
 
 def build_model(weights, model=None, num_heads=None, image_size=None):
@@ -87,17 +88,17 @@ def evaluate(
         files, batch_size, size, classes, crop_pct=crop_pct, label_offset=label_offset
     )
     try:
-        return trainer.evaluate_model(net, dataset, strategy)
-    except trainer.DATA_ERRORS as error:
-        if not trainer.is_data_error(error):
+        return evaluate_model(net, dataset, strategy)
+    except errors.DATA_ERRORS as error:
+        if not errors.is_data_error(error):
             raise
-        if isinstance(error, trainer.DATA_READ_ERRORS):
-            message = trainer.unreadable_data_message(
+        if isinstance(error, errors.DATA_READ_ERRORS):
+            message = errors.unreadable_data_message(
                 error, "validation", "Put the shard back, then run again."
             )
         else:
-            message = trainer._data_error_message(error)
-        raise trainer.TrainingError(message) from None
+            message = errors.data_error_message(error)
+        raise errors.TrainingError(message) from None
 
 
 def check_output(path):
@@ -150,7 +151,7 @@ def main(argv=None):
             args.weights, args.data_dir, args.model, args.num_heads, args.image_size,
             args.crop_pct, args.batch_size, args.label_offset,
         )  # fmt: skip
-    except (ValueError, ImportError, trainer.TrainingError) as error:
+    except (ValueError, ImportError, errors.TrainingError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(

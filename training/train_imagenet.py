@@ -20,13 +20,15 @@ if __package__ in (None, ""):
 
 from absl import app, flags
 
+from training import config as run_config
 from training import data as data_lib
-from training import trainer as _trainer
+from training.errors import Preempted, TrainingError
+from training.trainer import Trainer
 
 FLAGS = flags.FLAGS
-# The defaults are defined once, in training.trainer: `Config` and the recipes.
-_C = _trainer.Config()
-_R = {name: _trainer.recipe("t2t_vit_14", name) for name in _trainer.RECIPES}
+# The defaults are defined once, in training.config: `Config` and the recipes.
+_C = run_config.Config()
+_R = {name: run_config.recipe("t2t_vit_14", name) for name in run_config.RECIPES}
 
 
 def _recipe_help(text, field, aug=False):
@@ -48,7 +50,7 @@ flags.DEFINE_string("model", _C.model, "Variant, e.g. t2t_vit_7 ... t2t_vit_t_24
 flags.DEFINE_enum(
     "recipe",
     _C.recipe,
-    list(_trainer.RECIPES),
+    list(run_config.RECIPES),
     "Defaults of the schedule, regularization and augmentation: imagenet (the paper's) or "
     "finetune (from --weights, or small data: lower LR, short warmup, no RandAugment, mixup, "
     "cutmix or erasing). Flags given on the command line override it.",
@@ -88,7 +90,7 @@ flags.DEFINE_float(
     "ema_decay", None, _recipe_help("EMA decay of the weights per step, warmed up", "ema_decay")
 )
 flags.DEFINE_enum("mode", _C.mode, ["train", "eval", "train_and_eval"], "What to run.")
-flags.DEFINE_enum("strategy", _C.strategy, list(_trainer.STRATEGIES), "tf.distribute strategy.")
+flags.DEFINE_enum("strategy", _C.strategy, list(run_config.STRATEGIES), "tf.distribute strategy.")
 flags.DEFINE_string(
     "tpu", None, "TPU name or address (with --strategy=tpu; set alone, implies it)."
 )
@@ -98,7 +100,7 @@ flags.DEFINE_string(
     "Start from these weights: imagenet (the official release of --model, downloaded once; "
     "see KERAS_T2T_WEIGHTS_URL), a .pth.tar / .weights.h5 file, or a run's --model_dir.",
 )
-flags.DEFINE_enum("mixed_precision", None, list(_trainer.PRECISIONS), "Default: bfloat16 on TPU.")
+flags.DEFINE_enum("mixed_precision", None, list(run_config.PRECISIONS), "Default: bfloat16 on TPU.")
 flags.DEFINE_float("crop_pct", _C.crop_pct, "Evaluation crop fraction (resize to size / crop_pct).")
 flags.DEFINE_integer("steps_per_loop", _C.steps_per_loop, "Steps per tf.function call.")
 flags.DEFINE_integer("steps_per_epoch", None, "Override the steps of an epoch.")
@@ -174,7 +176,6 @@ EMBEDDED = dict(
 def config_from_flags():
     import dataclasses
 
-    from training import trainer
     from training.build_tfrecords import digits_tfrecords
 
     values = {name: FLAGS[name].value for name in FLAGS if name in _OUR_FLAGS}
@@ -187,11 +188,11 @@ def config_from_flags():
         values["strategy"] = "tpu"
     if values["model_dir"] is None:
         values["model_dir"] = os.path.join("runs", values["model"])
-    aug = trainer.recipe(values["model"], values["recipe"])["aug"]
+    aug = run_config.recipe(values["model"], values["recipe"])["aug"]
     given = {field: values.pop(flag) for flag, field in AUG_FLAGS.items()}
     aug = dataclasses.replace(aug, **{k: v for k, v in given.items() if v is not None})
-    config = trainer.Config(**values, aug=aug)
-    trainer.resolve(config)  # every flag is checked before anything is built or written
+    config = run_config.Config(**values, aug=aug)
+    run_config.resolve(config)  # every flag is checked before anything is built or written
     if embedded:
         cache = os.path.join(
             os.path.expanduser(os.environ.get("KERAS_T2T_CACHE", "~/.cache/keras_t2t"))
@@ -215,16 +216,14 @@ _OUR_FLAGS = {
 
 def main(argv):
     del argv
-    from training import trainer
-
     logging.getLogger("keras_t2t").setLevel(logging.INFO)
     try:
         config = config_from_flags()
-        results = trainer.Trainer(config).run()
-    except trainer.Preempted as stop:
+        results = Trainer(config).run()
+    except Preempted as stop:
         logging.warning("%s", stop)
         return 143
-    except (trainer.TrainingError, data_lib.DataError, ValueError) as error:
+    except (TrainingError, data_lib.DataError, ValueError) as error:
         logging.error("%s", error)
         print(f"error: {error}", file=sys.stderr)
         return 2
