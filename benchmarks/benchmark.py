@@ -19,8 +19,9 @@ Prints, and writes to --output as JSON:
   every row's ratio to it;
 - a profile of the forward pass split into the T2T module, attention, MLP and the rest;
 - the peak memory (resident set) of a training step, in a fresh process;
-- ablations (`--ablations`): the same `tf.function` with each TF-graph fast path of the layers
-  turned off in turn (Keras' LayerNormalization; the portable paths of `xla_compilation`).
+- ablations (`--ablations`): each inference transform (`keras_t2t.inference`) left out in turn,
+  in the `tf.function` of the "tensorflow_onednn" twin and in OpenVINO float32 on the
+  "openvino" twin, beside the model as built; interleaved rounds.
 
 The models get random weights like released ones (`trained_like`: no zero biases, which
 TensorFlow would drop, and with them a fusion that real weights get).
@@ -63,7 +64,6 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import keras_t2t  # noqa: E402
-from keras_t2t import layers as t2t_layers  # noqa: E402
 
 if keras.backend.backend() == "tensorflow":
     import tensorflow as tf
@@ -136,16 +136,6 @@ def trained_like(model, seed=0):
     return model
 
 
-def forward(model, xla, training=False):
-    """`model`'s call, with the layers told whether XLA compiles it (`xla_compilation`)."""
-
-    def call(x):
-        with t2t_layers.xla_compilation(xla):
-            return model(x, training=training)
-
-    return call
-
-
 def official_model(official_dir, name, image_size, seed=0):
     """The official PyTorch model `name` (evaluation mode) from a checkout of
     yitu-opensource/T2T-ViT, with weights like released ones, as `trained_like` gives ours
@@ -183,8 +173,8 @@ def load_official(model, official):
 def inference_paths(model, images, min_time):
     """images/s of `model` on `images` through predict, tf.function and XLA."""
     batch = images.shape[0]
-    function = tf.function(forward(model, xla=False))
-    xla = tf.function(forward(model, xla=True), jit_compile=True)
+    function = tf.function(lambda x: model(x, training=False))
+    xla = tf.function(lambda x: model(x, training=False), jit_compile=True)
     tensor = tf.constant(images)
     results = {}
     results["predict"] = batch / timed(
@@ -198,36 +188,58 @@ def inference_paths(model, images, min_time):
     return results
 
 
+def _without(runtime):
+    """{row name: transforms}: `runtime`'s transforms (`keras_t2t.inference.RUNTIMES`), each
+    left out in turn, and none (the model as built)."""
+    from keras_t2t import inference
+
+    transforms = inference.RUNTIMES[runtime]
+    rows = {runtime: transforms}
+    rows.update({f"without_{t}": tuple(u for u in transforms if u != t) for t in transforms})
+    rows["as_built"] = ()
+    return rows
+
+
 def ablations(model, images, min_time):
-    """images/s of the float32 `tf.function` at full speed, then with each TF-graph fast path
-    of the layers turned off: Keras' LayerNormalization instead of `LayerNorm`'s plain
-    reductions; Keras' 3-D Dense (a Tensordot) for every Dense instead of 2-D rows
-    (`_as_rows`); and every portable path at once (what `xla_compilation(True)` selects:
-    strided slices for the soft split, the 3-D MLP, Keras' LayerNormalization) in the same
-    plain graph. Each is its own `tf.function`, traced with its setting and timed
-    round-robin with the others (`interleaved`)."""
+    """images/s of the float32 `tf.function` of `keras_t2t.inference.prepare(model,
+    "tensorflow_onednn")`, of the same with each of its transforms left out in turn, and of the
+    model as built. Each is traced with a batch dimension of None (as a SavedModel's signature,
+    and as the oneDNN LayerNorm needs) and timed round-robin with the others (`interleaved`)."""
+    from keras_t2t import inference
+
     batch = images.shape[0]
     tensor = tf.constant(images)
-
-    def traced(xla):
-        function = tf.function(forward(model, xla=xla))
-        function(tensor)  # traced now, with the layers as they are set at this point
-        return lambda: function(tensor).numpy()
-
-    calls = {"tf_paths": traced(False)}
-    ours = t2t_layers.LayerNorm.call
-    t2t_layers.LayerNorm.call = keras.layers.LayerNormalization.call
-    try:
-        calls["keras_layernorm"] = traced(False)
-    finally:
-        t2t_layers.LayerNorm.call = ours
-    t2t_layers._ROWS = False
-    try:
-        calls["tensordot_dense"] = traced(False)
-    finally:
-        t2t_layers._ROWS = True
-    calls["portable_paths"] = traced(True)
+    spec = tf.TensorSpec((None,) + images.shape[1:], tf.float32)
+    calls = {}
+    for row, transforms in _without("tensorflow_onednn").items():
+        twin = inference.prepare(model, transforms=transforms)
+        function = tf.function(lambda x, twin=twin: twin(x, training=False), input_signature=[spec])
+        function(tensor)
+        calls[row] = lambda function=function: function(tensor).numpy()
     return {path: batch / seconds for path, seconds in interleaved(calls, min_time).items()}
+
+
+def openvino_ablations(model, images, min_time):
+    """images/s of OpenVINO float32 on the "openvino" twin's pixel signature (what
+    `export_openvino` writes), with each of its transforms left out in turn, and on the model
+    as built; interleaved. {} where OpenVINO is not installed."""
+    try:
+        import openvino as ov
+    except ImportError:
+        return {}
+    from keras_t2t import export, inference
+
+    pixels = np.clip(np.round(images), 0, 255).astype(np.uint8)
+    core = ov.Core()
+    calls = {}
+    for row, transforms in _without("openvino").items():
+        twin = inference.prepare(model, transforms=transforms)
+        function = export.pixels_function(twin)[0]
+        converted = ov.convert_model(function.get_concrete_function())
+        compiled = core.compile_model(converted, "CPU", {"INFERENCE_PRECISION_HINT": ov.Type.f32})
+        calls[row] = lambda compiled=compiled: compiled(pixels)
+    seconds = interleaved(calls, min_time)
+    return {path: images.shape[0] / s for path, s in seconds.items()}
 
 
 def _openvino_runners(ov, model, prefix, runners, feed):
@@ -294,12 +306,15 @@ def engine_paths(model, batches, min_time, official=None):
     }
     runners = {}
     with tempfile.TemporaryDirectory() as folder:
-        saved = export.export_saved_model(model, folder, "m", 1)
-        signature = tf.saved_model.load(saved).signatures["serving_default"]
-        runners["float32/serving_default"] = lambda x: signature(images=tf.constant(x))[
-            "probabilities"
-        ].numpy()
-        runners["float32/serving_session"] = serving_session(saved)
+        for runtime, suffix in (("tensorflow", ""), ("tensorflow_onednn", "_onednn")):
+            saved = export.export_saved_model(
+                model, folder, f"m{suffix}", 1, serving_runtime=runtime
+            )
+            signature = tf.saved_model.load(saved).signatures["serving_default"]
+            runners[f"float32/serving_default{suffix}"] = lambda x, s=signature: s(
+                images=tf.constant(x)
+            )["probabilities"].numpy()
+            runners[f"float32/serving_session{suffix}"] = serving_session(saved)
         try:
             import onnxruntime as ort
         except ImportError:
@@ -413,7 +428,7 @@ def train_step_throughput(model, batch, min_time, jit_compile=True):
     @tf.function(jit_compile=jit_compile)
     def step(x, y):
         with tf.GradientTape() as tape:
-            logits = tf.cast(forward(model, jit_compile, training=True)(x), tf.float32)
+            logits = tf.cast(model(x, training=True), tf.float32)
             loss = tf.reduce_mean(
                 keras.losses.categorical_crossentropy(y, logits, from_logits=True)
             )
@@ -436,11 +451,7 @@ def profile(model, images, min_time):
     normed = block.norm1(tokens)
 
     def ms(fn):
-        def traced():
-            with t2t_layers.xla_compilation(True):
-                return fn()
-
-        compiled = tf.function(traced, jit_compile=True)
+        compiled = tf.function(fn, jit_compile=True)
         return 1000 * timed(lambda: compiled().numpy(), min_time)
 
     total = ms(lambda: model(tensor, training=False))
@@ -470,7 +481,7 @@ def t2t_module_train_step(name, image_size, batch):
 
     @tf.function(jit_compile=True)
     def step(x):
-        with tf.GradientTape() as tape, t2t_layers.xla_compilation(True):
+        with tf.GradientTape() as tape:
             loss = tf.reduce_mean(tf.square(module(x, training=True)))
         return tape.gradient(loss, module.trainable_variables)
 
@@ -606,13 +617,16 @@ def run(args):
                     .uniform(0, 255, (batch, args.image_size, args.image_size, 3))
                     .astype("float32")
                 )
-                for path, ips in ablations(model, images, args.min_time).items():
-                    key = f"float32/tf_function_{path}/batch_{batch}"
-                    entry.setdefault("ablations", {})[key] = dict(
-                        images_per_second=ips, pct_of_peak=pct(ips, "float32")
-                    )
-                    print(f"  ablation  {key:40s} {ips:8.1f} images/s "
-                          f"{pct(ips, 'float32'):5.1f}% of peak")  # fmt: skip
+                rows = [("tf_function", ablations(model, images, args.min_time)),
+                        ("openvino", openvino_ablations(model, images, args.min_time))]  # fmt: skip
+                for engine, figures in rows:
+                    for path, ips in figures.items():
+                        key = f"float32/{engine}_{path}/batch_{batch}"
+                        entry.setdefault("ablations", {})[key] = dict(
+                            images_per_second=ips, pct_of_peak=pct(ips, "float32")
+                        )
+                        print(f"  ablation  {key:40s} {ips:8.1f} images/s "
+                              f"{pct(ips, 'float32'):5.1f}% of peak")  # fmt: skip
             if dtype == "float32" and not args.skip_tflite:
                 image = np.random.default_rng(1).uniform(0, 255, (args.image_size,) * 2 + (3,))
                 ips = tflite_throughput(model, image, args.min_time, os.cpu_count())

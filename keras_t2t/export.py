@@ -8,9 +8,9 @@ Outputs: `probabilities` float32 `[batch, classes]`, `classes` int32 `[batch]` (
 `scores` float32 `[batch]` (its probability).
 
 The SavedModel holds stock TensorFlow ops only and loads where neither keras nor keras_t2t
-can be imported. TFLite models take uint8 `[1, size, size, 3]` and return the probabilities;
-they are converted from a twin of the model whose soft splits are strided slices (the same
-values as `tf.image.extract_patches`, which has no TFLite builtin), with builtin ops only.
+can be imported. TFLite models take uint8 `[1, size, size, 3]` and return the probabilities,
+with builtin ops only. Each format is converted from the model's twin for its runtime
+(`keras_t2t.inference.prepare`): the same outputs, in the forms that runtime runs fastest.
 ONNX (through tf2onnx) and OpenVINO IR models take `images` `[batch, size, size, 3]` (uint8,
 or float32 pixels in [0, 255] with `input_dtype="float32"`) and return the same three named
 outputs as the SavedModel.
@@ -32,6 +32,7 @@ require_tensorflow_backend("keras_t2t.export (SavedModel, TFLite, ONNX and OpenV
 
 import tensorflow as tf  # noqa: E402
 
+from keras_t2t import inference  # noqa: E402
 from keras_t2t import layers as t2t_layers  # noqa: E402
 from keras_t2t.imagenet import (  # noqa: E402
     CROP_PCT,
@@ -67,85 +68,24 @@ def image_size(model):
     return int(model.input_shape[1])
 
 
-def with_soft_split(model, implementation):
-    """A twin of `model` (same weights) whose soft splits use `implementation`; `model` itself
-    where they already do."""
-    config = model.get_config()
-    modules = [layer["config"] for layer in config["layers"]
-               if layer["class_name"].endswith("T2TModule")]  # fmt: skip
-    if all(m["soft_split_implementation"] == implementation for m in modules):
-        return model
-    for module in modules:
-        module["soft_split_implementation"] = implementation
-    twin = keras.Model.from_config(config)
-    twin.set_weights(model.get_weights())
-    return twin
+# The `keras_t2t.inference.prepare` runtimes a SavedModel may be prepared for (see
+# `export_saved_model`).
+SERVING_RUNTIMES = ("tensorflow", "tensorflow_onednn", "generic")
 
 
-LAYER_NORMS = ("auto", "onednn", "plain")
-
-
-def uses_onednn_layer_norm(layer_norm="auto"):
-    """Whether a SavedModel exported with `layer_norm` traces its LayerNorms in the form that
-    oneDNN fuses (`keras_t2t.layers.onednn_layer_norm`): "onednn" yes, "plain" no, "auto"
-    where this TensorFlow fuses it on the CPU (`tensorflow_fuses_layer_norm`: x86-64 Linux
-    with oneDNN on) and sees no GPU (a SavedModel exported on a GPU machine is most often
-    served on one)."""
-    if layer_norm not in LAYER_NORMS:
+def check_serving_runtime(serving_runtime):
+    if serving_runtime not in SERVING_RUNTIMES:
         raise ValueError(
-            f"`layer_norm` must be one of {', '.join(LAYER_NORMS)}, received {layer_norm!r}."
+            f"`serving_runtime` must be one of {', '.join(SERVING_RUNTIMES)}, received "
+            f"{serving_runtime!r}. Use 'tensorflow_onednn' for x86-64 Linux TF Serving or "
+            f"TensorFlow with oneDNN on (their default), 'tensorflow' for any other."
         )
-    if layer_norm == "auto":
-        return t2t_layers.tensorflow_fuses_layer_norm() and not t2t_layers._has_accelerator()
-    return layer_norm == "onednn"
+    return serving_runtime
 
 
-def class_token_forward(model):
-    """A function of images equal to `model(images, training=False)` whose last block
-    computes the class token's row only (`TransformerBlock.class_token_call`), where the model
-    ends as the builders make a classifier: last block -> LayerNorm -> class-token pooling ->
-    Dense head -> activation, each layer called once, in a chain. None for another model."""
-    from keras_t2t.models import TokenPooling
-
-    kinds = (t2t_layers.TransformerBlock, t2t_layers.LayerNorm, TokenPooling,
-             keras.layers.Dense, keras.layers.Activation)  # fmt: skip
-    chain = model.layers[-len(kinds) :]
-    if len(model.layers) <= len(kinds) or len(model.outputs) != 1:
-        return None
-    if not all(isinstance(layer, kind) for layer, kind in zip(chain, kinds)):
-        return None
-    if chain[2].mode != "token":
-        return None
-    try:  # .input / .output raise for a layer called more than once
-        linked = all(after.input is before.output for before, after in zip(chain, chain[1:]))
-        linked = linked and model.outputs[0] is chain[-1].output
-        trunk = keras.Model(model.inputs, chain[0].input)
-    except (AttributeError, ValueError):
-        return None
-    if not linked:
-        return None
-
-    def forward(images):
-        y = chain[0].class_token_call(trunk(images, training=False))
-        for layer in chain[1:]:
-            y = layer(y)
-        return y
-
-    return forward
-
-
-def serving_fn(model, onednn_layer_norm=False, class_token_only=False):
+def serving_fn(model):
     """uint8 images -> dict of the named outputs, whatever the model's head and preprocessing.
-
-    Traced as a plain TensorFlow graph (TF Serving and TFLite do not compile with XLA), so the
-    model takes its fast paths for plain graphs even where it is exported on a GPU machine;
-    with `onednn_layer_norm`, its LayerNorms in the form oneDNN fuses, and with
-    `class_token_only`, its last block on the class token's row (`class_token_forward`, where
-    the model allows it): a SavedModel's; the converters take the model's own graph.
-    """
-    forward = class_token_forward(model) if class_token_only else None
-    if forward is None:
-        forward = lambda x: model(x, training=False)  # noqa: E731
+    Give it a `keras_t2t.inference.prepare` twin for a runtime's faster forms."""
     has_preprocessing = any(layer.name == "preprocessing" for layer in model.layers)
     activation = model.get_layer("predictions").activation
     softmax_head = getattr(activation, "__name__", "") == "softmax"
@@ -156,8 +96,7 @@ def serving_fn(model, onednn_layer_norm=False, class_token_only=False):
         x = tf.cast(images, tf.float32)
         if not has_preprocessing:
             x = (x - mean) / std
-        with t2t_layers.xla_compilation(False), t2t_layers.onednn_layer_norm(onednn_layer_norm):
-            outputs = tf.cast(forward(x), tf.float32)
+        outputs = tf.cast(model(x, training=False), tf.float32)
         probabilities = outputs if softmax_head else tf.nn.softmax(outputs, axis=-1)
         return {
             "probabilities": probabilities,
@@ -430,7 +369,7 @@ def export_saved_model(
     overwrite=False,
     max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS,
     crop_pct=None,
-    layer_norm="auto",
+    serving_runtime="tensorflow",
 ):
     """Writes `export_dir/<name>/<version>/` for TF Serving; returns that path.
 
@@ -442,17 +381,17 @@ def export_saved_model(
     crop of `serving_bytes` (resize the short side to size / crop_pct); default: that of the
     model's release (`weights="imagenet"`: 0.9; CIFAR: 1.0), else 0.9. Give a training run's
     `--crop_pct` (`serving_crop_pct`) so that served predictions are its evaluation's.
-    `layer_norm`: "auto" (default) traces the LayerNorms in the form oneDNN runs as one op
-    where this TensorFlow does so (x86-64 Linux, as TF Serving's and TensorFlow's packages
-    there), else in plain ops; "onednn" or "plain" choose for a serving machine unlike this
-    one (the oneDNN form is 4% faster overall where oneDNN is on, 13% slower where it is off:
-    Windows and macOS TensorFlow, TF_ENABLE_ONEDNN_OPTS=0). See `uses_onednn_layer_norm`.
-    The signatures run the last block on the class token's row only where the model is a
-    class-token classifier (`class_token_forward`): the same outputs, 5% fewer FLOPs.
+    `serving_runtime`: the `keras_t2t.inference.prepare` runtime the signatures are traced
+    for, named for the serving machine (nothing is inferred from the exporting one):
+    "tensorflow" (default) for any TensorFlow or TF Serving host; "tensorflow_onednn" adds the
+    LayerNorm form that oneDNN fuses into one op, faster where oneDNN is on (TensorFlow's and
+    TF Serving's x86-64 Linux default), slower where it is off (Windows and macOS TensorFlow,
+    TF_ENABLE_ONEDNN_OPTS=0, GPUs); "generic" only the portable class-token block. The
+    signatures compute the model's outputs in every runtime.
     """
     check_model(model)
     version = check_version(version)
-    fused_layer_norm = uses_onednn_layer_norm(layer_norm)
+    check_serving_runtime(serving_runtime)
     max_image_pixels = check_max_image_pixels(max_image_pixels)
     name = name or model.name
     path = os.path.join(export_dir, name, str(version))
@@ -463,7 +402,8 @@ def export_saved_model(
             f"replace it, or choose another version."
         )
     size = image_size(model)
-    serve = serving_fn(model, fused_layer_norm, class_token_only=True)
+    twin = inference.prepare(model, serving_runtime)
+    serve = serving_fn(twin)
     crop_pct = check_crop_pct(serving_crop_pct(model) if crop_pct is None else crop_pct)
 
     def serve_pixels(images):
@@ -475,7 +415,7 @@ def export_saved_model(
         return serve(tf.cast(tf.clip_by_value(tf.round(images), 0, 255), tf.uint8))
 
     archive = keras.export.ExportArchive()
-    archive.track(model)
+    archive.track(twin)
     archive.add_endpoint(
         "serving_default",
         serve_pixels,
@@ -580,12 +520,13 @@ def tflite_models(model, representative_images=None, kinds=TFLITE_KINDS):
             raise ValueError(f"Unknown TFLite kind {kind!r}; choose from {TFLITE_KINDS}.")
     if "int8" in kinds and representative_images is None:
         raise ValueError("Full int8 quantization needs representative_images.")
-    concrete = _tflite_function(model)
+    twin = inference.prepare(model, "tflite")
+    concrete = _tflite_function(twin)
     models = {}
     for kind in kinds:
         converter = _tflite_converter(concrete, kind)
         if kind == "int8":
-            scopes = _t2t_attention_scopes(model)
+            scopes = _t2t_attention_scopes(twin)
             models[kind] = _full_int8(converter, representative_images, float_scopes=scopes)
         else:
             models[kind] = converter.convert()
@@ -594,10 +535,9 @@ def tflite_models(model, representative_images=None, kinds=TFLITE_KINDS):
 
 def _tflite_function(model):
     """The concrete function that the TFLite models are converted from: uint8 `[1, size, size,
-    3]` -> probabilities, on the model's twin with strided-slice soft splits."""
-    twin = with_soft_split(model, "slices")
+    3]` -> probabilities (give it the "tflite" twin: strided-slice soft splits)."""
     size = image_size(model)
-    serve = serving_fn(twin)
+    serve = serving_fn(model)
     function = tf.function(
         lambda images: serve(images)["probabilities"],
         input_signature=[tf.TensorSpec([1, size, size, 3], tf.uint8, name="images")],
@@ -878,8 +818,8 @@ def _last_axis_mean(g, name, rank):
 
 def _fuse_onnx_layer_norms(proto):
     """Replaces each LayerNorm written out in elementary ops (mean, subtract, square, mean, add
-    epsilon, sqrt, divide, scale, offset: what tf2onnx makes of `keras_t2t.layers.LayerNorm`
-    in a `converter_graph`) with one ONNX LayerNormalization node (opset 17), which ONNX Runtime
+    epsilon, sqrt, divide, scale, offset: what tf2onnx makes of `keras_t2t.layers.LayerNorm`)
+    with one ONNX LayerNormalization node (opset 17), which ONNX Runtime
     runs as one kernel and OpenVINO reads as MVN. Returns the number replaced."""
     import onnx
     from onnx import helper
@@ -996,21 +936,18 @@ def _drop_unused_initializers(graph):
 def onnx_model(model, input_dtype="uint8", opset=ONNX_OPSET):
     """The ONNX ModelProto of `model`'s pixel signature (see `pixels_function`)."""
     tf2onnx = _optional("tf2onnx", "onnx", "The ONNX export")
-    # tf2onnx turns extract_patches into a Reshape to a -3 dimension, which ONNX Runtime
-    # refuses. "auto" in a converter graph takes the one-hot convolution for the image (a
-    # plain Conv; ONNX Runtime ran T2T-ViT-14 4.6% faster than with slices there) and strided
-    # slices for the token maps (plain Slice and Concat nodes): the same values.
-    twin = with_soft_split(model, "auto")
-    function, spec, names = pixels_function(twin, input_dtype)
-    # Traced in the forms ONNX Runtime fuses (`converter_graph`); the Erfc handler stays for
-    # models whose layers write tf.nn.gelu themselves.
-    with t2t_layers.converter_graph():
-        proto, _ = tf2onnx.convert.from_function(
-            function,
-            input_signature=[spec],
-            opset=opset,
-            custom_op_handlers={"Erfc": (_erfc_as_one_minus_erf, [])},
-        )
+    # The soft splits as the model has them on TensorFlow: the one-hot convolution for the
+    # image (a plain Conv; ONNX Runtime ran T2T-ViT-14 4.6% faster than with slices there)
+    # and strided slices for the token maps (tf2onnx turns extract_patches into a Reshape to
+    # a -3 dimension, which ONNX Runtime refuses). The Erfc handler is for models whose own
+    # layers write tf.nn.gelu (ours write the erf form).
+    function, spec, names = pixels_function(inference.prepare(model, "onnx"), input_dtype)
+    proto, _ = tf2onnx.convert.from_function(
+        function,
+        input_signature=[spec],
+        opset=opset,
+        custom_op_handlers={"Erfc": (_erfc_as_one_minus_erf, [])},
+    )
     _fuse_onnx_layer_norms(proto)
     _gelu_divides_by_sqrt2(proto)
     _drop_unused_initializers(proto.graph)
@@ -1047,10 +984,8 @@ def export_onnx(model, path, input_dtype="uint8", opset=ONNX_OPSET):
 def openvino_model(model, input_dtype="uint8"):
     """The OpenVINO `Model` of `model`'s pixel signature (see `pixels_function`)."""
     ov = _optional("openvino", "openvino", "The OpenVINO export")
-    function, _, names = pixels_function(model, input_dtype)
-    with t2t_layers.converter_graph():  # in the forms OpenVINO fuses
-        concrete = function.get_concrete_function()
-    ov_model = ov.convert_model(concrete)
+    function, _, names = pixels_function(inference.prepare(model, "openvino"), input_dtype)
+    ov_model = ov.convert_model(function.get_concrete_function())
     for output, name in zip(ov_model.outputs, names):
         output.get_tensor().set_names({name})
     ov_model.inputs[0].get_tensor().set_names({"images"})
@@ -1152,12 +1087,12 @@ def export(
     crop_pct=None,
     input_dtype="uint8",
     triton=False,
-    layer_norm="auto",
+    serving_runtime="tensorflow",
 ):
     """Writes the chosen formats under `output_dir`; returns `{artifact: path}`.
 
-    See `export_saved_model` for `version`, `max_image_pixels`, `crop_pct` and `layer_norm`
-    (the SavedModel's; the other formats take their converters' forms).
+    See `export_saved_model` for `version`, `max_image_pixels`, `crop_pct` and
+    `serving_runtime` (the SavedModel's; each other format is prepared for its runtime).
     The SavedModel gets a TF Serving `batching_parameters.txt` beside its version folders.
     `input_dtype` is that of the ONNX and OpenVINO inputs; `triton` also writes a Triton
     model repository (`output_dir/triton/<name>/`) around the ONNX model.
@@ -1173,7 +1108,7 @@ def export(
         raise ValueError(f"Nothing to export: no format given; choose from {', '.join(FORMATS)}.")
     # Refused before anything is written:
     check_input_dtype(input_dtype)
-    uses_onednn_layer_norm(layer_norm)
+    check_serving_runtime(serving_runtime)
     check_model(model)
     name = name or model.name
     paths = {}
@@ -1208,7 +1143,7 @@ def export(
         warmup = None if representative_images is None else representative_images[:4]
         written["saved_model"] = export_saved_model(
             model, output_dir, name, version, warmup, overwrite, max_image_pixels, crop_pct,
-            layer_norm,
+            serving_runtime,
         )  # fmt: skip
         batching = os.path.join(output_dir, name, BATCHING_FILE)
         _write_atomically(batching, batching_parameters().encode())

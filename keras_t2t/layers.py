@@ -10,9 +10,6 @@ row-major order, and a soft-split patch vector is ordered `(i * k + j) * C + c` 
 are permuted once when they are loaded (`keras_t2t.weights`), so inference pays nothing.
 """
 
-import contextlib
-import contextvars
-import functools
 import math
 
 import keras
@@ -78,63 +75,28 @@ def _check_rate(name, value):
 
 @_register
 class LayerNorm(keras.layers.LayerNormalization):
-    """LayerNormalization over the last axis, computed in float32 with plain reductions.
+    """LayerNormalization over the last axis, computed in float32, in one form everywhere.
 
-    The same weights (`gamma`, `beta`) and results as Keras' layer, about 20% faster on CPU
-    in TensorFlow graphs; inside `onednn_layer_norm`, in the form that oneDNN runs as one op.
-    For graphs that XLA compiles (where Keras' own is faster to train; see
-    `xla_compilation`), on the JAX and PyTorch backends and for other configurations, Keras'
-    implementation runs.
+    The same weights (`gamma`, `beta`) and results as Keras' layer, written as
+    `(x - mean) / sqrt(variance + epsilon) * gamma + beta` over a 1-D axes list: the form that
+    OpenVINO fuses into one MVN and ONNX Runtime into one LayerNormalization (as they do the
+    official model's), and faster in TensorFlow graphs than Keras' own (see
+    `benchmarks/benchmark.py --ablations`). Other axes or configurations take Keras' own.
     """
 
     def call(self, inputs):
         axes = [self.axis] if isinstance(self.axis, int) else list(self.axis)
         last = axes in ([-1], [len(inputs.shape) - 1])
         plain = self.center and self.scale and not getattr(self, "rms_scaling", False)
-        if not (last and plain) or not _tf_graph_without_xla():
+        if not (last and plain):
             return super().call(inputs)
         x = ops.cast(inputs, "float32")
-        if _ONEDNN_LAYER_NORM.get() and not _for_converter() and None in x.shape:
-            gamma, beta = ops.cast(self.gamma, "float32"), ops.cast(self.beta, "float32")
-            return ops.cast(
-                _onednn_layer_norm_form(x, gamma, beta, self.epsilon), self.compute_dtype
-            )
-        if _for_converter():
-            # The form that OpenVINO fuses into one MVN and ONNX Runtime into one
-            # LayerNormalization (as they do the official model's): a divide by the square
-            # root, over a 1-D axes list (OpenVINO's fusion rejects a scalar axis).
-            mean = ops.mean(x, axis=[-1], keepdims=True)
-            centered = x - mean
-            variance = ops.mean(ops.square(centered), axis=[-1], keepdims=True)
-            x = centered / ops.sqrt(variance + self.epsilon)
-        else:
-            mean = ops.mean(x, axis=-1, keepdims=True)
-            variance = ops.mean(ops.square(x - mean), axis=-1, keepdims=True)
-            x = (x - mean) * ops.rsqrt(variance + self.epsilon)
+        mean = ops.mean(x, axis=[-1], keepdims=True)
+        centered = x - mean
+        variance = ops.mean(ops.square(centered), axis=[-1], keepdims=True)
+        x = centered / ops.sqrt(variance + self.epsilon)
         x = x * ops.cast(self.gamma, "float32") + ops.cast(self.beta, "float32")
         return ops.cast(x, self.compute_dtype)
-
-
-def _onednn_layer_norm_form(x, gamma, beta, epsilon):
-    """LayerNorm over the last axis of float32 `x`, in the form grappler rewrites into one
-    _MklLayerNorm where oneDNN is on (Keras 2's fused LayerNormalization): the rows as the
-    channels of a training-mode FusedBatchNormV3 (its batch statistics are each row's mean
-    and biased variance; raw_ops, since tf.nn's wrapper raises epsilon to 1.001e-5), then
-    `gamma` and `beta`. See `onednn_layer_norm`."""
-    tf = _tensorflow()
-    shape = tf.shape(x)
-    rows = tf.reduce_prod(shape[:-1], keepdims=True)
-    y = tf.raw_ops.FusedBatchNormV3(
-        x=tf.reshape(x, tf.concat([[1], rows, [x.shape[-1], 1]], axis=0)),
-        scale=tf.fill(rows, 1.0),
-        offset=tf.fill(rows, 0.0),
-        mean=tf.constant([], tf.float32),
-        variance=tf.constant([], tf.float32),
-        epsilon=epsilon,
-        data_format="NCHW",
-        is_training=True,
-    )[0]
-    return tf.reshape(y, shape) * gamma + beta
 
 
 def patch_permutation(channels, kernel_size):
@@ -151,202 +113,43 @@ def patch_permutation(channels, kernel_size):
     return np.arange(channels * kk).reshape(channels, kk).T.reshape(-1)
 
 
-_XLA = contextvars.ContextVar("keras_t2t_xla", default=None)
-_CONVERTER = contextvars.ContextVar("keras_t2t_converter", default=False)
-_ONEDNN_LAYER_NORM = contextvars.ContextVar("keras_t2t_onednn_layer_norm", default=False)
-
-
-@contextlib.contextmanager
-def _setting(variable, value):
-    """`variable` (a ContextVar) set to `value` inside the block."""
-    token = variable.set(value)
-    try:
-        yield
-    finally:
-        variable.reset(token)
-
-
-@contextlib.contextmanager
-def converter_graph(enabled=True):
-    """Tells the layers that the TensorFlow graph traced inside is for a converter (tf2onnx,
-    OpenVINO's `convert_model`), not for TensorFlow to run.
-
-    The layers then write their math in the forms that ONNX Runtime and OpenVINO fuse, as they
-    fuse the official PyTorch model's:
-    - the exact GELU as `0.5 * x * (1 + erf(x / sqrt(2)))` (TensorFlow's is
-      `0.5 * x * erfc(-x / sqrt(2))`, which oneDNN fuses into the matmul in TensorFlow and
-      OpenVINO leaves as 4 separate ops): one Gelu op, or a post-op of the Linear before it;
-    - `LayerNorm` divided by a square root: one MVN / LayerNormalization op;
-    - q, k and v of the attentions from their own matmuls (`_split_dense`): no run-time split.
-    Same function, rounding aside; `keras_t2t.export` opens it around the ONNX and OpenVINO
-    traces (the SavedModel keeps TensorFlow's forms).
-    """
-    with _setting(_CONVERTER, bool(enabled)):
-        yield
-
-
-def _for_converter():
-    """Whether the graph being traced is a plain TensorFlow graph for a converter (see
-    `converter_graph`)."""
-    return _CONVERTER.get() and _tf_graph_without_xla()
-
-
-@contextlib.contextmanager
-def onednn_layer_norm(enabled=True):
-    """Tells `LayerNorm` to trace its TensorFlow graph in the form that oneDNN runs as one
-    fused op (`_MklLayerNorm`), for a graph that only infers.
-
-    TensorFlow has no fused LayerNorm of its own; where it is built with oneDNN and oneDNN is
-    on (the x86-64 Linux packages and TF Serving, by default), grappler rewrites a
-    training-mode FusedBatchNormV3 over the rows, followed by the scale and the offset, into
-    `_MklLayerNorm`: 2x to 5x faster than the five elementwise ops and two reductions of the
-    plain form on T2T-ViT-14's LayerNorms at batch 8, 4% of the whole model. Where oneDNN is
-    off, that form runs as an unfused batch norm over transposed rows, 4x slower than the
-    plain one; `tensorflow_fuses_layer_norm()` says which this TensorFlow does.
-    `keras_t2t.export.export_saved_model` opens it (`layer_norm="auto"`) where that holds.
-    The same function, rounding aside. Only inputs of an unknown dimension (a SavedModel's
-    batch) take it: with a static shape, grappler folds the form's Fill ops into constants
-    first and no longer recognizes it, so the plain form is traced. Not for training graphs
-    (grappler fuses inference graphs only), XLA (which fuses the plain form itself) or
-    converters.
-    """
-    with _setting(_ONEDNN_LAYER_NORM, bool(enabled)):
-        yield
-
-
-@functools.cache
-def tensorflow_fuses_layer_norm():
-    """Whether this TensorFlow, on the CPU, runs `LayerNorm`'s `onednn_layer_norm` form as
-    one `_MklLayerNorm` op: asked of grappler itself, by running a small graph in that form
-    and reading the graph that ran (oneDNN is on by default in TensorFlow's x86-64 Linux
-    packages; off elsewhere, or with TF_ENABLE_ONEDNN_OPTS=0)."""
-    tf = _tensorflow()
-    if tf is None:
-        return False
-    graph = tf.Graph()
-    with graph.as_default(), tf.device("/CPU:0"):
-        x = tf.compat.v1.placeholder(tf.float32, [None, 4, 8])
-        gamma, beta = (tf.compat.v1.placeholder(tf.float32, [8]) for _ in range(2))
-        y = _onednn_layer_norm_form(x, gamma, beta, LAYER_NORM_EPSILON)
-    options = tf.compat.v1.RunOptions(output_partition_graphs=True)
-    metadata = tf.compat.v1.RunMetadata()
-    feed = {x: np.zeros((2, 4, 8), np.float32), gamma: np.ones(8, np.float32),
-            beta: np.zeros(8, np.float32)}  # fmt: skip
-    with tf.compat.v1.Session(graph=graph) as session:
-        session.run(y, feed, options, metadata)
-    return any(
-        node.op == "_MklLayerNorm" for part in metadata.partition_graphs for node in part.node
-    )
-
-
 def gelu(x):
-    """The exact (erf) GELU, written for the graph being traced (see `converter_graph`)."""
-    if _for_converter():
-        return 0.5 * x * (1.0 + ops.erf(x / math.sqrt(2.0)))
-    return keras.activations.gelu(x, approximate=False)
+    """The exact GELU, `0.5 * x * (1 + erf(x / sqrt(2)))`: the official model's form, one
+    Gelu op (or a post-op of the Linear before it) in ONNX Runtime and OpenVINO, and fused
+    into the matmul by oneDNN in TensorFlow graphs. (TensorFlow's own `tf.nn.gelu` writes
+    `erfc`, which ONNX lacks.)"""
+    return 0.5 * x * (1.0 + ops.erf(x / math.sqrt(2.0)))
 
 
-@contextlib.contextmanager
-def xla_compilation(enabled=True):
-    """Tells the layers whether XLA will compile the TensorFlow graphs traced inside.
+def _policy(layer):
+    """`layer`'s own dtype policy (its entry where it was given a DTypePolicyMap)."""
+    policy = layer.dtype_policy
+    if isinstance(policy, keras.dtype_policies.DTypePolicyMap):
+        return policy[layer.path] if layer.path else policy.default_policy
+    return policy
 
-    On the TensorFlow backend three layers have two implementations with the same results:
-    one fast in plain TensorFlow graphs (`SoftSplit` through `tf.image.extract_patches`, the
-    MLP on 2-D rows, `LayerNorm` with plain reductions) and one fast under XLA (strided
-    slices, the 3-D MLP, Keras' LayerNormalization). Where no such scope is open, XLA is
-    assumed under a `TPUStrategy` and where TensorFlow sees a GPU or TPU (where Keras'
-    `jit_compile="auto"` and TPUs compile with XLA), and not on a CPU-only machine (where
-    Keras does not, nor does TF Serving). Open it where that guess is wrong, around the code
-    that traces the model::
 
-        @tf.function(jit_compile=True)
-        def forward(images):
-            with keras_t2t.layers.xla_compilation():
-                return model(images, training=False)
+class _Composite(keras.layers.Layer):
+    """A layer made of sublayers that it creates itself, whose configs are not saved.
 
-    The training script, the exports and the benchmarks open it themselves. Only speed
-    depends on it: every choice gives the same outputs. JAX and PyTorch always take the
-    portable implementations.
+    Where `model.quantize` (or a dtype policy set on a sublayer) changed a sublayer's policy,
+    `get_config` records it in a `DTypePolicyMap` keyed by the sublayers' paths, which the
+    layer passes down as `dtype` and each sublayer reads by its path when it is made again (as
+    KerasHub's backbones do): a quantized model round-trips through `.keras`.
     """
-    with _setting(_XLA, bool(enabled)):
-        yield
 
-
-@functools.cache
-def _has_accelerator():
-    # Physical devices: listing them does not start TensorFlow's runtime (logical devices
-    # would), so this guess never closes the device configuration by itself.
-    tf = _tensorflow()
-    return bool(tf.config.list_physical_devices("GPU") or tf.config.list_physical_devices("TPU"))
-
-
-def _compiled_by_xla():
-    """Whether the graph being traced is for XLA, as `xla_compilation` describes."""
-    enabled = _XLA.get()
-    if enabled is not None:
-        return enabled
-    tf = _tensorflow()
-    if tf.distribute.has_strategy() and isinstance(
-        tf.distribute.get_strategy(), tf.distribute.TPUStrategy
-    ):
-        return True  # a TPU, perhaps a remote one: every graph is compiled by XLA
-    return _has_accelerator()
-
-
-def _tf_graph_without_xla():
-    """Whether the TF-specific fast paths apply: the TensorFlow backend, outside XLA."""
-    return _tensorflow() is not None and not _compiled_by_xla()
-
-
-_ROWS = True  # benchmarks/benchmark.py --ablations turns this off to measure it
-
-
-def _as_rows(inputs):
-    """Whether a Dense on `inputs` runs on 2-D rows `(tokens, features)`: in plain TensorFlow
-    graphs, where Keras' Dense on a 3-D input is a Tensordot (a transpose, reshapes and
-    shape arithmetic around the matmul) and oneDNN fuses the bias (and a following exact
-    GELU) into a 2-D matmul only. XLA fuses by itself, and its training step is slower with
-    the reshapes, so they are left out there (see `xla_compilation`)."""
-    return _ROWS and len(inputs.shape) > 2 and _tf_graph_without_xla()
-
-
-def _dense_rows(dense, inputs):
-    """`dense(inputs)` (a Dense layer, or any function of the last axis), on 2-D rows where
-    `_as_rows`; the same values either way."""
-    if not _as_rows(inputs):
-        return dense(inputs)
-    y = dense(ops.reshape(inputs, (-1, inputs.shape[-1])))
-    inner = inputs.shape[1:-1]
-    if all(isinstance(size, int) for size in inner):
-        # The batch as -1 (exact here: the rows are batch * prod(inner)); no shape ops.
-        return ops.reshape(y, (-1, *inner, y.shape[-1]))
-    return ops.reshape(y, (*ops.shape(inputs)[:-1], y.shape[-1]))
-
-
-def _split_dense(dense, inputs, parts):
-    """`ops.split(dense(inputs), parts, axis=-1)` (on 2-D rows where `_as_rows`). In a
-    `converter_graph`, as `parts` matmuls on column blocks of the kernel instead, which the
-    converters slice once (the weights are constants there): no split of the output at run
-    time, which OpenVINO runs with its reference kernel (about 1 ms per attention of
-    T2T-ViT-14 at batch 8). The same values either way."""
-    if not _for_converter():
-        return ops.split(_dense_rows(dense, inputs), parts, axis=-1)
-    width = dense.units // parts
-    return [_dense_rows(_column_block(dense, i * width, (i + 1) * width), inputs)
-            for i in range(parts)]  # fmt: skip
-
-
-def _column_block(dense, start, stop):
-    """`dense` cut to its output columns `start:stop`: a function of rows."""
-
-    def affine(rows):
-        columns = slice(start, stop)
-        y = ops.matmul(rows, ops.cast(dense.kernel[:, columns], dense.compute_dtype))
-        if dense.use_bias:
-            y = y + ops.cast(dense.bias[columns], dense.compute_dtype)
-        return y
-
-    return affine
+    def get_config(self):
+        config = super().get_config()
+        own = _policy(self)
+        changed = {
+            layer.path: _policy(layer)
+            for layer in self._flatten_layers(include_self=False)
+            if layer.path and _policy(layer).name != own.name
+        }
+        if changed:
+            policies = keras.dtype_policies.DTypePolicyMap(own, changed)
+            config["dtype"] = keras.dtype_policies.serialize(policies)
+        return config
 
 
 @_register
@@ -362,18 +165,15 @@ class SoftSplit(keras.layers.Layer):
         kernel_size: window side.
         strides: step between windows.
         padding: zeros added on each side.
-        implementation: `"patches"` uses `tf.image.extract_patches`; `"slices"` gathers the
-            same values with k*k strided slices and a concatenation (pure `keras.ops`), which
-            converts to TFLite builtin ops; `"conv"` is a convolution with a one-hot kernel
-            (each output channel copies one input value: exact for finite inputs), which
-            oneDNN runs 2x faster than extract_patches on the image (3 channels: 147 output
-            channels), and 3-4x slower on the 64-channel maps; `"auto"` (default) takes slices
-            for graphs that XLA compiles (see `xla_compilation`), where XLA's lowering of
-            extract_patches is up to 8x slower, and in plain TensorFlow graphs the convolution
-            for inputs of at most `CONV_MAX_CHANNELS` channels and extract_patches for the
-            others (slices in a `converter_graph`: tf2onnx writes extract_patches as a
-            reshape that ONNX Runtime refuses). On the JAX and PyTorch backends every setting
-            takes the slices. All give identical outputs.
+        implementation: how the windows are gathered; every choice gives identical outputs.
+            `"slices"` (default): k*k strided slices and a concatenation, pure `keras.ops`,
+            which every backend, XLA and every converter (TFLite builtins, ONNX, OpenVINO)
+            take. `"conv"`: a convolution with a one-hot kernel (each output channel copies
+            one input value: exact for finite inputs), which TensorFlow runs 2x faster than
+            extract_patches on the 3-channel image and 3-4x slower on the 64-channel maps.
+            `"patches"`: `tf.image.extract_patches`, fast in TensorFlow graphs but converted
+            to no TFLite builtin and to an ONNX Reshape that ONNX Runtime refuses (the
+            slices on the JAX and PyTorch backends). `T2TModule` chooses per split.
 
     >>> import numpy as np
     >>> split = SoftSplit(kernel_size=3, strides=2, padding=1)
@@ -381,10 +181,9 @@ class SoftSplit(keras.layers.Layer):
     (1, 16, 36)
     """
 
-    IMPLEMENTATIONS = ("auto", "patches", "slices", "conv")
-    CONV_MAX_CHANNELS = 3  # the image
+    IMPLEMENTATIONS = ("slices", "conv", "patches")
 
-    def __init__(self, kernel_size, strides, padding, implementation="auto", **kwargs):
+    def __init__(self, kernel_size, strides, padding, implementation="slices", **kwargs):
         super().__init__(**kwargs)
         self.kernel_size = _check_int("kernel_size", kernel_size)
         self.strides = _check_int("strides", strides)
@@ -415,15 +214,8 @@ class SoftSplit(keras.layers.Layer):
         out_h, out_w = self._out_size(height), self._out_size(width)
         x = ops.pad(inputs, [[0, 0], [p, p], [p, p], [0, 0]]) if p else inputs
         implementation = self.implementation
-        if implementation == "auto" or _tensorflow() is None:
-            if not _tf_graph_without_xla():
-                implementation = "slices"
-            elif channels <= self.CONV_MAX_CHANNELS:
-                implementation = "conv"
-            elif _for_converter():
-                implementation = "slices"  # tf2onnx writes extract_patches as a -3 reshape
-            else:
-                implementation = "patches"
+        if implementation == "patches" and _tensorflow() is None:
+            implementation = "slices"  # the same values; extract_patches is TensorFlow's
         if implementation == "patches":
             patches = _tensorflow().image.extract_patches(
                 x, sizes=[1, k, k, 1], strides=[1, s, s, 1], rates=[1, 1, 1, 1], padding="VALID"
@@ -432,9 +224,7 @@ class SoftSplit(keras.layers.Layer):
             # Output channel (i * k + j) * C + c takes input (i, j, c): the patch order of
             # extract_patches. A kernel entry of 1 times a value, plus zeros, is that value.
             kernel = np.eye(k * k * channels, dtype="float32").reshape(k, k, channels, -1)
-            patches = _tensorflow().nn.conv2d(
-                x, ops.cast(kernel, x.dtype), strides=s, padding="VALID"
-            )
+            patches = ops.conv(x, ops.cast(kernel, x.dtype), strides=s, padding="valid")
         else:
             # Each slice ends k - 1 - i rows before the end of the padded map, not at an index
             # computed from the static size: on a larger map than the graph was built for, the
@@ -488,7 +278,7 @@ class Restructure(keras.layers.Layer):
 
 
 @_register
-class Mlp(keras.layers.Layer):
+class Mlp(_Composite):
     """Linear -> exact (erf) GELU -> dropout -> Linear -> dropout (sublayers `fc1`, `fc2`).
 
     Args:
@@ -525,15 +315,10 @@ class Mlp(keras.layers.Layer):
         return (*input_shape[:-1], self.output_units or input_shape[-1])
 
     def call(self, inputs, training=None):
-        # On 2-D rows in TF graphs (`_as_rows`), oneDNN fuses fc1's matmul, bias and GELU
-        # (fc1 of T2T-ViT-14 is 30% faster), and fc2's matmul and bias.
-        def mlp(x):
-            x = gelu(self.fc1(x))
-            if self.hidden_dropout:
-                x = self.dropout(x, training=training)
-            return self.dropout(self.fc2(x), training=training)
-
-        return _dense_rows(mlp, inputs)
+        x = gelu(self.fc1(inputs))
+        if self.hidden_dropout:
+            x = self.dropout(x, training=training)
+        return self.dropout(self.fc2(x), training=training)
 
     def get_config(self):
         config = super().get_config()
@@ -547,7 +332,7 @@ class Mlp(keras.layers.Layer):
 
 
 @_register
-class TokenPerformer(keras.layers.Layer):
+class TokenPerformer(_Composite):
     """The "performer" T2T layer: linear attention with positive random features.
 
     Pre-norm LayerNorm over the input width; `kqv` Dense(3 * token_dim) with bias, split
@@ -621,17 +406,21 @@ class TokenPerformer(keras.layers.Layer):
 
     def _feature_map(self, u):
         # exp(u w^T - |u|^2 / 2) / sqrt(m), times FEATURE_SCALE, in float32.
-        wtu = _dense_rows(lambda rows: ops.matmul(rows, ops.transpose(self.w)), u)
+        wtu = ops.matmul(u, ops.transpose(self.w))
         half_norm = 0.5 * ops.sum(u * u, axis=-1, keepdims=True)
         return ops.exp(wtu - half_norm) * (self.FEATURE_SCALE / math.sqrt(self.num_features))
 
     def _kernel(self, inputs):
         """(phi(q), phi(k), v, normalizer + epsilon), phi in float32 and scaled."""
-        k, q, v = _split_dense(self.kqv, self.norm1(inputs), 3)
+        k, q, v = self._projections(self.norm1(inputs))
         kp = self._feature_map(ops.cast(k, "float32"))  # (B, T, m)
         qp = self._feature_map(ops.cast(q, "float32"))  # (B, T, m)
         denominator = ops.matmul(qp, ops.sum(kp, axis=1)[:, :, None])  # (B, T, 1)
         return qp, kp, v, denominator + self.epsilon * self.FEATURE_SCALE**2
+
+    def _projections(self, x):
+        """k, q, v (the official order) from the one `kqv` Dense."""
+        return ops.split(self.kqv(x), 3, axis=-1)
 
     def attention_weights(self, inputs):
         """The kernel attention made explicit, `(batch, T, T)`: phi(q) phi(k)^T divided by the
@@ -645,7 +434,7 @@ class TokenPerformer(keras.layers.Layer):
         kptv = ops.matmul(ops.transpose(kp, (0, 2, 1)), ops.cast(v, "float32"))  # (B, m, D)
         y = ops.matmul(qp, kptv) / denominator  # (B, T, token_dim)
         y = ops.cast(y, self.compute_dtype)
-        x = v + self.proj_dropout(_dense_rows(self.proj, y), training=training)
+        x = v + self.proj_dropout(self.proj(y), training=training)
         return x + self.mlp(self.norm2(x), training=training)
 
     def get_config(self):
@@ -661,7 +450,7 @@ class TokenPerformer(keras.layers.Layer):
 
 
 @_register
-class TokenTransformer(keras.layers.Layer):
+class TokenTransformer(_Composite):
     """The "transformer" T2T layer (the `_t` variants): one-head softmax attention.
 
     Pre-norm; `qkv` Dense(3 * token_dim) without bias, split q, k, v; the scale is
@@ -698,8 +487,12 @@ class TokenTransformer(keras.layers.Layer):
     def compute_output_shape(self, input_shape):
         return (*input_shape[:-1], self.token_dim)
 
+    def _projections(self, x):
+        """q, k, v from the one `qkv` Dense."""
+        return ops.split(self.qkv(x), 3, axis=-1)
+
     def _attention(self, inputs):
-        q, k, v = _split_dense(self.qkv, self.norm1(inputs), 3)
+        q, k, v = self._projections(self.norm1(inputs))
         return _softmax(ops.matmul(q * self.scale, ops.transpose(k, (0, 2, 1)))), v
 
     def attention_weights(self, inputs):
@@ -708,7 +501,7 @@ class TokenTransformer(keras.layers.Layer):
 
     def call(self, inputs, training=None):
         attention, v = self._attention(inputs)
-        x = v + _dense_rows(self.proj, ops.matmul(attention, v))
+        x = v + self.proj(ops.matmul(attention, v))
         return x + self.mlp(self.norm2(x), training=training)
 
     def get_config(self):
@@ -730,7 +523,7 @@ def _softmax(logits):
 
 
 @_register
-class T2TModule(keras.layers.Layer):
+class T2TModule(_Composite):
     """The Tokens-to-Token module: image (NHWC) -> `(batch, (side / 16) ** 2, embed_dim)`.
 
     soft split (7, 4, 2) -> T2T layer -> re-structurize -> soft split (3, 2, 1) -> T2T layer
@@ -744,7 +537,14 @@ class T2TModule(keras.layers.Layer):
         tokens_type: `"performer"` or `"transformer"`.
         embed_dim: width of the output tokens.
         token_dim: width of the T2T layers (64 in every official variant).
-        soft_split_implementation: see `SoftSplit`.
+        soft_split_implementation: the three soft splits' `SoftSplit` implementations, a
+            list of three, or one name for all three. `"auto"` (default) is resolved here,
+            from the backend only: on TensorFlow the one-hot convolution for the image and
+            strided slices for the token maps, elsewhere slices throughout. Each of these
+            converts to every format (TFLite builtins, ONNX, OpenVINO); the fast TensorFlow
+            form for the maps, extract_patches, is a deployment transform
+            (`keras_t2t.inference.prepare`). The resolved list is
+            `soft_split_implementations`.
     """
 
     def __init__(
@@ -763,18 +563,48 @@ class T2TModule(keras.layers.Layer):
         self.tokens_type = tokens_type
         self.embed_dim = _check_int("embed_dim", embed_dim)
         self.token_dim = _check_int("token_dim", token_dim)
-        self.soft_split_implementation = soft_split_implementation
+        self.soft_split_implementation = (
+            soft_split_implementation
+            if isinstance(soft_split_implementation, str)
+            else list(soft_split_implementation)
+        )
+        self.soft_split_implementations = self.resolve_soft_splits(soft_split_implementation)
         policy = self.dtype_policy
-        split = dict(implementation=soft_split_implementation, dtype=policy)
-        (k0, s0, p0), (k1, s1, p1), (k2, s2, p2) = SOFT_SPLITS
-        self.soft_split0 = SoftSplit(k0, s0, p0, **split, name="soft_split0")
-        self.soft_split1 = SoftSplit(k1, s1, p1, **split, name="soft_split1")
-        self.soft_split2 = SoftSplit(k2, s2, p2, **split, name="soft_split2")
+        self.soft_split0, self.soft_split1, self.soft_split2 = (
+            SoftSplit(*geometry, implementation=implementation, dtype=policy, name=f"soft_split{i}")
+            for i, (geometry, implementation) in enumerate(
+                zip(SOFT_SPLITS, self.soft_split_implementations)
+            )
+        )
         t2t_layer = T2T_LAYERS[tokens_type]
         self.attention1 = t2t_layer(token_dim=self.token_dim, name="attention1", dtype=policy)
         self.attention2 = t2t_layer(token_dim=self.token_dim, name="attention2", dtype=policy)
         self.restructure = Restructure(name="restructure", dtype=policy)
         self.project = _dense(self.embed_dim, "project", dtype=policy)
+
+    @staticmethod
+    def resolve_soft_splits(implementation):
+        """The three soft splits' implementations for a `soft_split_implementation` value
+        (see the class's Args), from the backend only.
+
+        >>> T2TModule.resolve_soft_splits(["conv", "patches", "patches"])
+        ('conv', 'patches', 'patches')
+        """
+        if implementation == "auto":
+            first = "conv" if _tensorflow() is not None else "slices"
+            return (first, "slices", "slices")
+        implementations = (implementation,) * 3 if isinstance(implementation, str) else tuple(
+            implementation
+        )
+        if len(implementations) != 3 or not all(
+            i in SoftSplit.IMPLEMENTATIONS for i in implementations
+        ):
+            raise ValueError(
+                f"`soft_split_implementation` must be 'auto', one of "
+                f"{SoftSplit.IMPLEMENTATIONS} or a list of three of them, received "
+                f"{implementation!r}."
+            )
+        return implementations
 
     def build(self, input_shape):
         shape = self.soft_split0.compute_output_shape(input_shape)
@@ -788,7 +618,7 @@ class T2TModule(keras.layers.Layer):
     def call(self, inputs, training=None, return_feature_maps=False):
         map1 = self.restructure(self.attention1(self.soft_split0(inputs), training=training))
         map2 = self.restructure(self.attention2(self.soft_split1(map1), training=training))
-        tokens = _dense_rows(self.project, self.soft_split2(map2))
+        tokens = self.project(self.soft_split2(map2))
         return (tokens, (map1, map2)) if return_feature_maps else tokens
 
     def get_config(self):
@@ -803,7 +633,7 @@ class T2TModule(keras.layers.Layer):
 
 
 @_register
-class MultiHeadSelfAttention(keras.layers.Layer):
+class MultiHeadSelfAttention(_Composite):
     """Backbone attention: `qkv` Dense(3D) (q, k, v, heads contiguous), softmax, `proj`.
 
     The default scale is `head_dim ** -0.5`, as the released weights were evaluated (the
@@ -841,12 +671,12 @@ class MultiHeadSelfAttention(keras.layers.Layer):
         # One transpose to (3, batch, heads, tokens, head_dim), plain batched matmuls, one
         # transpose back: faster on CPU than `ops.dot_product_attention`'s einsums. The scale
         # is applied to q (cheaper than to the logits; exact for the power-of-two 0.125).
-        if _for_converter():
-            # q, k and v from their own matmuls (see `_split_dense`), each to (B, H, T, hd).
-            q, k, v = (self._heads(t) for t in _split_dense(self.qkv, inputs, 3))
-        else:
-            q, k, v = self._stacked_heads(_dense_rows(self.qkv, inputs), 3)
+        q, k, v = self._projections(inputs)
         return self._weights(q, k), v
+
+    def _projections(self, inputs):
+        """q, k, v, each (B, heads, T, head_dim), from the one `qkv` Dense."""
+        return self._stacked_heads(self.qkv(inputs), 3)
 
     def _heads(self, t):
         """(B, T, heads * head_dim) -> (B, heads, T, head_dim)."""
@@ -866,16 +696,7 @@ class MultiHeadSelfAttention(keras.layers.Layer):
         """The heads' outputs, joined again to (B, T, dim), through `proj`."""
         y = ops.transpose(ops.matmul(attention, v), (0, 2, 1, 3))  # (B, T, heads, head_dim)
         y = ops.reshape(y, (-1, y.shape[1], self.num_heads * self.head_dim))
-        return _dense_rows(self.proj, y)
-
-    def class_token_call(self, inputs):
-        """`self(inputs)[:, :1]` at inference, computing k and v for every token but q, the
-        attention and `proj` for the class token (row 0) only."""
-        dim = inputs.shape[-1]
-        q = self._heads(_dense_rows(_column_block(self.qkv, 0, dim), inputs[:, :1]))
-        kv = _dense_rows(_column_block(self.qkv, dim, 3 * dim), inputs)  # (B, T, 2 dim)
-        k, v = self._stacked_heads(kv, 2)
-        return self._project(self._weights(q, k), v)
+        return self.proj(y)
 
     def attention_weights(self, inputs):
         """The softmax attention, `(batch, heads, T, T)` (for `keras_t2t.explain`)."""
@@ -919,6 +740,7 @@ class StochasticDepth(keras.layers.Layer):
         self.rate = _check_rate("rate", rate)
         self.seed = seed
         self.seed_generator = keras.random.SeedGenerator(seed)
+        self.built = True  # no weights (as Keras' Dropout): `model.quantize` needs it built
 
     def call(self, inputs, training=None):
         if not training or self.rate == 0.0:
@@ -944,7 +766,7 @@ class StochasticDepth(keras.layers.Layer):
 
 
 @_register
-class TransformerBlock(keras.layers.Layer):
+class TransformerBlock(_Composite):
     """Pre-norm backbone block: x + DropPath(MHSA(LN(x))), x + DropPath(MLP(LN(x)))."""
 
     def __init__(
@@ -986,15 +808,6 @@ class TransformerBlock(keras.layers.Layer):
 
     def compute_output_shape(self, input_shape):
         return input_shape
-
-    def class_token_call(self, inputs):
-        """`self(inputs, training=False)[:, :1]`: the class token's row, the only one a
-        classifier that reads the class token needs from the last block. Every step is
-        per-token except the attention, whose k and v take every token; the rest (q, the
-        attention, proj, the MLP, on 1 token of 1 + (side / 16) ** 2) is skipped for the
-        others. `keras_t2t.export` runs the SavedModel's last block this way."""
-        x = inputs[:, :1] + self.attn.class_token_call(self.norm1(inputs))
-        return x + self.mlp(self.norm2(x))
 
     def call(self, inputs, training=None):
         x = inputs + self.drop_path(

@@ -8,13 +8,14 @@ Every variant is a row of `MODEL_CONFIGS`, built by the one generic `T2TViT`.
 (None, 10)
 """
 
-import logging
 import os
 
 import keras
 from keras import ops
 
 from keras_t2t import layers as t2t_layers
+from keras_t2t import pretrained
+from keras_t2t import weights as weights_lib
 from keras_t2t.configs import (  # noqa: F401 (list_models, variant_of: re-exported)
     DEFAULT_IMAGE_SIZE,
     MODEL_CONFIGS,
@@ -24,8 +25,6 @@ from keras_t2t.configs import (  # noqa: F401 (list_models, variant_of: re-expor
     variant_of,
 )
 from keras_t2t.imagenet import IMAGENET_MEAN, IMAGENET_STD
-
-logger = logging.getLogger("keras_t2t")
 
 
 def _input_shape(input_shape, input_tensor, default_size):
@@ -95,11 +94,12 @@ def T2TViT(
         include_top, weights, input_tensor, input_shape, pooling, classes,
         classifier_activation, name: as in `keras.applications`; see `T2TViT14`.
         include_preprocessing, drop_path_rate, dropout_rate: see `T2TViT14`.
-        soft_split_implementation: `"auto"` (default: strided slices for graphs that XLA
-            compiles, else a one-hot convolution for the image and `tf.image.extract_patches`
-            for the token maps; see `keras_t2t.layers.SoftSplit` and `xla_compilation`),
-            `"patches"`, `"conv"` or `"slices"` (strided slices: the same values, TFLite
-            builtins only; the only one on JAX and PyTorch).
+        soft_split_implementation: `"auto"` (default), resolved from the backend only: on
+            TensorFlow a one-hot convolution for the image and strided slices for the token
+            maps, elsewhere strided slices; or `"conv"`, `"slices"`, `"patches"`
+            (`tf.image.extract_patches`: TensorFlow only, no TFLite builtin), or a list of
+            three. The same values each; see `keras_t2t.layers.T2TModule`. The fastest
+            forms for a runtime come from `keras_t2t.inference.prepare`.
         dtype: see `T2TViT14`.
 
     Returns:
@@ -194,9 +194,7 @@ def T2TViT(
 
     inputs = keras.utils.get_source_inputs(input_tensor) if input_tensor is not None else images
     model = keras.Model(inputs, x, name=name)
-    if state is not None:
-        from keras_t2t import weights as weights_lib
-
+    if state is not None:  # into this model: `weights=` builds no other
         weights_lib.assign_state(model, state)
         if release is not None:
             model.pretrained_release = release  # how its inputs must be prepared
@@ -206,9 +204,6 @@ def T2TViT(
 def _run_release(weights):
     """The release a training run in `weights` (a model_dir) started from, for its
     normalization: a run fine-tuned from "cifar10" weights keeps the CIFAR mean and std."""
-    from keras_t2t import pretrained
-    from keras_t2t import weights as weights_lib
-
     if not os.path.isdir(os.fspath(weights)):
         return None
     run = weights_lib.run_weights(os.fspath(weights))[1]
@@ -219,10 +214,8 @@ def _run_release(weights):
 
 
 def _read_weights(weights, architecture, input_shape, input_tensor):
-    """(WeightsState, release or None) for `weights`: a path, or a release name."""
-    from keras_t2t import pretrained
-    from keras_t2t import weights as weights_lib
-
+    """(WeightsState, release or None) for `weights`: a path, or a release name. Reading a
+    file builds no model: the state goes into the one that `T2TViT` builds."""
     if not pretrained.is_release_name(weights):
         state = weights_lib.read_weights(weights, architecture)
         return state, _run_release(weights)
@@ -232,16 +225,7 @@ def _read_weights(weights, architecture, input_shape, input_tensor):
     elif input_tensor is not None:
         side = tuple(input_tensor.shape)[1] if len(tuple(input_tensor.shape)) == 4 else None
     release = pretrained.find_release(variant_of(architecture), weights, side)
-    path = pretrained.weights_file(release)
-    try:
-        return weights_lib.read_weights(path, architecture), release
-    except (ValueError, OSError) as error:
-        if path != pretrained.converted_path(release):
-            raise
-        # A damaged cached conversion is derived data: made again from the released file.
-        logger.warning("The cached %s cannot be read (%s); converting again.", path, error)
-        os.remove(path)
-        return weights_lib.read_weights(pretrained.weights_file(release), architecture), release
+    return pretrained.release_state(release), release
 
 
 def _pool(x, mode, dtype=None):
@@ -348,8 +332,6 @@ def create_model(name, **kwargs):
 def model_for_command_line(model=None, weights=None, image_size=None, classes=None):
     """The model that a command line's `--model`, `--weights`, `--image_size` and `--classes`
     name; those left out come from the training run when `--weights` is its model_dir."""
-    from keras_t2t import weights as weights_lib
-
     name, size, classes = weights_lib.run_architecture(weights, model, image_size, classes)
     if name is None:
         raise ValueError("--model is required (unless --weights is a run's --model_dir).")

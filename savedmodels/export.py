@@ -113,11 +113,14 @@ def main(argv=None):
     )
     parser.add_argument("--representative_data", help="images for the full int8 TFLite model")
     parser.add_argument(
-        "--layer_norm", default="auto", choices=["auto", "onednn", "plain"],
-        help="the SavedModel's LayerNorms: as one oneDNN op (4%% faster where oneDNN is on, "
-        "as in TF Serving and TensorFlow on x86-64 Linux; 13%% slower where it is off) or in "
-        "plain ops; auto: oneDNN where this TensorFlow fuses it",
-    )  # fmt: skip
+        "--serving_runtime",
+        default="tensorflow",
+        choices=["tensorflow", "tensorflow_onednn", "generic"],
+        help="the machine that serves the SavedModel (keras_t2t.inference.prepare): "
+        "tensorflow (any TensorFlow or TF Serving); tensorflow_onednn (x86-64 Linux TF Serving "
+        "or TensorFlow with oneDNN on, their default: LayerNorms as one oneDNN op, slower "
+        "where oneDNN is off)",
+    )
     args = parser.parse_args(argv)
 
     import tensorflow as tf
@@ -170,7 +173,7 @@ def main(argv=None):
             crop_pct=crop_pct,
             input_dtype=args.input_dtype,
             triton=args.triton,
-            layer_norm=args.layer_norm,
+            serving_runtime=args.serving_runtime,
         )
     except (ValueError, ImportError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -16,7 +16,7 @@ import pytest
 import tensorflow as tf
 from conftest import DATA, export_cli, tiny_model
 
-from keras_t2t import export
+from keras_t2t import export, inference
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(ROOT))
@@ -110,7 +110,8 @@ def test_serving_default_refuses_every_other_size(exported, height, width):
 @pytest.mark.parametrize("implementation", ["patches", "slices"])
 def test_the_layers_refuse_another_size_in_a_bare_graph(exported, tmp_path, implementation):
     """The cause is fixed in SoftSplit: a graph with no signature check refuses too."""
-    model = export.with_soft_split(exported["model"], implementation)
+    transform = {"patches": "extract_patches", "slices": "slices"}[implementation]
+    model = inference.prepare(exported["model"], transforms=[transform])
     archive = keras.export.ExportArchive()
     archive.track(model)
     archive.add_endpoint(
@@ -404,53 +405,29 @@ def _session_ops(saved_model, images):
     return ops, probabilities
 
 
-def test_saved_model_layer_norms_run_as_one_onednn_op_where_tensorflow_fuses_them(
-    exported, tmp_path
-):
-    """layer_norm="auto" (the default): where this TensorFlow fuses the oneDNN form, every
-    LayerNorm of the served graph runs as one _MklLayerNorm; "plain" keeps the reductions;
-    both answer alike, and as the Keras model."""
-    from keras_t2t import layers
-
+def test_saved_model_for_onednn_runs_each_layer_norm_as_one_fused_op(exported, tmp_path):
+    """serving_runtime="tensorflow_onednn": where this TensorFlow fuses the oneDNN form, every
+    LayerNorm of the served graph runs as one _MklLayerNorm (else as a FusedBatchNormV3); the
+    default ("tensorflow") keeps the reductions; both answer as the Keras model."""
     model, images = exported["model"], exported["images"][:6]
     norms = sum(weight.path.endswith("/gamma") for weight in model.weights)
     assert norms == 2 * (2 + 2) + 1  # 2 T2T layers and 2 blocks of 2 each, and the last
-    plain = export.export_saved_model(model, str(tmp_path), "plain", 1, layer_norm="plain")
-    auto_ops, auto = _session_ops(exported["written"]["saved_model"], images)
-    plain_ops, plain = _session_ops(plain, images)
-    assert plain_ops["_MklLayerNorm"] == plain_ops["FusedBatchNormV3"] == 0
-    assert plain_ops["Rsqrt"] == norms
-    if layers.tensorflow_fuses_layer_norm():
-        assert auto_ops["_MklLayerNorm"] == norms and auto_ops["Rsqrt"] == 0, auto_ops
-    else:
-        assert auto_ops["_MklLayerNorm"] == auto_ops["FusedBatchNormV3"] == 0
-    assert np.abs(auto - plain).max() <= 1e-6
-    assert np.abs(auto - exported["expected"][:6]).max() <= 1e-5
-    with pytest.raises(ValueError, match="`layer_norm` must be one of auto, onednn, plain"):
-        export.export(model, str(tmp_path / "refused"), layer_norm="fused")
-    assert not (tmp_path / "refused").exists()
-
-
-def test_class_token_forward_only_for_a_class_token_classifier():
-    """The last block runs on the class token only where nothing else reads its other rows:
-    the builders' classifiers; not a backbone, other pooling, or a model with more outputs."""
-    import keras_t2t
-
-    rng = np.random.default_rng(18)
-    model = keras_t2t.T2TViT7(weights=None, input_shape=(32, 32, 3), classes=5)
-    for weight in model.weights:
-        weight.assign(rng.normal(scale=0.1, size=weight.shape).astype("float32"))
-    forward = export.class_token_forward(model)
-    images = rng.uniform(0, 255, (3, 32, 32, 3)).astype("float32")
-    expected = model(images, training=False).numpy()
-    assert np.abs(tf.function(forward)(images).numpy() - expected).max() <= 1e-6
-    backbone = keras_t2t.T2TViT7(weights=None, input_shape=(32, 32, 3), include_top=False)
-    averaged = keras_t2t.T2TViT7(
-        weights=None, input_shape=(32, 32, 3), include_top=False, pooling="avg"
+    onednn = export.export_saved_model(
+        model, str(tmp_path), "onednn", 1, serving_runtime="tensorflow_onednn"
     )
-    two_outputs = keras.Model(model.inputs, [model.output, model.get_layer("norm").output])
-    for other in (backbone, averaged, two_outputs):
-        assert export.class_token_forward(other) is None
+    onednn_ops, fused = _session_ops(onednn, images)
+    plain_ops, plain = _session_ops(exported["written"]["saved_model"], images)
+    assert plain_ops["_MklLayerNorm"] == plain_ops["FusedBatchNormV3"] == 0
+    assert plain_ops["Rsqrt"] + plain_ops["Sqrt"] == norms, plain_ops
+    if inference.tensorflow_fuses_layer_norm():
+        assert onednn_ops["_MklLayerNorm"] == norms, onednn_ops
+    else:
+        assert onednn_ops["FusedBatchNormV3"] == norms, onednn_ops
+    assert np.abs(fused - plain).max() <= 1e-6
+    assert np.abs(fused - exported["expected"][:6]).max() <= 1e-5
+    with pytest.raises(ValueError, match="`serving_runtime` must be one of tensorflow"):
+        export.export(model, str(tmp_path / "refused"), serving_runtime="onednn")
+    assert not (tmp_path / "refused").exists()
 
 
 def test_saved_model_runs_the_last_block_on_the_class_token_only(tmp_path):
@@ -590,8 +567,8 @@ def test_full_int8_keeps_the_performers_in_float_and_the_matmuls_in_int8(exporte
     assert dtypes[("ADD", "other")] == {"float32"}
 
 
-def test_tflite_slices_twin_has_the_same_weights(exported):
-    twin = export.with_soft_split(exported["model"], "slices")
+def test_tflite_twin_has_slices_and_the_same_outputs(exported):
+    twin = inference.prepare(exported["model"], "tflite")
     assert twin.get_layer("tokens_to_token").soft_split0.implementation == "slices"
     out = twin.predict(exported["images"].astype("float32"), verbose=0)
     assert np.abs(out - exported["expected"]).max() <= 1e-6

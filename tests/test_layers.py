@@ -266,7 +266,8 @@ def test_t2t_module_feature_maps():
 
 def test_layer_norm_matches_keras():
     x = np.random.default_rng(8).normal(size=(2, 7, 147)).astype("float32") * 3 + 1
-    ours, reference = layers.LayerNorm(epsilon=1e-5), keras.layers.LayerNormalization(epsilon=1e-5)
+    ours = layers.LayerNorm(epsilon=1e-5, name="layer_norm")
+    reference = keras.layers.LayerNormalization(epsilon=1e-5)
     ours.build(x.shape)
     reference.build(x.shape)
     weights = [np.random.default_rng(9).normal(size=(147,)).astype("float32") for _ in range(2)]
@@ -276,276 +277,75 @@ def test_layer_norm_matches_keras():
     assert [w.path for w in ours.weights] == ["layer_norm/gamma", "layer_norm/beta"]
 
 
-def _graph_ops(fn, *args):
-
-    graph = fn.get_concrete_function(*args).graph
-    ops_ = {op.type for op in graph.get_operations()}
-    for function in graph.as_graph_def().library.function:
-        ops_ |= {node.op for node in function.node_def}
-    return ops_
-
-
-def test_auto_soft_split_follows_xla_compilation():
+def _graph_ops(fn, spec):
+    """The op types of `fn` traced as a TensorFlow graph for `spec`."""
     import tensorflow as tf
 
-    split = layers.SoftSplit(3, 2, 1)
-    spec = tf.TensorSpec((1, 8, 8, 4))
-
-    def traced(xla, jit_compile, layer=split, at=spec):
-        def call(t):
-            with layers.xla_compilation(xla):
-                return layer(t)
-
-        return _graph_ops(tf.function(call, jit_compile=jit_compile), at)
-
-    assert "ExtractImagePatches" in traced(False, jit_compile=False)
-    # The image (3 channels): a one-hot convolution in plain graphs, slices under XLA.
-    image = dict(layer=layers.SoftSplit(7, 4, 2), at=tf.TensorSpec((1, 16, 16, 3)))
-    plain_ops, xla_image_ops = traced(False, False, **image), traced(True, True, **image)
-    assert "Conv2D" in plain_ops and "ExtractImagePatches" not in plain_ops
-    assert "Conv2D" not in xla_image_ops and "StridedSlice" in xla_image_ops
-    xla_ops = traced(True, jit_compile=True)
-    assert "ExtractImagePatches" not in xla_ops and "StridedSlice" in xla_ops
-    # No scope: XLA is assumed only where TensorFlow sees a GPU or TPU (none in CI).
-    assert not tf.config.list_logical_devices("GPU")
-    assert "ExtractImagePatches" in _graph_ops(tf.function(lambda t: split(t)), spec)
-    # The scope is restored on exit, nested or not.
-    with layers.xla_compilation(True):
-        with layers.xla_compilation(False):
-            assert layers._tf_graph_without_xla()
-        assert not layers._tf_graph_without_xla()
-    assert layers._tf_graph_without_xla()
-    x = np.random.default_rng(10).normal(size=(2, 8, 8, 4)).astype("float32")
-
-    def under_xla(t):
-        with layers.xla_compilation():
-            return split(t)
-
-    np.testing.assert_array_equal(
-        np.asarray(tf.function(under_xla, jit_compile=True)(x)), np.asarray(split(x))
-    )
+    graph = tf.function(fn).get_concrete_function(spec).graph
+    return {op.type for op in graph.get_operations()}
 
 
-def test_layer_norm_and_mlp_take_their_xla_paths_in_the_scope(monkeypatch):
+def test_gelu_is_written_with_erf_and_layer_norm_divides_by_sqrt():
+    """The one form of each, in every graph: GELU is `0.5 x (1 + erf(x / sqrt 2))` (TensorFlow's
+    own writes erfc, which ONNX lacks) and LayerNorm divides by a square root (the forms ONNX
+    Runtime and OpenVINO fuse into one op); the GELU's values are its definition's."""
     import tensorflow as tf
 
-    calls = []
-    keras_call = keras.layers.LayerNormalization.call
-    monkeypatch.setattr(
-        keras.layers.LayerNormalization,
-        "call",
-        lambda self, x: calls.append(1) or keras_call(self, x),
-    )
-    norm, mlp = layers.LayerNorm(epsilon=1e-5), layers.Mlp(8)
-    spec = tf.TensorSpec((2, 5, 4))
-    x = np.random.default_rng(11).normal(size=(2, 5, 4)).astype("float32")
-    outputs = {}
-    for xla in (False, True):
-
-        def call(t, xla=xla):
-            with layers.xla_compilation(xla):
-                return norm(t), mlp(t)
-
-        function = tf.function(call)
-        ops_ = _graph_ops(function, spec)
-        outputs[xla] = [np.asarray(o) for o in function(x)]
-        # Keras' LayerNormalization is traced only for XLA; the MLP's 2-D rows only without.
-        assert (len(calls) > 0) == xla, xla
-        # On 3-D inputs, Dense contracts through a Tensordot; the 2-D rows need none.
-        graph = function.get_concrete_function(spec).graph
-        tensordot = any("mlp" in op.name and "Tensordot" in op.name
-                        for op in graph.get_operations())  # fmt: skip
-        assert tensordot == xla, (xla, sorted(ops_))
-    for ours, portable in zip(outputs[False], outputs[True]):
-        np.testing.assert_allclose(ours, portable, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("tokens_type", ["performer", "transformer"])
-def test_every_dense_runs_on_2d_rows_in_plain_graphs_only(tokens_type):
-    """In plain TF graphs every Dense of the model (T2T layers, projection, attention, MLPs)
-    runs on 2-D rows, so that oneDNN fuses its bias (and GELU): no Tensordot is traced.
-    Under XLA the 3-D Dense stays (its training step is faster so). The outputs agree."""
-    import tensorflow as tf
-
-    from tests.conftest import tiny_model
-
-    model = tiny_model(tokens_type, input_shape=(32, 32, 3))
-    for variable in model.weights:  # biases away from zero, as in trained weights
-        if variable.path.endswith("bias"):
-            variable.assign(np.full(variable.shape, 0.1, "float32"))
-    spec = tf.TensorSpec((2, 32, 32, 3))
-    x = np.random.default_rng(12).normal(size=(2, 32, 32, 3)).astype("float32")
-    outputs = {}
-    for xla in (False, True):
-
-        def call(t, xla=xla):
-            with layers.xla_compilation(xla):
-                return model(t, training=False)
-
-        function = tf.function(call)
-        graph = function.get_concrete_function(spec).graph
-        dense_3d = sorted({op.name.rsplit("/Tensordot", 1)[0]
-                           for op in graph.get_operations() if "Tensordot" in op.name})  # fmt: skip
-        if xla:
-            assert any("attn" in name for name in dense_3d), dense_3d
-            assert any("attention1" in name for name in dense_3d), dense_3d
-        else:
-            assert dense_3d == [], dense_3d
-        outputs[xla] = np.asarray(function(x))
-    np.testing.assert_allclose(outputs[False], outputs[True], rtol=1e-5, atol=1e-5)
-
-
-def _traced_for_tensorflow_and_converter(fn, spec, x):
-    """({False: ops, True: ops}, {False: outputs, True: outputs}) of `fn` traced as a plain
-    TensorFlow graph (False) and for a converter (True, `converter_graph`), run on `x`."""
-    import tensorflow as tf
-
-    traced, outputs = {}, {}
-    for converter in (False, True):
-
-        def call(t, converter=converter):
-            with layers.xla_compilation(False), layers.converter_graph(converter):
-                return fn(t)
-
-        function = tf.function(call)
-        traced[converter] = _graph_ops(function, spec)
-        outputs[converter] = tf.nest.map_structure(np.asarray, function(x))
-    return traced, outputs
-
-
-def test_converter_graph_writes_gelu_with_erf_and_layer_norm_with_sqrt():
-    """Traced for a converter (`converter_graph`), the exact GELU is `0.5 x (1 + erf(x / sqrt 2))`
-    and LayerNorm divides by a square root (the forms ONNX Runtime and OpenVINO fuse into one op);
-    for TensorFlow they stay erfc and rsqrt (which oneDNN fuses). The values agree."""
-    import tensorflow as tf
-
-    norm, mlp = layers.LayerNorm(epsilon=1e-5), layers.Mlp(8)
+    spec = tf.TensorSpec((None, 5, 4))
+    gelu_ops = _graph_ops(layers.gelu, spec)
+    assert "Erf" in gelu_ops and "Erfc" not in gelu_ops, sorted(gelu_ops)
+    norm_ops = _graph_ops(layers.LayerNorm(epsilon=1e-5), spec)
+    assert {"Sqrt", "RealDiv"} <= norm_ops and not {"Rsqrt", "FusedBatchNormV3"} & norm_ops
     x = np.random.default_rng(13).normal(scale=3.0, size=(2, 5, 4)).astype("float32")
-    traced, outputs = _traced_for_tensorflow_and_converter(
-        lambda t: (norm(t), mlp(t)), tf.TensorSpec((2, 5, 4)), x
+    expected = 0.5 * x * (1 + np.vectorize(math.erf)(x.astype("float64") / math.sqrt(2)))
+    np.testing.assert_allclose(np.asarray(layers.gelu(x)), expected, rtol=1e-6, atol=1e-6)
+
+
+# The ops that tell the soft splits' implementations apart (in a graph of static shape).
+SOFT_SPLIT_OPS = {
+    "slices": ("ConcatV2", "StridedSlice"),
+    "conv": ("Conv2D",),
+    "patches": ("ExtractImagePatches",),
+}
+
+
+@pytest.mark.parametrize("implementation", SOFT_SPLIT_OPS)
+def test_soft_split_traces_its_implementation_only(implementation):
+    """Each implementation is one graph, whatever compiles it: the same op types with and
+    without XLA, and the same values (under XLA too)."""
+    import tensorflow as tf
+
+    split = layers.SoftSplit(3, 2, 1, implementation=implementation)
+    spec = tf.TensorSpec((1, 8, 8, 4))
+    graph = tf.function(split).get_concrete_function(spec).graph
+    xla_graph = tf.function(split, jit_compile=True).get_concrete_function(spec).graph
+    ops_ = [op.type for op in graph.get_operations()]
+    assert ops_ == [op.type for op in xla_graph.get_operations()]
+    assert {op for ops_of in SOFT_SPLIT_OPS.values() for op in ops_of} & set(ops_) == set(
+        SOFT_SPLIT_OPS[implementation]
     )
-    assert {"Erfc", "Rsqrt"} <= traced[False] and not {"Erf", "Sqrt"} & traced[False]
-    assert {"Erf", "Sqrt", "RealDiv"} <= traced[True] and not {"Erfc", "Rsqrt"} & traced[True]
-    for tf_form, converter_form in zip(outputs[False], outputs[True]):
-        np.testing.assert_allclose(converter_form, tf_form, rtol=1e-6, atol=1e-6)
-    # The reference GELU, from its definition.
-    erf = np.vectorize(math.erf)
-    h = x.reshape(-1, 4) @ mlp.fc1.kernel.numpy() + mlp.fc1.bias.numpy()
-    expected = (0.5 * h * (1 + erf(h / math.sqrt(2)))) @ mlp.fc2.kernel.numpy()
-    expected = expected + mlp.fc2.bias.numpy()
-    np.testing.assert_allclose(outputs[True][1].reshape(-1, 4), expected, rtol=1e-5, atol=1e-5)
+    x = np.random.default_rng(10).normal(size=(2, 8, 8, 4)).astype("float32")
+    np.testing.assert_array_equal(
+        np.asarray(tf.function(split, jit_compile=True)(x)), numpy_unfold(x, 3, 2, 1)
+    )
 
 
-@pytest.mark.parametrize("qkv_bias", [False, True])
-def test_class_token_call_is_the_class_tokens_row(qkv_bias):
-    """TransformerBlock.class_token_call (k and v of every token; q, attention, proj and MLP
-    for row 0 only) gives row 0 of the block's output, eagerly and in a TF graph."""
-    import tensorflow as tf
-
-    block = layers.TransformerBlock(4, mlp_ratio=2.0, qkv_bias=qkv_bias)
-    rng = np.random.default_rng(17)
-    x = rng.normal(size=(3, 10, 16)).astype("float32")
-    block(x)
-    for weight in block.weights:  # every bias and norm offset away from zero
-        weight.assign(rng.normal(scale=0.3, size=weight.shape).astype("float32"))
-    expected = np.asarray(block(x, training=False))[:, :1]
-    assert expected.shape == (3, 1, 16)
-    np.testing.assert_allclose(np.asarray(block.class_token_call(x)), expected, atol=1e-5)
-    graph = tf.function(block.class_token_call, input_signature=[tf.TensorSpec((None, 10, 16))])
-    np.testing.assert_allclose(graph(x).numpy(), expected, atol=1e-5)
-    # Row 0 depends on the other tokens too (through k and v).
-    moved = x.copy()
-    moved[:, 5] += rng.normal(size=16).astype("float32")  # (not a constant: LN removes it)
-    assert np.abs(np.asarray(block.class_token_call(moved)) - expected).max() > 1e-3
-
-
-@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
-def test_onednn_layer_norm_form_is_layer_norm(policy):
-    """In `onednn_layer_norm`, LayerNorm traces a training-mode FusedBatchNormV3 over its rows
-    (what grappler fuses into _MklLayerNorm) where a dimension is unknown, and its plain form
-    where the shape is static or for a converter; each is layer normalization, by a float64
-    reference, with the layer's epsilon (not tf.nn's 1.001e-5 floor)."""
-    import tensorflow as tf
-
-    norm = layers.LayerNorm(epsilon=1e-5, dtype=policy)
-    rng = np.random.default_rng(16)
-    # Rows of small variance, where the epsilon shows: 1e-5 against 1.001e-5 moves them 2e-5.
-    x = rng.normal(size=(3, 5, 8)) * [[[1.0]], [[30.0]], [[3e-3]]] + [[[2.0]], [[-5.0]], [[0.0]]]
-    x = x.astype("float32")
-    norm.build(x.shape)
-    norm.gamma.assign(rng.normal(size=8).astype("float32"))
-    norm.beta.assign(rng.normal(size=8).astype("float32"))
-    mean = x.astype("float64").mean(-1, keepdims=True)
-    variance = ((x - mean) ** 2).mean(-1, keepdims=True)
-    expected = (x - mean) / np.sqrt(variance + 1e-5) * norm.gamma.numpy() + norm.beta.numpy()
-
-    def traced(spec, fused=True, converter=False):
-        def call(t):
-            with layers.xla_compilation(False), layers.onednn_layer_norm(fused), \
-                    layers.converter_graph(converter):  # fmt: skip
-                return norm(t)
-
-        function = tf.function(call)
-        return _graph_ops(function, spec), function(x)
-
-    dynamic = tf.TensorSpec((None, 5, 8))
-    for spec, fused, converter, form in [
-        (dynamic, True, False, "FusedBatchNormV3"),
-        (dynamic, False, False, "Rsqrt"),
-        (tf.TensorSpec((3, 5, 8)), True, False, "Rsqrt"),
-        (dynamic, True, True, "Sqrt"),
-    ]:
-        ops_, y = traced(spec, fused, converter)
-        assert form in ops_ and ("FusedBatchNormV3" in ops_) == (form == "FusedBatchNormV3")
-        assert y.dtype == norm.compute_dtype
-        tolerance = 1e-5 if policy == "float32" else 3e-2
-        np.testing.assert_allclose(np.asarray(tf.cast(y, tf.float32)), expected,
-                                   rtol=tolerance, atol=tolerance)  # fmt: skip
-
-
-def test_tensorflow_fuses_layer_norm_is_false_where_onednn_is_off():
-    """The probe reads what grappler did: with oneDNN off (TF_ENABLE_ONEDNN_OPTS=0) nothing
-    is fused; with it on (TensorFlow's default on x86-64 Linux) the form is one op."""
-    import os
-    import pathlib
-    import platform
-    import subprocess
-    import sys
-
-    root = pathlib.Path(__file__).resolve().parents[1]
-    probe = "from keras_t2t import layers; print('fuses', layers.tensorflow_fuses_layer_norm())"
-    answers = {}
-    for setting in ("0", "1"):
-        env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS=setting, TF_CPP_MIN_LOG_LEVEL="2",
-                   PYTHONPATH=str(root))  # fmt: skip
-        result = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True,
-                                text=True, timeout=300)  # fmt: skip
-        assert result.returncode == 0, result.stderr[-3000:]
-        answers[setting] = result.stdout.split("fuses")[-1].strip()
-    assert answers["0"] == "False"
-    if platform.system() == "Linux" and platform.machine() in ("x86_64", "AMD64"):
-        assert answers["1"] == "True"
-
-
-@pytest.mark.parametrize(
-    "layer",
-    [lambda: layers.MultiHeadSelfAttention(2, qkv_bias=True), lambda: layers.TokenPerformer(8),
-     lambda: layers.TokenTransformer(8)],
-    ids=["attention", "performer", "transformer"],
-)  # fmt: skip
-def test_converter_graph_computes_q_k_v_without_splitting_a_tensor(layer):
-    """In a converter graph q, k and v come from their own matmuls on column blocks of the
-    kernel (constants for a converter), so no Split / Unpack runs; the values are the same."""
-    import tensorflow as tf
-
-    layer = layer()
-    spec = tf.TensorSpec((2, 9, 8))
-    x = np.random.default_rng(14).normal(size=(2, 9, 8)).astype("float32")
-    layer(x)
-    for weight in layer.weights:  # biases away from zero, so that a lost bias shows
-        if weight.path.endswith("bias"):
-            weight.assign(np.random.default_rng(15).normal(size=weight.shape).astype("float32"))
-    traced, outputs = _traced_for_tensorflow_and_converter(layer, spec, x)
-    assert {"Split", "Unpack"} & traced[False]
-    assert not {"Split", "SplitV", "Unpack"} & traced[True], sorted(traced[True])
-    np.testing.assert_allclose(outputs[True], outputs[False], rtol=1e-5, atol=1e-6)
+def test_t2t_module_resolves_auto_from_the_backend_only():
+    """`"auto"`: the one-hot convolution for the image and slices for the maps on TensorFlow
+    (slices only elsewhere), the same whatever devices are visible; names and lists too."""
+    expected = ("conv", "slices", "slices")
+    if keras.backend.backend() != "tensorflow":
+        expected = ("slices",) * 3
+    assert layers.T2TModule.resolve_soft_splits("auto") == expected
+    module = layers.T2TModule(embed_dim=32)
+    assert module.soft_split_implementations == expected
+    assert [s.implementation for s in (module.soft_split0, module.soft_split1,
+                                       module.soft_split2)] == list(expected)  # fmt: skip
+    assert module.get_config()["soft_split_implementation"] == "auto"
+    assert layers.T2TModule.resolve_soft_splits("patches") == ("patches",) * 3
+    mixed = layers.T2TModule(embed_dim=32, soft_split_implementation=("slices", "conv", "conv"))
+    assert mixed.soft_split_implementations == ("slices", "conv", "conv")
+    assert mixed.get_config()["soft_split_implementation"] == ["slices", "conv", "conv"]
+    for wrong in ("unfold", ["slices", "conv"], ["slices", "conv", "xla"]):
+        with pytest.raises(ValueError, match="soft_split_implementation"):
+            layers.T2TModule.resolve_soft_splits(wrong)

@@ -232,7 +232,8 @@ def test_xla_forward_and_train_step(tokens_type):
 
 
 def _fpn_segmenter(pyramid, classes, width=32):
-    """The README's FPN head: laterals 1x1, top-down upsampling, logits at full size."""
+    """The FPN head of docs/explainability.md: laterals 1x1, top-down upsampling, logits at
+    full size."""
     inputs = keras.Input(pyramid.input.shape[1:])
     levels = pyramid(inputs)
     x = keras.layers.Conv2D(width, 1)(levels["P5"])

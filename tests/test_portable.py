@@ -75,6 +75,18 @@ def test_config_round_trip_keeps_the_outputs(cls, kwargs, shape, _t, _f):
     np.testing.assert_array_equal(keras.ops.convert_to_numpy(revived(x)), expected)
 
 
+def _golden(name):
+    from tests.conftest import DATA, GOLDEN
+
+    entry = GOLDEN[name]
+    io = np.load(DATA / entry["io"])
+    images = io["images_nchw"].transpose(0, 2, 3, 1)
+    return dict(entry, checkpoint=str(DATA / entry["checkpoint"]), images=images)
+
+
+GOLDEN_PERFORMER = _golden("t2t_tiny_performer")
+
+
 def _golden_model(golden, **kwargs):
     return keras_t2t.T2TViT(
         **TINY_ARCH, tokens_type=golden["tokens_type"], include_preprocessing=False,
@@ -101,6 +113,37 @@ def test_weights_h5_and_keras_files_round_trip(golden, tmp_path):
     np.testing.assert_allclose(
         keras.ops.convert_to_numpy(revived(golden["images"])), expected, atol=1e-5
     )
+
+
+QUANTIZATION_MODES = ["int8", "float8", "int4"]  # Keras >= 3.13 has each on every backend
+# The logits' cosine to float32 on the golden images. float8 (e4m3: 3 mantissa bits) scales by
+# amax histories that only training fills (Keras' delayed scaling): a model quantized for
+# inference keeps scale 1. int4 (16 levels per output channel, activations in int8) is coarse
+# on this untrained 64-wide model; the trained digits model shows what it keeps (test_training).
+MIN_COSINE = {"int8": 0.999, "float8": 0.98, "int4": 0.9}
+
+
+@pytest.mark.parametrize("mode", QUANTIZATION_MODES)
+def test_model_quantize_keeps_the_logits_and_round_trips_through_keras_files(mode, tmp_path):
+    """Keras' own `model.quantize` on the model as built (the golden checkpoint): its Dense
+    layers take the mode, the logits stay close to float32's, and the `.keras` file keeps the
+    quantized layers (their policies, in the blocks' configs) and the outputs exactly."""
+    golden = dict(GOLDEN_PERFORMER)
+    model = _golden_model(golden)
+    images = golden["images"]
+    expected = keras.ops.convert_to_numpy(model(images))
+    model.quantize(mode)
+    qkv = model.get_layer("blocks_0").attn.qkv
+    assert qkv.quantization_mode == mode
+    logits = keras.ops.convert_to_numpy(model(images))
+    cosine = np.sum(logits * expected, -1) / (
+        np.linalg.norm(logits, axis=-1) * np.linalg.norm(expected, axis=-1)
+    )
+    assert cosine.min() >= MIN_COSINE[mode], cosine
+    model.save(tmp_path / "quantized.keras")
+    revived = keras.saving.load_model(tmp_path / "quantized.keras")
+    assert revived.get_layer("blocks_0").attn.qkv.quantization_mode == mode
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(revived(images)), logits)
 
 
 def test_a_keras_file_written_by_another_backend_loads():
