@@ -443,7 +443,7 @@ def test_cli_reports_errors_without_a_traceback(tmp_path):
     assert "error: No train TFRecords found" in result.stderr and "Traceback" not in result.stderr
 
 
-PAPER = dict(  # the released weights' recipe (README, "Training recipe")
+PAPER = dict(  # the released weights' recipe (docs/training.md, "Training recipe")
     epochs=310, warmup_epochs=5, cooldown_epochs=10, warmup_lr=1e-6, min_lr=1e-5,
     drop_path_rate=0.1, ema_decay=0.99996,
 )  # fmt: skip

@@ -29,7 +29,7 @@ def make_strategy(config):
         if "TF_CONFIG" not in os.environ:
             raise TrainingError(
                 "--strategy=multi_worker reads the cluster from the TF_CONFIG environment "
-                "variable, which is not set. See the README for an example."
+                "variable, which is not set. See docs/training.md for an example."
             )
         # NCCL all-reduces between GPUs (AUTO may pick ring); CPU workers use ring.
         gpus = tf.config.list_physical_devices("GPU")

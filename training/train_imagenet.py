@@ -6,9 +6,9 @@
     python training/train_imagenet.py --tpu=my-tpu --strategy=tpu --model=t2t_vit_14 \\
         --data_dir=gs://bucket/imagenet --model_dir=gs://bucket/runs/t2t_vit_14
 
-Defaults are the paper's recipe for --model (see README). The resolved config is written to
---model_dir/config.json; a run started again with the same command resumes from the latest
-checkpoint in --model_dir.
+Defaults are the paper's recipe for --model (see docs/training.md). The resolved config is
+written to --model_dir/config.json; a run started again with the same command resumes from the
+latest checkpoint in --model_dir.
 """
 
 import logging
