@@ -15,6 +15,7 @@ random, for trying the path. See savedmodels/README.md.
 """
 
 import argparse
+import errno
 import os
 import sys
 
@@ -53,6 +54,18 @@ def representative_images(folder, size, crop_pct=0.9, limit=64, max_pixels=None)
 def _reason(error):
     text = getattr(error, "message", None) or getattr(error, "strerror", None) or str(error)
     return text.splitlines()[0] if text else type(error).__name__
+
+
+def _check_output(output):
+    """Refuses an --output that cannot be a folder (a file, or a path under a file), before
+    the model is built. URLs (gs://...) are left to the writers."""
+    if "://" in output:
+        return
+    path = os.path.abspath(output)
+    while not os.path.lexists(path):  # the nearest existing path above
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), path)
 
 
 def _size(path):
@@ -148,6 +161,7 @@ def main(argv=None):
         export.check_max_image_pixels(max_image_pixels)
         if args.crop_pct is not None:
             export.check_crop_pct(args.crop_pct)
+        _check_output(args.output)
         model = model_for_command_line(args.model, args.weights, args.image_size, args.classes)
         crop_pct = args.crop_pct
         if crop_pct is None:

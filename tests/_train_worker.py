@@ -1,55 +1,69 @@
 """Runs one training job in its own process, for the tests that need a fresh TensorFlow
-(logical devices, TF_CONFIG). Usage: python tests/_train_worker.py CONFIG_JSON OUT_NPZ"""
+(TF_CONFIG: the workers of tests/test_training.py). Usage:
+python tests/_train_worker.py CONFIG_JSON OUT_NPZ
+
+Prints "REPLICAS r STEP s" when the job ends, or "TrainingError: ..." (exit 3), or the
+`Preempted` message after a SIGTERM (exit 143, as train_imagenet.py). `run_job` is the job
+itself, also called in the tests' own process (tests/test_distributed.py) and by
+tests/_two_replicas.py."""
 
 import json
 import os
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def run_job(config, out):
+    """Trains `config` (a dict of `Config` fields, "aug" a dict of `Augmentation` fields;
+    "_no_dropout": the model's dropout off); saves the initial weights to OUT_init.npz and
+    the final ones to `out`; returns the Trainer."""
+    import keras
+    import numpy as np
+
+    from training import data, trainer
+    from training.config import Config
+
+    config = dict(config)
+    no_dropout = config.pop("_no_dropout", False)
+    build = trainer.build_model
+
+    def build_model(config):
+        model = build(config)
+        for layer in model._flatten_layers():
+            if isinstance(layer, keras.layers.Dropout):
+                layer.rate = 0.0
+        return model
+
+    if no_dropout:  # the performer's official dropout (0.1) differs between runs
+        trainer.build_model = build_model
+    try:
+        aug = data.Augmentation(**config.pop("aug")) if "aug" in config else None
+        job = trainer.Trainer(Config(**config, aug=aug or data.Augmentation.none()))
+        np.savez(str(out).replace(".npz", "_init.npz"), *[v.numpy() for v in job.model.weights])
+        job.run()
+    finally:
+        trainer.build_model = build
+    np.savez(str(out), *[v.numpy() for v in job.model.weights])
+    return job
+
 
 def main():
     config = json.loads(sys.argv[1])
     out = sys.argv[2]
-    logical_cpus = config.pop("_logical_cpus", 1)
-    no_dropout = config.pop("_no_dropout", False)
     import logging
 
-    import numpy as np
-    import tensorflow as tf
-
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # "Resumed from ..."
+    from training.errors import Preempted, TrainingError
 
-    if logical_cpus > 1:
-        cpu = tf.config.list_physical_devices("CPU")[0]
-        tf.config.set_logical_device_configuration(
-            cpu, [tf.config.LogicalDeviceConfiguration()] * logical_cpus
-        )
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from training import data, trainer
-    from training.config import Config
-    from training.errors import TrainingError
-
-    if no_dropout:  # the performer's official dropout (0.1) differs between runs
-        import keras
-
-        build = trainer.build_model
-
-        def build_model(config):
-            model = build(config)
-            for layer in model._flatten_layers():
-                if isinstance(layer, keras.layers.Dropout):
-                    layer.rate = 0.0
-            return model
-
-        trainer.build_model = build_model
-    aug = data.Augmentation(**config.pop("aug")) if "aug" in config else data.Augmentation.none()
     try:
-        job = trainer.Trainer(Config(**config, aug=aug))
-        np.savez(out.replace(".npz", "_init.npz"), *[v.numpy() for v in job.model.weights])
-        job.run()
+        job = run_job(config, out)
     except TrainingError as error:
         print(f"TrainingError: {error}", flush=True)
         return 3
-    np.savez(out, *[v.numpy() for v in job.model.weights])
+    except Preempted as stop:
+        print(f"Preempted: {stop}", flush=True)
+        return 143
     print(f"REPLICAS {job.strategy.num_replicas_in_sync} STEP {int(job.step.numpy())}", flush=True)
     return 0
 

@@ -1,7 +1,12 @@
 """Checks that need two replicas, in a fresh process with two logical CPU devices (TF's
 device list is fixed at its first use). Prints one JSON object; `tests/test_distributed.py`
-reads it. Usage: python tests/_two_replicas.py"""
+reads it. Usage: python tests/_two_replicas.py [JOBS_JSON]
 
+JOBS_JSON: {"mirrored": [CONFIG, OUT_NPZ], "indivisible": [CONFIG, OUT_NPZ]}, training jobs of
+`tests/_train_worker.py` (CONFIG as there) under the two replicas: "mirrored" is trained
+(its weights saved as there), "indivisible" is expected to be refused."""
+
+import argparse
 import json
 import os
 import sys
@@ -16,9 +21,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import keras  # noqa: E402
 
 from keras_t2t import layers  # noqa: E402
-from training import optim  # noqa: E402
+from training import distribute, optim  # noqa: E402
 
-STRATEGY = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+# One MirroredStrategy for the whole process, the one --strategy=mirrored makes over the two
+# logical CPUs: the collectives of two instances would share their keys (and mismatch).
+STRATEGY = distribute.make_strategy(argparse.Namespace(strategy="mirrored", tpu=None))
+assert STRATEGY.num_replicas_in_sync == 2, STRATEGY.extended.worker_devices
+_make_strategy = distribute.make_strategy
+distribute.make_strategy = lambda config: (
+    STRATEGY if config.strategy == "mirrored" else _make_strategy(config)
+)
 
 
 def per_replica(function, *args):
@@ -125,8 +137,31 @@ def ema_per_replica():
     )
 
 
+def training_jobs(jobs):
+    """The jobs of JOBS_JSON; run first, in a process where nothing else was built yet."""
+    from _train_worker import run_job
+
+    from training.errors import TrainingError
+
+    results = {}
+    if "mirrored" in jobs:
+        job = run_job(*jobs["mirrored"])
+        results["mirrored"] = dict(
+            replicas=job.strategy.num_replicas_in_sync, step=int(job.step.numpy())
+        )
+    if "indivisible" in jobs:
+        try:
+            run_job(*jobs["indivisible"])
+            results["indivisible"] = "accepted"
+        except TrainingError as error:
+            results["indivisible"] = f"TrainingError: {error}"
+    return results
+
+
 if __name__ == "__main__":
+    jobs = training_jobs(json.loads(sys.argv[1])) if len(sys.argv) > 1 else {}
     results = dict(
+        jobs=jobs,
         loss_scale=loss_scale_overflow_on_one_replica(),
         drop_path=drop_path_masks(),
         ema=ema_per_replica(),

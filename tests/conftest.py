@@ -107,3 +107,67 @@ def export_cli():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def shared_folder(tmp_path_factory, name, build):
+    """A folder that `build(folder)` fills once per test session, for every xdist worker: the
+    first worker to ask builds it (under a lock), the others wait for it and reuse it, where a
+    module- or session-scoped fixture alone is built again by each worker. Tests must only
+    read it (copy it to change it)."""
+    import fcntl
+    import shutil
+
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # this session's folder, above each worker's own (popen-gw0, ...)
+    shared = base / "shared"
+    shared.mkdir(exist_ok=True)
+    folder, done = shared / name, shared / f"{name}.done"
+    with open(shared / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)  # a build that failed on another worker
+            folder.mkdir()
+            build(folder)
+            done.write_text("")
+    return folder
+
+
+def random_examples(count, classes, seed, label=None):
+    """`count` serialized ImageNet-layout examples: random 40x36 JPEGs, labels 1..classes in
+    turn (or all `label`)."""
+    from training import build_tfrecords
+
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        image = rng.integers(0, 256, (40, 36, 3), dtype=np.uint8)
+        y = label if label is not None else 1 + i % classes
+        yield build_tfrecords.make_example(
+            build_tfrecords.to_jpeg(image), y, str(y), f"{i}.jpg", 40, 36
+        )
+
+
+@pytest.fixture(scope="session")
+def tiny_records(tmp_path_factory):
+    """4 classes, 64 training and 20 validation JPEGs (40x36) in the ImageNet layout, 2 shards
+    each; built once per session (`shared_folder`): read only."""
+    from training import build_tfrecords
+
+    def build(folder):
+        build_tfrecords.write_shards(random_examples(64, 4, 0), str(folder), "train", 2)
+        build_tfrecords.write_shards(random_examples(20, 4, 1), str(folder), "validation", 2)
+
+    return str(shared_folder(tmp_path_factory, "tiny_records", build))
+
+
+def tiny_train_config(data_dir, model_dir, **overrides):
+    """The fields of a training `Config` for `tiny_records`: T2T-ViT-7 at 32x32, 2 epochs of
+    3 steps of 8 images, in loops of 2; evaluated after each epoch."""
+    config = dict(
+        model="t2t_vit_7", data_dir=data_dir, model_dir=str(model_dir), image_size=32,
+        num_classes=4, batch_size=8, epochs=2, warmup_epochs=1, cooldown_epochs=0,
+        steps_per_epoch=3, steps_per_loop=2, eval_every_epochs=1, ema_decay=0.9,
+        drop_path_rate=0.0, jit_compile=False, eval_batch_size=8,
+    )  # fmt: skip
+    config.update(overrides)
+    return config

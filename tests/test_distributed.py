@@ -1,7 +1,8 @@
 """Correctness with more than one replica (issue #10): loss-scale overflow on one replica,
-per-replica drop-path masks, the per-replica EMA, per-pipeline input seeds and equal
-evaluation batches on every host. The replica checks run in one fresh process with two
-logical CPU devices (`tests/_two_replicas.py`)."""
+per-replica drop-path masks, the per-replica EMA, MirroredStrategy training against one
+device, per-pipeline input seeds and equal evaluation batches on every host. The replica
+checks run in one fresh process with two logical CPU devices (`tests/_two_replicas.py`),
+once per session."""
 
 import json
 import os
@@ -12,22 +13,41 @@ import sys
 import numpy as np
 import pytest
 import tensorflow as tf
+from _train_worker import run_job
+from conftest import shared_folder, tiny_train_config
 
 from training import build_tfrecords, data
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+# The same training on one device and on two replicas: the same data and initial weights.
+SAME_RUN = dict(
+    mode="train", deterministic_data=True, seed=3, learning_rate=0.1, warmup_epochs=0,
+    _no_dropout=True,
+)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
-def two_replicas():
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(ROOT))
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "_two_replicas.py")],
-        env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    lines = [line for line in result.stdout.splitlines() if line.startswith("RESULTS ")]
-    assert result.returncode == 0 and lines, result.stdout[-3000:] + result.stderr[-3000:]
-    return json.loads(lines[0][len("RESULTS ") :])
+def two_replicas(tiny_records, tmp_path_factory):
+    """The results of `tests/_two_replicas.py`, with "folder" (where its jobs wrote)."""
+
+    def build(folder):
+        jobs = dict(
+            mirrored=[tiny_train_config(tiny_records, folder / "two", strategy="mirrored",
+                                        **SAME_RUN), str(folder / "two.npz")],
+            indivisible=[tiny_train_config(tiny_records, folder / "seven", strategy="mirrored",
+                                           batch_size=7), str(folder / "seven.npz")],
+        )  # fmt: skip
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(ROOT))
+        result = subprocess.run(
+            [sys.executable, str(ROOT / "tests" / "_two_replicas.py"), json.dumps(jobs)],
+            env=env, capture_output=True, text=True, timeout=400,
+        )  # fmt: skip
+        lines = [line for line in result.stdout.splitlines() if line.startswith("RESULTS ")]
+        assert result.returncode == 0 and lines, result.stdout[-3000:] + result.stderr[-3000:]
+        (folder / "results.json").write_text(lines[0][len("RESULTS ") :])
+
+    folder = shared_folder(tmp_path_factory, "two_replicas", build)
+    return dict(json.loads((folder / "results.json").read_text()), folder=folder)
 
 
 def test_float16_overflow_on_one_replica_skips_the_step_on_all(two_replicas):
@@ -60,6 +80,33 @@ def test_ema_is_per_replica_without_synchronization_and_matches_one_replica(two_
     assert result["merge_calls"] == 0
     np.testing.assert_allclose(result["swapped"], result["expected"], rtol=1e-6)
     assert result["restored"]
+
+
+def test_mirrored_over_two_devices_matches_one_device(two_replicas, tiny_records, tmp_path):
+    # The one-device run here, in this process; the two-replica one in _two_replicas.py.
+    assert two_replicas["jobs"]["mirrored"] == dict(replicas=2, step=6)
+    one = run_job(tiny_train_config(tiny_records, tmp_path / "one", **SAME_RUN),
+                  tmp_path / "one.npz")  # fmt: skip
+    assert one.strategy.num_replicas_in_sync == 1 and int(one.step.numpy()) == 6
+    two = two_replicas["folder"]
+    a, b = np.load(tmp_path / "one.npz"), np.load(two / "two.npz")
+    init = np.load(tmp_path / "one_init.npz")
+    assert len(a.files) == len(b.files)
+    for key in a.files:  # the same start: the seed makes the same initial weights
+        np.testing.assert_array_equal(init[key], np.load(two / "two_init.npz")[key])
+    # Adam normalizes each update, so float noise in near-zero gradients can flip a few
+    # signs: compare the updates as a whole. Different data or no all-reduce gives ~100%.
+    update_a = np.concatenate([(a[k] - init[k]).ravel() for k in a.files])
+    update_b = np.concatenate([(b[k] - init[k]).ravel() for k in a.files])
+    assert np.linalg.norm(update_a) > 1e-2
+    assert np.linalg.norm(update_a - update_b) / np.linalg.norm(update_a) < 0.02
+    np.testing.assert_allclose(update_a, update_b, atol=1e-3)
+
+
+def test_batch_not_divisible_by_replicas(two_replicas):
+    refused = two_replicas["jobs"]["indivisible"]
+    assert refused.startswith("TrainingError: ")
+    assert "--batch_size=7 is not divisible by the 2 replicas" in refused
 
 
 @pytest.fixture(scope="module")

@@ -2,9 +2,11 @@
 the golden performer model (so that the outputs depend on every weight) and real photos."""
 
 import functools
+import json
 import os
 import pathlib
 import re
+import shutil
 import struct
 import subprocess
 import sys
@@ -14,7 +16,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import DATA, export_cli, tiny_model
+from conftest import DATA, export_cli, shared_folder, tiny_model
 
 from keras_t2t import export, inference
 
@@ -37,12 +39,21 @@ def photo_crops(size=64, count=24):
     return np.stack(crops)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def exported(tmp_path_factory):
+    """The golden performer model, real photos, and their SavedModel and four TFLite models,
+    exported once per session for every xdist worker (`shared_folder`: tests only read it)."""
     model = tiny_model(weights=str(DATA / "t2t_tiny_performer.pth.tar"), input_shape=None)
     images = photo_crops()
-    folder = tmp_path_factory.mktemp("export")
-    written = export.export(model, str(folder), representative_images=images, name="tiny")
+
+    def build(folder):
+        written = export.export(model, str(folder), representative_images=images, name="tiny")
+        relative = {artifact: os.path.relpath(path, folder) for artifact, path in written.items()}
+        (folder / "written.json").write_text(json.dumps(relative))
+
+    folder = shared_folder(tmp_path_factory, "export_tiny", build)
+    relative = json.loads((folder / "written.json").read_text())
+    written = {artifact: str(folder / path) for artifact, path in relative.items()}
     expected = model.predict(images.astype("float32"), verbose=0)
     return dict(model=model, images=images, expected=expected, written=written, folder=folder)
 
@@ -250,10 +261,22 @@ def test_serving_bytes_refuses_huge_images_before_decoding(exported):
         assert time.perf_counter() - start < 3.0, name  # refused from the header alone
 
 
-def test_max_image_pixels_is_set_at_export(tmp_path):
-    model = tiny_model(input_shape=(32, 32, 3))
-    path = export.export_saved_model(model, str(tmp_path), max_image_pixels=40 * 40)
-    serve = tf.saved_model.load(path).signatures["serving_bytes"]
+@pytest.fixture(scope="session")
+def other_settings(exported, tmp_path_factory):
+    """The SavedModel of the same model exported with settings other than the defaults, for
+    the tests of each: serving_runtime="tensorflow_onednn" and max_image_pixels=40 * 40."""
+
+    def build(folder):
+        export.export_saved_model(
+            exported["model"], str(folder), "other", 1, max_image_pixels=40 * 40,
+            serving_runtime="tensorflow_onednn",
+        )  # fmt: skip
+
+    return str(shared_folder(tmp_path_factory, "export_other_settings", build) / "other" / "1")
+
+
+def test_max_image_pixels_is_set_at_export(other_settings):
+    serve = tf.saved_model.load(other_settings).signatures["serving_bytes"]
     small = tf.io.encode_png(np.zeros((40, 40, 3), np.uint8)).numpy()
     large = tf.io.encode_png(np.zeros((40, 41, 3), np.uint8)).numpy()
     assert serve(image_bytes=tf.constant([small]))["probabilities"].shape == (1, 10)
@@ -405,17 +428,16 @@ def _session_ops(saved_model, images):
     return ops, probabilities
 
 
-def test_saved_model_for_onednn_runs_each_layer_norm_as_one_fused_op(exported, tmp_path):
+def test_saved_model_for_onednn_runs_each_layer_norm_as_one_fused_op(
+    exported, other_settings, tmp_path
+):
     """serving_runtime="tensorflow_onednn": where this TensorFlow fuses the oneDNN form, every
     LayerNorm of the served graph runs as one _MklLayerNorm (else as a FusedBatchNormV3); the
     default ("tensorflow") keeps the reductions; both answer as the Keras model."""
     model, images = exported["model"], exported["images"][:6]
     norms = sum(weight.path.endswith("/gamma") for weight in model.weights)
     assert norms == 2 * (2 + 2) + 1  # 2 T2T layers and 2 blocks of 2 each, and the last
-    onednn = export.export_saved_model(
-        model, str(tmp_path), "onednn", 1, serving_runtime="tensorflow_onednn"
-    )
-    onednn_ops, fused = _session_ops(onednn, images)
+    onednn_ops, fused = _session_ops(other_settings, images)
     plain_ops, plain = _session_ops(exported["written"]["saved_model"], images)
     assert plain_ops["_MklLayerNorm"] == plain_ops["FusedBatchNormV3"] == 0
     assert plain_ops["Rsqrt"] + plain_ops["Sqrt"] == norms, plain_ops
@@ -430,68 +452,57 @@ def test_saved_model_for_onednn_runs_each_layer_norm_as_one_fused_op(exported, t
     assert not (tmp_path / "refused").exists()
 
 
-def test_saved_model_runs_the_last_block_on_the_class_token_only(tmp_path):
+def test_saved_model_runs_the_last_block_on_the_class_token_only(exported):
     """In the SavedModel the last block's MLP takes one row per image (batch x hidden); the
     others take every token's row; the probabilities are the Keras model's."""
-    import keras_t2t
-
-    rng = np.random.default_rng(19)
-    model = keras_t2t.T2TViT7(weights=None, input_shape=(32, 32, 3), classes=5)
-    for weight in model.weights:
-        weight.assign(rng.normal(scale=0.1, size=weight.shape).astype("float32"))
-    path = export.export_saved_model(model, str(tmp_path), "m", 1)
-    images = rng.integers(0, 256, (3, 32, 32, 3)).astype(np.uint8)
+    model, images = exported["model"], exported["images"][:3]
     options = tf.compat.v1.RunOptions(trace_level=tf.compat.v1.RunOptions.FULL_TRACE)
-    metadata, probabilities = _session_run(path, images, options)
+    metadata, probabilities = _session_run(exported["written"]["saved_model"], images, options)
     shapes = [tuple(d.size for d in output.tensor_description.shape.dim)
               for device in metadata.step_stats.dev_stats for node in device.node_stats
               for output in node.output]  # fmt: skip
     hidden = model.get_layer("blocks_0").mlp.fc1.units
-    tokens = 1 + (32 // 16) ** 2
+    tokens = 1 + (export.image_size(model) // 16) ** 2
     assert (3, hidden) in shapes and (3 * tokens, hidden) in shapes
-    expected = model.predict(images.astype("float32"), verbose=0)
-    assert np.abs(probabilities - expected).max() <= 1e-5
+    assert np.abs(probabilities - exported["expected"][:3]).max() <= 1e-5
 
 
 STANDALONE = """
+import runpy
 import sys
 for name in ("keras", "keras_t2t", "tf_keras"):
     sys.modules[name] = None  # any import of these now fails
 import numpy as np
 import tensorflow as tf
-loaded = tf.saved_model.load(sys.argv[1])
-images = np.load(sys.argv[2])
+saved_model, images_file, out_file, cli_dir = sys.argv[1:]
+loaded = tf.saved_model.load(saved_model)
+images = np.load(images_file)
 out = loaded.signatures["serving_default"](images=tf.constant(images))
-np.save(sys.argv[3], out["probabilities"].numpy())
+np.save(out_file, out["probabilities"].numpy())
 assert "keras" not in {m.split(".")[0] for m in sys.modules if sys.modules[m] is not None}
-print("standalone ok")
+print("standalone ok", flush=True)
+# TensorFlow's saved_model_cli, as `python -m tensorflow.python.tools.saved_model_cli run ...`
+sys.argv = ["saved_model_cli", "run", "--dir", saved_model, "--tag_set", "serve",
+            "--signature_def", "serving_default", "--inputs", f"images={images_file}",
+            "--outdir", cli_dir]
+runpy.run_module("tensorflow.python.tools.saved_model_cli", run_name="__main__")
 """
 
 
-def test_saved_model_runs_without_keras(exported, tmp_path):
+def test_saved_model_runs_without_keras_and_in_saved_model_cli(exported, tmp_path):
+    """In one process without keras and keras_t2t: the SavedModel loaded by TensorFlow alone,
+    then run by TensorFlow's saved_model_cli; both give the Keras model's probabilities."""
     np.save(tmp_path / "images.npy", exported["images"])
     result = subprocess.run(
         [sys.executable, "-c", STANDALONE, exported["written"]["saved_model"],
-         str(tmp_path / "images.npy"), str(tmp_path / "out.npy")],
+         str(tmp_path / "images.npy"), str(tmp_path / "out.npy"), str(tmp_path / "cli")],
         env=dict(ENV, PYTHONPATH=""), capture_output=True, text=True, timeout=300, cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert "standalone ok" in result.stdout
     assert np.abs(np.load(tmp_path / "out.npy") - exported["expected"]).max() <= 1e-5
-
-
-def test_saved_model_cli_reproduces_keras(exported, tmp_path):
-    np.save(tmp_path / "images.npy", exported["images"][:4])
-    result = subprocess.run(
-        [sys.executable, "-m", "tensorflow.python.tools.saved_model_cli", "run",
-         "--dir", exported["written"]["saved_model"], "--tag_set", "serve",
-         "--signature_def", "serving_default", "--inputs", f"images={tmp_path / 'images.npy'}",
-         "--outdir", str(tmp_path / "out")],
-        env=ENV, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    probabilities = np.load(tmp_path / "out" / "probabilities.npy")
-    assert np.abs(probabilities - exported["expected"][:4]).max() <= 1e-5
+    probabilities = np.load(tmp_path / "cli" / "probabilities.npy")
+    assert np.abs(probabilities - exported["expected"]).max() <= 1e-5
 
 
 def test_warmup_requests_parse_as_prediction_logs(exported):
@@ -590,20 +601,31 @@ def _cli(*args):
                           env=ENV, capture_output=True, text=True, timeout=600)  # fmt: skip
 
 
-def test_export_cli(tmp_path):
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    for i, image in enumerate(photo_crops(size=80, count=4)):
-        (photos / f"{i}.jpg").write_bytes(tf.io.encode_jpeg(image).numpy())
-    result = _cli(
-        "--model=t2t_vit_7",
-        "--image_size=32",
-        "--classes=5",
-        f"--output={tmp_path / 'out'}",
-        f"--representative_data={photos}",
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "random weights" in result.stdout
+CLI_ARGS = ["--model=t2t_vit_7", "--image_size=32", "--classes=5"]
+
+
+@pytest.fixture(scope="session")
+def cli_run(tmp_path_factory):
+    """The one run of the CLI's own process (`python savedmodels/export.py`), shared by the
+    xdist workers (`shared_folder`): (its stdout, its --output folder, its photos folder).
+    The other CLI tests call its `main(argv)` in this process."""
+
+    def build(folder):
+        photos = folder / "photos"
+        photos.mkdir()
+        for i, image in enumerate(photo_crops(size=80, count=4)):
+            (photos / f"{i}.jpg").write_bytes(tf.io.encode_jpeg(image).numpy())
+        result = _cli(*CLI_ARGS, f"--output={folder / 'out'}", f"--representative_data={photos}")
+        assert result.returncode == 0, result.stderr[-3000:]
+        (folder / "stdout.txt").write_text(result.stdout)
+
+    folder = shared_folder(tmp_path_factory, "export_cli", build)
+    return (folder / "stdout.txt").read_text(), folder / "out", folder / "photos"
+
+
+def test_export_cli(cli_run):
+    stdout, out, _ = cli_run
+    assert "random weights" in stdout
     for artifact in (
         "saved_model",
         "tflite_float32",
@@ -611,8 +633,8 @@ def test_export_cli(tmp_path):
         "tflite_dynamic_int8",
         "tflite_int8",
     ):
-        assert re.search(rf"^{artifact}\s+\d+\.\d+ MiB", result.stdout, re.M), result.stdout
-    assert (tmp_path / "out" / "t2t_vit_7" / "1" / "saved_model.pb").exists()
+        assert re.search(rf"^{artifact}\s+\d+\.\d+ MiB", stdout, re.M), stdout
+    assert (out / "t2t_vit_7" / "1" / "saved_model.pb").exists()
 
 
 @pytest.mark.parametrize(
@@ -633,15 +655,15 @@ def test_export_cli(tmp_path):
 )
 def test_export_cli_errors(tmp_path, args, match, capsys):
     # In this process: the CLI's own process (`python savedmodels/export.py`) is run by
-    # test_export_cli and test_export_cli_output_that_cannot_be_created.
+    # the cli_run fixture.
     assert export_cli().main([*args, f"--output={tmp_path}"]) == 2
     assert re.search(match, capsys.readouterr().err)
     assert not list(tmp_path.iterdir())  # refused before anything was written
 
 
-def test_an_existing_version_is_refused_unless_overwrite(tmp_path):
-    model, images = tiny_model(input_shape=(32, 32, 3)), photo_crops(size=32, count=4)
-    path = pathlib.Path(export.export_saved_model(model, str(tmp_path), "m", 1, images))
+def test_an_existing_version_is_refused_unless_overwrite(exported, tmp_path):
+    model, path = exported["model"], tmp_path / "m" / "1"
+    shutil.copytree(exported["written"]["saved_model"], path)  # an export, warmup requests too
     assert (path / "assets.extra" / export.WARMUP_FILE).exists()
     with pytest.raises(ValueError, match=r"m/1 already exists.*overwrite"):
         export.export_saved_model(model, str(tmp_path), "m", 1)
@@ -716,7 +738,7 @@ def test_reexport_replaces_each_format_whole(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def digits_model():
-    """T2T-ViT-7 trained for a few epochs on scikit-learn's digits (32x32), and held-out images."""
+    """T2T-ViT-7 trained for an epoch on scikit-learn's digits (32x32), and held-out images."""
     datasets = pytest.importorskip("sklearn.datasets")
     digits = datasets.load_digits()
     images = (digits.images * (255.0 / 16.0))[..., None]
@@ -732,7 +754,7 @@ def digits_model():
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
     )
-    model.fit(images[:1400], labels[:1400], batch_size=50, epochs=4, verbose=0)
+    model.fit(images[:1400], labels[:1400], batch_size=50, epochs=1, verbose=0)
     return model, images[:64], images[1400:], labels[1400:]
 
 
@@ -768,16 +790,52 @@ def test_full_int8_runs_and_agrees_with_float32_on_a_trained_model(digits_model)
         assert np.all(np.isfinite(run(image)))
 
 
-def test_export_cli_output_that_cannot_be_created(tmp_path):
+def test_export_cli_output_that_cannot_be_created(tmp_path, monkeypatch, capsys):
     (tmp_path / "file").write_text("")
-    args = ["--model=t2t_vit_7", "--image_size=32", "--classes=5", "--format=saved_model"]
-    result = _cli(*args, f"--output={tmp_path / 'file' / 'out'}")
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert re.search(r"error: cannot write to --output '\S+file/out'", result.stderr)
-    result = _cli(*args, f"--output={tmp_path / 'out'}")
-    assert result.returncode == 0, result.stderr[-2000:]
-    again = _cli(*args, f"--output={tmp_path / 'out'}")
-    assert (
-        again.returncode == 2 and "already exists" in again.stderr and "--overwrite" in again.stderr
-    )
-    assert _cli(*args, f"--output={tmp_path / 'out'}", "--overwrite").returncode == 0
+    built, init, main = [], keras.Model.__init__, export_cli().main
+
+    def counting(self, *args, **kwargs):
+        built.append(type(self).__name__)
+        return init(self, *args, **kwargs)
+
+    monkeypatch.setattr(keras.Model, "__init__", counting)
+    for output in (tmp_path / "file", tmp_path / "file" / "out", tmp_path / "file" / "a" / "b"):
+        assert main([*CLI_ARGS, "--format=saved_model", f"--output={output}"]) == 2
+        error = capsys.readouterr().err
+        assert error.startswith(f"error: cannot write to --output '{output}': "), error
+    assert built == []  # refused before the model is built
+    monkeypatch.undo()
+
+    def unwritable(*args, **kwargs):  # as a writer fails when the folder is made or written
+        raise tf.errors.PermissionDeniedError(None, None, f"{tmp_path}/out; Permission denied")
+
+    monkeypatch.setattr(export, "export", unwritable)
+    assert main([*CLI_ARGS, "--format=saved_model", f"--output={tmp_path / 'out'}"]) == 2
+    error = capsys.readouterr().err
+    assert re.search(r"^error: cannot write to --output '\S+/out': \S+/out; Permission denied$",
+                     error), error  # fmt: skip
+
+
+def test_export_cli_refuses_an_existing_export_unless_overwrite(cli_run, tmp_path, capsys):
+    _, shared, photos = cli_run
+    out = tmp_path / "out"
+    shutil.copytree(shared, out)  # the CLI's export, warmup requests and int8 model included
+
+    def files():
+        return {str(p.relative_to(out)): p.stat().st_mtime_ns for p in out.rglob("*")}
+
+    before, main = files(), export_cli().main
+    assert main([*CLI_ARGS, f"--output={out}", f"--representative_data={photos}"]) == 2
+    error = capsys.readouterr().err
+    assert "already exist" in error and "--overwrite" in error, error
+    assert files() == before  # nothing written
+    saved_model = out / "t2t_vit_7" / "1"
+    assert (saved_model / "assets.extra").is_dir()
+    assert main([*CLI_ARGS, f"--output={out}", "--format=saved_model", "--overwrite"]) == 0
+    assert "saved_model" in capsys.readouterr().out
+    assert not (saved_model / "assets.extra").exists()  # replaced whole: no warmup requests
+    written = (saved_model / "saved_model.pb").stat().st_mtime_ns
+    assert written > before["t2t_vit_7/1/saved_model.pb"]
+    assert sorted(p.name for p in (out / "t2t_vit_7").iterdir()) == [
+        "1", export.BATCHING_FILE,
+    ]  # fmt: skip

@@ -244,10 +244,15 @@ def _fpn_segmenter(pyramid, classes, width=32):
 
 
 def test_pyramid_model_feeds_an_fpn_segmentation_head():
-    backbone = keras_t2t.T2TViT7(include_top=False, input_shape=(64, 64, 3))
+    # The official T2T module (64 channels) and a small trunk of width 128 (T2T-ViT-7's is
+    # 256), so that each level's channels tell which maps it comes from.
+    backbone = keras_t2t.T2TViT(
+        embed_dim=128, depth=2, num_heads=2, mlp_ratio=2.0, include_top=False,
+        input_shape=(64, 64, 3),
+    )  # fmt: skip
     pyramid = keras_t2t.pyramid_model(backbone)
     shapes = {k: tuple(v.shape[1:]) for k, v in pyramid.output.items()}
-    assert shapes == {"P2": (16, 16, 64), "P3": (8, 8, 64), "P4": (4, 4, 256), "P5": (2, 2, 256)}
+    assert shapes == {"P2": (16, 16, 64), "P3": (8, 8, 64), "P4": (4, 4, 128), "P5": (2, 2, 128)}
     images = np.random.default_rng(0).uniform(0, 255, (2, 64, 64, 3)).astype("float32")
     levels = pyramid(images)
     maps = keras_t2t.feature_maps_model(backbone)(images)

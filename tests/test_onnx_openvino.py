@@ -4,15 +4,12 @@ The ONNX and OpenVINO models are checked against the Keras model's serving funct
 SavedModel's `serving_default` runs) on the golden checkpoints, whose logits are the official
 model's, at batch 1 and at a larger batch."""
 
-import os
 import pathlib
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-from conftest import export_cli, tiny_model
+from conftest import export_cli, register_tiny_releases, shared_folder, tiny_model
 
 tf = pytest.importorskip("tensorflow")
 from keras_t2t import export  # noqa: E402
@@ -21,14 +18,13 @@ ort = pytest.importorskip("onnxruntime")
 ov = pytest.importorskip("openvino")
 pytest.importorskip("tf2onnx")
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(ROOT))
 TOLERANCE = 1e-4
 
 
-@pytest.fixture(scope="module", params=["performer", "transformer"])
+@pytest.fixture(scope="session", params=["performer", "transformer"])
 def served(request, tmp_path_factory):
-    """A golden model (official weights), its ONNX session and its compiled OpenVINO model."""
+    """A golden model (official weights), its ONNX session and its compiled OpenVINO model;
+    the files are exported once per session for every xdist worker (`shared_folder`)."""
     from conftest import DATA, GOLDEN
 
     name = next(n for n, e in GOLDEN.items() if e["tokens_type"] == request.param)
@@ -37,9 +33,13 @@ def served(request, tmp_path_factory):
         request.param, weights=str(DATA / entry["checkpoint"]), input_shape=None,
         classes=entry["num_classes"],
     )  # fmt: skip
-    folder = tmp_path_factory.mktemp(f"onnx_{request.param}")
-    onnx_path = export.export_onnx(model, str(folder / "model.onnx"))
-    xml = export.export_openvino(model, str(folder / "ov" / "model.xml"))
+
+    def build(folder):
+        export.export_onnx(model, str(folder / "model.onnx"))
+        export.export_openvino(model, str(folder / "ov" / "model.xml"))
+
+    folder = shared_folder(tmp_path_factory, f"onnx_{request.param}", build)
+    onnx_path, xml = str(folder / "model.onnx"), str(folder / "ov" / "model.xml")
     core = ov.Core()
     return dict(
         model=model,
@@ -270,35 +270,36 @@ def test_a_missing_converter_is_named_before_anything_is_written(tmp_path, monke
     assert not (tmp_path / "out").exists()
 
 
-def test_export_cli_onnx_openvino_triton_and_batching(tmp_path):
-    out = tmp_path / "out"
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "savedmodels" / "export.py"), "--model=t2t_vit_7",
-         "--image_size=32", "--classes=5", f"--output={out}",
-         "--format=saved_model,onnx,openvino", "--triton"],
-        env=ENV, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
+def test_export_cli_onnx_openvino_triton_and_batching(tmp_path, monkeypatch, capsys):
+    # In this process (test_export.py runs the CLI's own process), on a registered variant of
+    # the golden models' architecture.
+    register_tiny_releases(monkeypatch)
+    out, name = tmp_path / "out", "t2t_tiny_performer"
+    code = export_cli().main([f"--model={name}", "--image_size=32", "--classes=5",
+                              f"--output={out}", "--format=saved_model,onnx,openvino",
+                              "--triton"])  # fmt: skip
+    printed = capsys.readouterr()
+    assert code == 0, printed.err[-3000:]
     for artifact in ("saved_model", "tf_serving_batching", "onnx", "triton", "openvino"):
-        assert re.search(rf"^{artifact}\s+\d+\.\d+ MiB", result.stdout, re.M), result.stdout
+        assert re.search(rf"^{artifact}\s+\d+\.\d+ MiB", printed.out, re.M), printed.out
     # The three engines give the same answers as the SavedModel's serving_default.
     images = _images(4, 32, seed=7)
-    loaded = tf.saved_model.load(str(out / "t2t_vit_7" / "1"))
+    loaded = tf.saved_model.load(str(out / name / "1"))
     expected = {k: v.numpy() for k, v in loaded.signatures["serving_default"](
         images=tf.constant(images)).items()}  # fmt: skip
-    triton_onnx = out / "triton" / "t2t_vit_7" / "1" / "model.onnx"
-    for path in (out / "t2t_vit_7.onnx", triton_onnx):
+    triton_onnx = out / "triton" / name / "1" / "model.onnx"
+    for path in (out / f"{name}.onnx", triton_onnx):
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         got = _onnx(session, images)
         np.testing.assert_allclose(got["probabilities"], expected["probabilities"], atol=TOLERANCE)
         np.testing.assert_array_equal(got["classes"], expected["classes"])
-    compiled = ov.Core().compile_model(str(out / "t2t_vit_7_openvino" / "t2t_vit_7.xml"), "CPU",
+    compiled = ov.Core().compile_model(str(out / f"{name}_openvino" / f"{name}.xml"), "CPU",
                                        {"INFERENCE_PRECISION_HINT": "f32"})  # fmt: skip
     got = _openvino(compiled, images)
     np.testing.assert_allclose(got["probabilities"], expected["probabilities"], atol=TOLERANCE)
     # Triton's config names what the ONNX model takes and gives.
-    config = (out / "triton" / "t2t_vit_7" / "config.pbtxt").read_text()
-    assert 'name: "t2t_vit_7"' in config and 'backend: "onnxruntime"' in config
+    config = (out / "triton" / name / "config.pbtxt").read_text()
+    assert f'name: "{name}"' in config and 'backend: "onnxruntime"' in config
     assert "dynamic_batching" in config and "max_batch_size: 32" in config
     assert re.search(r'name: "images", data_type: TYPE_UINT8, dims: \[ 32, 32, 3 \]', config)
     assert re.search(r'name: "probabilities", data_type: TYPE_FP32, dims: \[ 5 \]', config)
@@ -307,7 +308,7 @@ def test_export_cli_onnx_openvino_triton_and_batching(tmp_path):
     assert declared == {"images"} | {o.name for o in session.get_outputs()}
     # TF Serving's batching file: fields of its BatchingParameters message
     # (tensorflow_serving/servables/tensorflow/session_bundle_config.proto), in text format.
-    text = (out / "t2t_vit_7" / export.BATCHING_FILE).read_text()
+    text = (out / name / export.BATCHING_FILE).read_text()
     wrapped = dict(re.findall(r"^(\w+) \{ value: (\d+) \}$", text, re.M))
     allowed = [int(v) for v in re.findall(r"^allowed_batch_sizes: (\d+)$", text, re.M)]
     assert len(wrapped) + len(allowed) == len(text.strip().splitlines())

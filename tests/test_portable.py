@@ -2,6 +2,7 @@
 TensorFlow, and again under JAX and PyTorch (`test_other_backends.py` starts it with
 KERAS_BACKEND set). Nothing here may need TensorFlow."""
 
+import gc
 import os
 import subprocess
 import sys
@@ -120,14 +121,19 @@ QUANTIZATION_MODES = ["int8", "float8", "int4"]  # Keras >= 3.13 has each on eve
 # amax histories that only training fills (Keras' delayed scaling): a model quantized for
 # inference keeps scale 1. int4 (16 levels per output channel, activations in int8) is coarse
 # on this untrained 64-wide model; the trained digits model shows what it keeps (test_training).
-MIN_COSINE = {"int8": 0.999, "float8": 0.98, "int4": 0.9}
+MIN_COSINE = {"int8": 0.995, "float8": 0.98, "int4": 0.9}
 
 
 @pytest.mark.parametrize("mode", QUANTIZATION_MODES)
-def test_model_quantize_keeps_the_logits_and_round_trips_through_keras_files(mode, tmp_path):
+def test_model_quantize_keeps_the_logits_and_round_trips_through_keras_files(
+    mode, tmp_path, monkeypatch
+):
     """Keras' own `model.quantize` on the model as built (the golden checkpoint): its Dense
     layers take the mode, the logits stay close to float32's, and the `.keras` file keeps the
     quantized layers (their policies, in the blocks' configs) and the outputs exactly."""
+    # Keras runs a full garbage collection after quantizing each layer (to free the float
+    # kernels of big models): most of this test's time for 40 small Dense layers.
+    monkeypatch.setattr(gc, "collect", lambda *args: 0)
     golden = dict(GOLDEN_PERFORMER)
     model = _golden_model(golden)
     images = golden["images"]

@@ -1,5 +1,10 @@
-"""Training on CPU: a few steps, MirroredStrategy and MultiWorkerMirroredStrategy agreement,
-kill-and-resume, preemption, bad input, and the embedded default's accuracy."""
+"""Training on CPU: a few steps, MultiWorkerMirroredStrategy agreement, kill-and-resume,
+preemption, bad input, and the embedded default's accuracy. (MirroredStrategy against one
+device: tests/test_distributed.py.)
+
+Processes of their own only where a fresh process is the point: TF_CONFIG workers, SIGTERM
+and SIGKILL, the README's command. The tests of the loop around the steps (checkpoints,
+SIGTERM, errors) train with stand-in steps (`_count_steps_only`, `_read_batches_only`)."""
 
 import json
 import os
@@ -16,6 +21,9 @@ import types
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import export_cli, shared_folder
+from conftest import random_examples as _random_examples
+from conftest import tiny_train_config as tiny_config
 
 from keras_t2t.imagenet import resize_and_center_crop
 from training import build_tfrecords, data, distribute, evaluation, optim, trainer
@@ -29,54 +37,40 @@ TRAIN = ROOT / "training" / "train_imagenet.py"
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(ROOT))
 
 
-def _random_examples(count, classes, seed, label=None):
-    rng = np.random.default_rng(seed)
-    for i in range(count):
-        image = rng.integers(0, 256, (40, 36, 3), dtype=np.uint8)
-        y = label if label is not None else 1 + i % classes
-        yield build_tfrecords.make_example(
-            build_tfrecords.to_jpeg(image), y, str(y), f"{i}.jpg", 40, 36
+@pytest.fixture(scope="session")
+def two_checkpoints(tiny_records, tmp_path_factory):
+    """The model_dir of a finished run with XLA and the full augmentation (train_and_eval, 2
+    epochs of 3 steps): ckpt-3 and ckpt-6, its results, weights, summaries and record; the
+    results `run()` returned in ../results.json. Trained once per session (`shared_folder`)
+    for the tests that check, resume (a copy) or export such a run: read only."""
+
+    def build(folder):
+        aug = data.Augmentation(
+            randaugment_ops=2, mixup_alpha=0.8, cutmix_alpha=1.0, random_erasing=0.25
         )
+        config = Config(**tiny_config(tiny_records, folder / "run", jit_compile=True), aug=aug)
+        results = trainer.Trainer(config).run()
+        (folder / "results.json").write_text(json.dumps(results))
+
+    return shared_folder(tmp_path_factory, "two_checkpoints", build) / "run"
 
 
-@pytest.fixture(scope="module")
-def tiny_records(tmp_path_factory):
-    """4 classes, 64 training and 20 validation JPEGs (40x36) in the ImageNet layout."""
-    folder = tmp_path_factory.mktemp("records")
-    build_tfrecords.write_shards(_random_examples(64, 4, 0), str(folder), "train", 2)
-    build_tfrecords.write_shards(_random_examples(20, 4, 1), str(folder), "validation", 2)
-    return str(folder)
-
-
-def tiny_config(data_dir, model_dir, **overrides):
-    config = dict(
-        model="t2t_vit_7", data_dir=data_dir, model_dir=str(model_dir), image_size=32,
-        num_classes=4, batch_size=8, epochs=2, warmup_epochs=1, cooldown_epochs=0,
-        steps_per_epoch=3, steps_per_loop=2, eval_every_epochs=1, ema_decay=0.9,
-        drop_path_rate=0.0, jit_compile=False, eval_batch_size=8,
-    )  # fmt: skip
-    config.update(overrides)
-    return config
-
-
-def test_a_few_steps_with_xla_and_the_full_augmentation(tiny_records, tmp_path):
-    aug = data.Augmentation(
-        randaugment_ops=2, mixup_alpha=0.8, cutmix_alpha=1.0, random_erasing=0.25
-    )
-    config = Config(**tiny_config(tiny_records, tmp_path, jit_compile=True), aug=aug)
-    results = trainer.Trainer(config).run()
+def test_a_few_steps_with_xla_and_the_full_augmentation(two_checkpoints):
+    run = two_checkpoints  # trained with jit_compile=True and every augmentation
+    results = json.loads((run.parent / "results.json").read_text())
     assert results["step"] == 6 and results["examples"] == 20
     for key in ("top1", "top5", "loss", "ema_top1", "ema_top5", "ema_loss"):
         assert np.isfinite(results[key])
-    saved = json.loads((tmp_path / "eval_results.json").read_text())
+    saved = json.loads((run / "eval_results.json").read_text())
     assert saved["top1"] == pytest.approx(results["top1"])
-    resolved = json.loads((tmp_path / "config.json").read_text())
+    resolved = json.loads((run / "config.json").read_text())
+    assert resolved["jit_compile"] is True and resolved["aug"]["random_erasing"] == 0.25
     assert resolved["learning_rate"] == 1e-3 and resolved["weight_decay"] == 0.03  # recipe (7)
-    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("ckpt-*.index")) == [
+    assert sorted(p.name for p in (run / "checkpoints").glob("ckpt-*.index")) == [
         "ckpt-3.index", "ckpt-6.index",
     ]  # fmt: skip
-    assert list((tmp_path / "train").glob("events.out.tfevents.*"))
-    assert list((tmp_path / "eval").glob("events.out.tfevents.*"))
+    assert list((run / "train").glob("events.out.tfevents.*"))
+    assert list((run / "eval").glob("events.out.tfevents.*"))
 
 
 def test_training_batches_are_static_and_mixed(tiny_records):
@@ -113,51 +107,6 @@ def test_eval_dataset_pads_the_last_batch(tiny_records):
     assert sum(float(mask.numpy().sum()) for _, _, mask in batches) == 20
 
 
-def _worker(config, out, env=None, timeout=300):
-    return subprocess.run(
-        [sys.executable, str(WORKER), json.dumps(config), str(out)],
-        env=env or ENV, capture_output=True, text=True, timeout=timeout,
-    )  # fmt: skip
-
-
-def test_mirrored_over_two_devices_matches_one_device(tiny_records, tmp_path):
-    common = dict(
-        mode="train",
-        deterministic_data=True,
-        seed=3,
-        learning_rate=0.1,
-        warmup_epochs=0,
-        _no_dropout=True,
-    )
-    one = _worker(tiny_config(tiny_records, tmp_path / "one", **common), tmp_path / "one.npz")
-    two = _worker(
-        tiny_config(tiny_records, tmp_path / "two", strategy="mirrored", _logical_cpus=2, **common),
-        tmp_path / "two.npz",
-    )
-    assert one.returncode == 0, one.stdout + one.stderr
-    assert two.returncode == 0, two.stdout + two.stderr
-    assert "REPLICAS 1 STEP 6" in one.stdout and "REPLICAS 2 STEP 6" in two.stdout
-    a, b = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")
-    init = np.load(tmp_path / "one_init.npz")
-    assert len(a.files) == len(b.files)
-    for key in a.files:  # the same start: the seed makes the same initial weights
-        np.testing.assert_array_equal(init[key], np.load(tmp_path / "two_init.npz")[key])
-    # Adam normalizes each update, so float noise in near-zero gradients can flip a few
-    # signs: compare the updates as a whole. Different data or no all-reduce gives ~100%.
-    update_a = np.concatenate([(a[k] - init[k]).ravel() for k in a.files])
-    update_b = np.concatenate([(b[k] - init[k]).ravel() for k in a.files])
-    assert np.linalg.norm(update_a) > 1e-2
-    assert np.linalg.norm(update_a - update_b) / np.linalg.norm(update_a) < 0.02
-    np.testing.assert_allclose(update_a, update_b, atol=1e-3)
-
-
-def test_batch_not_divisible_by_replicas(tiny_records, tmp_path):
-    config = tiny_config(tiny_records, tmp_path, strategy="mirrored", _logical_cpus=2, batch_size=7)
-    result = _worker(config, tmp_path / "w.npz", timeout=300)
-    assert result.returncode == 3
-    assert "--batch_size=7 is not divisible by the 2 replicas" in result.stdout
-
-
 def _free_ports(count):
     sockets = [socket.socket() for _ in range(count)]
     for s in sockets:
@@ -168,9 +117,9 @@ def _free_ports(count):
     return ports
 
 
-def _start_workers(config, out_dir, count=2, cli=None):
-    """`count` MultiWorkerMirroredStrategy workers on local ports: `_train_worker.py` with
-    `config`, or train_imagenet.py with the arguments `cli`."""
+def _start_workers(config, out_dir, count=2):
+    """`count` MultiWorkerMirroredStrategy workers of `_train_worker.py` with `config`, on
+    local ports."""
     cluster = {"worker": [f"127.0.0.1:{p}" for p in _free_ports(count)]}
     processes = []
     for index in range(count):
@@ -178,7 +127,7 @@ def _start_workers(config, out_dir, count=2, cli=None):
             ENV,
             TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}),
         )
-        command = cli or [
+        command = [
             sys.executable, str(WORKER), json.dumps(config), str(out_dir / f"w{index}.npz")
         ]  # fmt: skip
         processes.append(subprocess.Popen(
@@ -197,43 +146,16 @@ def _finish(processes, timeout=300):
     return outputs
 
 
-def test_multi_worker_runs_resume_from_the_chiefs_checkpoint(tiny_records, tmp_path):
-    # The first run stops after an epoch (step 3). The second trains to step 6 from the
-    # chief's checkpoint on both workers, although worker 1 kept no checkpoint of its own
-    # (its save failed, or it is a new worker): it restored its own scratch copy before, and
-    # started from step 0 while the chief went on from step 3.
+def test_sigterm_to_one_worker_stops_both_then_both_resume_from_the_chiefs_checkpoint(
+    tiny_records, tmp_path
+):
+    # --checkpoint_every=2: the chief's first checkpoint (step 2) says training is under way.
     config = tiny_config(
-        tiny_records, tmp_path / "run", strategy="multi_worker", seed=5, epochs=1, warmup_epochs=0,
+        tiny_records, tmp_path / "run", strategy="multi_worker", seed=5, epochs=1,
+        steps_per_epoch=60, steps_per_loop=1, warmup_epochs=0, checkpoint_every="2",
         aug=dict(mixup_alpha=0.8, cutmix_alpha=1.0, randaugment_ops=2),
     )  # fmt: skip
-    for output in _finish(_start_workers(config, tmp_path)):
-        assert "REPLICAS 2 STEP 3" in output, output[-3000:]
-    shutil.rmtree(tmp_path / "run" / "workers" / "worker_1" / "checkpoints", ignore_errors=True)
-    config.update(epochs=2)
     processes = _start_workers(config, tmp_path)
-    outputs = _finish(processes, timeout=180)
-    for process, output in zip(processes, outputs):
-        assert process.returncode == 0, output[-3000:]
-        assert "REPLICAS 2 STEP 6" in output
-        assert "Resumed from" in output and "ckpt-3 at step 3" in output
-    a, b = np.load(tmp_path / "w0.npz"), np.load(tmp_path / "w1.npz")
-    for key in a.files:
-        np.testing.assert_array_equal(a[key], b[key])
-    # Only the chief writes the results and keeps checkpoints; the other worker's copies
-    # are deleted right after each save.
-    assert (tmp_path / "run" / "eval_results.json").exists()
-    assert _latest_step(tmp_path / "run") == 6
-    assert not (tmp_path / "run" / "workers" / "worker_1" / "checkpoints").exists()
-
-
-def test_sigterm_to_one_worker_stops_both_with_a_checkpoint(tiny_records, tmp_path):
-    # --checkpoint_every=2: the chief's first checkpoint (step 2) says training is under way.
-    args = [
-        "--strategy=multi_worker", "--mode=train", "--epochs=1", "--steps_per_epoch=60",
-        "--steps_per_loop=1", "--warmup_epochs=0", "--checkpoint_every=2",
-    ]  # fmt: skip
-    cli = _cli(args, tmp_path / "run", tiny_records)
-    processes = _start_workers(None, tmp_path, cli=cli)
     try:
         _wait_for_checkpoint(tmp_path / "run", processes[0])
         processes[1].send_signal(signal.SIGTERM)  # not the chief
@@ -249,12 +171,29 @@ def test_sigterm_to_one_worker_stops_both_with_a_checkpoint(tiny_records, tmp_pa
         assert process.returncode == 143, output[-3000:]
     assert stopped < 180  # a hang detector: the suite runs two tests at a time
     steps = {int(s) for o in outputs for s in re.findall(r"stopped by SIGTERM at step (\d+)", o)}
-    assert len(steps) == 1 and _latest_step(tmp_path / "run") == steps.pop() < 60
-    # The same two commands then finish the run (in loops of 20 steps, to be quick).
-    processes = _start_workers(None, tmp_path, cli=cli + ["--steps_per_loop=20"])
-    for process, output in zip(processes, _finish(processes)):
+    assert len(steps) == 1
+    step = steps.pop()
+    assert _latest_step(tmp_path / "run") == step < 60
+
+    # The same two workers then finish the run (in loops of 20 steps, to be quick) from the
+    # chief's checkpoint, although worker 1 keeps no checkpoint of its own (its save failed,
+    # or it is a new worker): it restored its own scratch copy before, and started from
+    # step 0 while the chief went on.
+    shutil.rmtree(tmp_path / "run" / "workers" / "worker_1" / "checkpoints", ignore_errors=True)
+    processes = _start_workers(dict(config, steps_per_loop=20), tmp_path)
+    outputs = _finish(processes)
+    for process, output in zip(processes, outputs):
         assert process.returncode == 0, output[-3000:]
+        assert "REPLICAS 2 STEP 60" in output
+        assert "Resumed from" in output and f"ckpt-{step} at step {step}" in output
+    a, b = np.load(tmp_path / "w0.npz"), np.load(tmp_path / "w1.npz")
+    for key in a.files:
+        np.testing.assert_array_equal(a[key], b[key])
+    # Only the chief writes the results and keeps checkpoints; the other worker's copies
+    # are deleted right after each save.
+    assert (tmp_path / "run" / "eval_results.json").exists()
     assert _latest_step(tmp_path / "run") == 60
+    assert not (tmp_path / "run" / "workers" / "worker_1" / "checkpoints").exists()
 
 
 def _cli(args, model_dir, data_dir):
@@ -284,7 +223,8 @@ def _latest_step(model_dir):
 
 
 def test_kill_and_resume_continues_from_the_checkpoint(tiny_records, tmp_path):
-    args = ["--epochs=40", "--mode=train_and_eval", "--eval_every_epochs=40"]
+    # 80 steps, 4 an epoch: the first checkpoint comes after 4, the kill 1 s (~10 steps) later.
+    args = ["--epochs=20", "--mode=train_and_eval", "--eval_every_epochs=20"]
     process = subprocess.Popen(
         _cli(args, tmp_path, tiny_records),
         env=ENV,
@@ -300,7 +240,7 @@ def test_kill_and_resume_continues_from_the_checkpoint(tiny_records, tmp_path):
     finally:
         process.kill()
     killed_at = _latest_step(tmp_path)
-    assert killed_at % 4 == 0 and 0 < killed_at < 160
+    assert killed_at % 4 == 0 and 0 < killed_at < 80
     # The kill can land inside a save: after the next checkpoint's index is written and before
     # the state file names it (the run resumes from that newer one), or while the index is
     # being written (the run reports it unreadable and resumes from `killed_at`).
@@ -322,9 +262,9 @@ def test_kill_and_resume_continues_from_the_checkpoint(tiny_records, tmp_path):
     assert int(match.group(2)) == at and at in (killed_at, on_disk[-1]), (match.group(0), on_disk)
     # A newer checkpoint than the one resumed from is skipped only when it cannot be read.
     assert bool(match.group(3)) == (at < on_disk[-1]), (match.group(0), on_disk)
-    first = re.search(r"step (\d+)/160", log)
+    first = re.search(r"step (\d+)/80", log)
     assert first and int(first.group(1)) == at + 2, log[-3000:]  # the next loop after it
-    assert json.loads((tmp_path / "eval_results.json").read_text())["step"] == 160
+    assert json.loads((tmp_path / "eval_results.json").read_text())["step"] == 80
 
 
 def test_sigterm_saves_and_stops(tiny_records, tmp_path):
@@ -401,9 +341,10 @@ def test_undecodable_image(tmp_path):
     assert "Graph execution error" not in str(caught.value)
 
 
-def test_label_out_of_range(tmp_path):
+def test_label_out_of_range(tmp_path, monkeypatch):
     folder = tmp_path / "labels"
     build_tfrecords.write_shards(_random_examples(16, 4, 0, label=9), str(folder), "train", 1)
+    _read_batches_only(monkeypatch)  # (test_undecodable_image: the same through the real steps)
     with pytest.raises(TrainingError, match="label out of range.*--num_classes"):
         _run_config(str(folder), tmp_path / "run", mode="train")
 
@@ -431,16 +372,20 @@ def test_bad_flags(tmp_path, overrides, match):
         resolve(Config(**{**tiny_config(str(tmp_path), tmp_path), **overrides}))
 
 
-def test_cli_reports_errors_without_a_traceback(tmp_path):
-    result = subprocess.run(
-        _cli(["--epochs=2"], tmp_path / "run", tmp_path),
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 2
-    assert "error: No train TFRecords found" in result.stderr and "Traceback" not in result.stderr
+def test_cli_reports_errors_without_a_traceback(tmp_path, capsys):
+    """train_imagenet.py's main, in this process (its command runs in the SIGTERM tests and
+    test_embedded_default_learns): rc 2 and one line."""
+    from training import train_imagenet
+
+    flags = train_imagenet.FLAGS
+    try:
+        flags(_cli(["--epochs=2"], tmp_path / "run", tmp_path)[1:])
+        code = train_imagenet.main([])
+    finally:
+        flags.unparse_flags()
+    error = capsys.readouterr().err
+    assert code == 2
+    assert "error: No train TFRecords found" in error and "Traceback" not in error
 
 
 PAPER = dict(  # the released weights' recipe (docs/training.md, "Training recipe")
@@ -579,12 +524,20 @@ def _count_steps_only(monkeypatch):
     monkeypatch.setattr(trainer.Trainer, "_build_train_loop", build)
 
 
-@pytest.fixture(scope="module")
-def two_checkpoints(tiny_records, tmp_path_factory):
-    """A model_dir of a finished 2-epoch run: ckpt-3 and ckpt-6."""
-    folder = tmp_path_factory.mktemp("two_checkpoints")
-    _run_config(tiny_records, folder, mode="train")
-    return folder
+def _read_batches_only(monkeypatch):
+    """Train loops that read their batches (in a tf.function, as the real one: the input
+    pipeline runs as in training) and advance the step, without a gradient graph."""
+
+    def build(self):
+        @tf.function
+        def loop(iterator, steps):
+            for _ in tf.range(steps):
+                next(iterator)
+                self.step.assign_add(1)
+
+        return loop
+
+    monkeypatch.setattr(trainer.Trainer, "_build_train_loop", build)
 
 
 @pytest.mark.parametrize(
@@ -820,9 +773,20 @@ def test_a_model_dir_that_cannot_be_created(tiny_records, tmp_path):
         _run_config(tiny_records, tmp_path / "file" / "run")
 
 
-def test_nan_without_any_checkpoint_says_so(tiny_records, tmp_path):
+def test_nan_without_any_checkpoint_says_so(tiny_records, tmp_path, monkeypatch):
+    """(A real divergence: test_nan_loss_stops_and_keeps_the_last_good_checkpoint.)"""
+
+    def diverging(self):  # the first loop's loss is NaN
+        def loop(iterator, steps):
+            self.step.assign_add(tf.cast(steps, tf.int64))
+            self.loss_sum.assign_add(float("nan"))
+
+        return loop
+
+    monkeypatch.setattr(trainer.Trainer, "_build_train_loop", diverging)
     with pytest.raises(TrainingError, match="diverged.*no checkpoint had been saved yet"):
         _run_config(tiny_records, tmp_path, mode="train", learning_rate=1e30, warmup_epochs=0)
+    assert not (tmp_path / "checkpoints" / "checkpoint").exists()
 
 
 # --- reliability: shards, bad records, builds ----------------------------------------------
@@ -911,7 +875,8 @@ def bad_records(tmp_path):
     return str(folder)
 
 
-def test_a_bad_record_is_named(bad_records, tmp_path):
+def test_a_bad_record_is_named(bad_records, tmp_path, monkeypatch):
+    _read_batches_only(monkeypatch)  # (test_undecodable_image: the same through the real steps)
     with pytest.raises(
         TrainingError,
         match=r"The bad record: number (2 of \S+train-00000-of-00002 \(image/filename "
@@ -927,7 +892,7 @@ def test_a_bad_record_is_named(bad_records, tmp_path):
     ]
 
 
-def test_skip_bad_records_skips_counts_and_names_them(bad_records, tmp_path, capfd):
+def test_skip_bad_records_skips_counts_and_names_them(bad_records, tmp_path, capfd, monkeypatch):
     files = data.list_files(bad_records, "train")
     counts = data.check_shards(files, "train", 4)
     records = list(data._examples(files, None, False, None, 4, 1, skip_bad_records=counts))
@@ -938,6 +903,7 @@ def test_skip_bad_records_skips_counts_and_names_them(bad_records, tmp_path, cap
     )
     assert re.search(r"skipped record 5 of \S*train-00001-of-00002\S* - \S*cannot be read", log)
     assert "2 skipped in this pass over the data" in log
+    _read_batches_only(monkeypatch)  # the training pipeline gets past them
     results = _run_config(bad_records, tmp_path / "run", skip_bad_records=True)
     assert results["step"] == 6 and results["examples"] == 8
 
@@ -951,31 +917,31 @@ def _photo_folder(root, classes=("cat", "dog"), count=3):
     return root
 
 
-def _build(*args):
-    return subprocess.run(
-        [sys.executable, str(ROOT / "training" / "build_tfrecords.py"), *args],
-        env=ENV, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+def _build(capsys, *args):
+    """build_tfrecords.py's main in this process: (return code, stderr). (Its command runs in
+    test_embedded_default_learns, which builds the digits' TFRecords.)"""
+    code = build_tfrecords.main(list(args))
+    return code, capsys.readouterr().err
 
 
-def test_build_tfrecords_writes_all_or_nothing(tmp_path):
+def test_build_tfrecords_writes_all_or_nothing(tmp_path, capsys):
     photos = _photo_folder(tmp_path / "photos")
     jpeg = (photos / "dog" / "1.jpg").read_bytes()
     (photos / "dog" / "1.jpg").write_bytes(jpeg[: len(jpeg) // 2])  # truncated
     out = tmp_path / "records"
-    result = _build(f"--input_dir={photos}", f"--output_dir={out}", "--num_shards=2")
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert re.search(r"dog/1\.jpg' is not a readable image.*Nothing was written", result.stderr)
+    code, err = _build(capsys, f"--input_dir={photos}", f"--output_dir={out}", "--num_shards=2")
+    assert code == 2 and "Traceback" not in err
+    assert re.search(r"dog/1\.jpg' is not a readable image.*Nothing was written", err)
     assert list(out.iterdir()) == []  # no shard, no staging folder
 
 
-def test_a_rebuild_replaces_the_old_shards(tmp_path):
+def test_a_rebuild_replaces_the_old_shards(tmp_path, capsys):
     photos = _photo_folder(tmp_path / "photos")
     out = tmp_path / "records"
-    assert _build(f"--input_dir={photos}", f"--output_dir={out}", "--num_shards=3").returncode == 0
-    assert _build(f"--input_dir={photos}", f"--output_dir={out}", "--split=validation",
-                  "--num_shards=1").returncode == 0  # fmt: skip
-    assert _build(f"--input_dir={photos}", f"--output_dir={out}", "--num_shards=2").returncode == 0
+    assert _build(capsys, f"--input_dir={photos}", f"--output_dir={out}", "--num_shards=3")[0] == 0
+    assert _build(capsys, f"--input_dir={photos}", f"--output_dir={out}", "--split=validation",
+                  "--num_shards=1")[0] == 0  # fmt: skip
+    assert _build(capsys, f"--input_dir={photos}", f"--output_dir={out}", "--num_shards=2")[0] == 0
     assert sorted(p.name for p in out.iterdir()) == [
         "labels.txt", "manifest-train.json", "manifest-validation.json",
         "train-00000-of-00002", "train-00001-of-00002", "validation-00000-of-00001",
@@ -983,21 +949,21 @@ def test_a_rebuild_replaces_the_old_shards(tmp_path):
     assert sum(data.check_shards(data.list_files(str(out), "train"), "train", 2).values()) == 6
 
 
-def test_build_tfrecords_warns_and_names_bad_names(tmp_path):
+def test_build_tfrecords_warns_and_names_bad_names(tmp_path, capsys):
     photos = _photo_folder(tmp_path / "photos")
     (photos / "empty").mkdir()
     _photo_folder(photos / "cat" / "more", classes=("nested",))
-    result = _build(f"--input_dir={photos}", f"--output_dir={tmp_path / 'out'}", "--num_shards=1")
-    assert result.returncode == 0, result.stderr
-    assert re.search(r"warning: the class folder \S+empty holds no images", result.stderr)
-    assert re.search(
-        r"warning: \S+cat has subfolders \(more\) whose images are not read", result.stderr
+    code, err = _build(
+        capsys, f"--input_dir={photos}", f"--output_dir={tmp_path / 'out'}", "--num_shards=1"
     )
+    assert code == 0, err
+    assert re.search(r"warning: the class folder \S+empty holds no images", err)
+    assert re.search(r"warning: \S+cat has subfolders \(more\) whose images are not read", err)
     latin1 = os.fsdecode(b"caf\xe9.jpg")  # a Latin-1 name, not UTF-8
     (photos / "dog" / "0.jpg").rename(photos / "dog" / latin1)
-    result = _build(f"--input_dir={photos}", f"--output_dir={tmp_path / 'out2'}")
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "caf\\xe9.jpg' has a name that is not UTF-8" in result.stderr
+    code, err = _build(capsys, f"--input_dir={photos}", f"--output_dir={tmp_path / 'out2'}")
+    assert code == 2 and "Traceback" not in err
+    assert "caf\\xe9.jpg' has a name that is not UTF-8" in err
     assert not (tmp_path / "out2").exists() or not list((tmp_path / "out2").iterdir())
 
 
@@ -1015,13 +981,14 @@ def test_ema_warms_up():
     assert float(ema.decay_at(10**6)) == pytest.approx(0.99996)
 
 
-def test_a_run_leaves_weights_that_export_and_evaluate(tiny_records, tmp_path):
+def test_a_run_leaves_weights_that_export_and_evaluate(tiny_records, two_checkpoints, tmp_path):
     """The model_dir is what export.py, evaluate_imagenet.py and the builders take."""
     import keras_t2t
     from training import evaluate_imagenet
 
-    run = tmp_path / "run"
-    results = _run_config(tiny_records, run)  # train_and_eval, 2 epochs
+    run = two_checkpoints  # train_and_eval, 2 epochs
+    results = json.loads((run.parent / "results.json").read_text())
+    assert results["step"] == 6
     record = json.loads((run / "config.json").read_text())["saved_weights"]
     best = "ema" if results["ema_top1"] > results["top1"] else "raw"
     assert record["best"] == best and record["step"] == 6
@@ -1031,12 +998,9 @@ def test_a_run_leaves_weights_that_export_and_evaluate(tiny_records, tmp_path):
     assert again["top1"] == pytest.approx(results["ema_top1" if best == "ema" else "top1"])
     assert again["examples"] == results["examples"]
     # The export script takes the model_dir alone: variant, size and classes from the run.
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "savedmodels" / "export.py"), f"--weights={run}",
-         f"--output={tmp_path / 'exports'}", "--format=saved_model"],
-        env=ENV, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
+    # (Its main in this process: test_export.py runs it as a command.)
+    args = [f"--weights={run}", f"--output={tmp_path / 'exports'}", "--format=saved_model"]
+    assert export_cli().main(args) == 0
     model = keras_t2t.T2TViT7(input_shape=(32, 32, 3), classes=4, weights=str(run))
     images = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
     loaded = tf.saved_model.load(str(tmp_path / "exports" / "t2t_vit_7" / "1"))
@@ -1085,6 +1049,7 @@ def test_only_input_pipeline_errors_become_bad_data(tiny_records, tmp_path, monk
         raise failure
 
     with monkeypatch.context() as patch:
+        _count_steps_only(patch)  # (the steps are no part of it)
         patch.setattr(evaluation, "evaluate_model", failing_evaluation)
         with pytest.raises(tf.errors.InvalidArgumentError, match="XLA compilation failed"):
             _run_config(tiny_records, tmp_path / "run_eval", epochs=1, warmup_epochs=0)
@@ -1098,8 +1063,11 @@ def test_only_input_pipeline_errors_become_bad_data(tiny_records, tmp_path, monk
     assert not is_data_error(failure)
 
 
-def test_checkpoint_every_steps_and_a_failed_save_after_sigterm(tiny_records, tmp_path, caplog):
+def test_checkpoint_every_steps_and_a_failed_save_after_sigterm(
+    tiny_records, tmp_path, caplog, monkeypatch
+):
     # Between the ends of epochs too (#10, item 10): every 2 steps here, in loops of 1.
+    _count_steps_only(monkeypatch)
     config = Config(
         **tiny_config(
             tiny_records, tmp_path, mode="train", epochs=1, warmup_epochs=0, steps_per_epoch=7,
