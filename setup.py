@@ -33,7 +33,13 @@ setup(
         "viz": ["matplotlib>=3.7"],
         "jax": ["jax>=0.4.30"],
         "bench": ["scikit-image>=0.22", "ai-edge-litert>=2.0"],  # benchmarks/int8_accuracy.py
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6", "matplotlib>=3.7", "jax>=0.4.30"],
+        "test": [
+            "pytest>=8",
+            "pytest-xdist>=3.5",
+            "ruff>=0.17.6,<0.18",
+            "matplotlib>=3.7",
+            "jax>=0.4.30",
+        ],
     },
     entry_points={"console_scripts": ["keras-t2t-convert=keras_t2t.convert:main"]},
     classifiers=[

@@ -341,9 +341,10 @@ def engine_paths(model, batches, min_time, official=None):
             if ov is not None:
                 size = pixels[0].shape[1]
                 converted = ov.convert_model(
-                    official, example_input=torch.zeros(1, 3, size, size),
+                    official,
+                    example_input=torch.zeros(1, 3, size, size),
                     input=[ov.PartialShape([-1, 3, size, size])],
-                )  # fmt: skip
+                )
                 _openvino_runners(
                     ov, converted, "official_openvino", runners, lambda x: normalized[x.shape[0]]
                 )
@@ -503,8 +504,10 @@ def memory_of_training_step(name, image_size, batch, part="model"):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     result = subprocess.run(
         [sys.executable, "-c", code, root, name, str(image_size), str(batch), part],
-        capture_output=True, text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
+    )
     if result.returncode in (-9, 137):
         return dict(error="out of memory: the process was killed")
     if result.returncode != 0:
@@ -532,8 +535,10 @@ def _model_entry(report, name, args, peaks):
     flops = keras_t2t.count_flops(name, args.image_size)
     entry = dict(image_size=args.image_size, gflops_per_image=flops / 1e9, inference={})
     report["models"][name] = entry
-    print(f"\n{name} at {args.image_size}: {flops / 1e9:.2f} GFLOP per image "
-          f"({flops / 2e9:.2f} GMACs)")  # fmt: skip
+    print(
+        f"\n{name} at {args.image_size}: {flops / 1e9:.2f} GFLOP per image "
+        f"({flops / 2e9:.2f} GMACs)"
+    )
 
     def pct(images_per_second, dtype):
         if dtype not in peaks:  # a dtype left out of --dtypes
@@ -592,8 +597,10 @@ def run(args):
                     entry["official_openvino_max_abs_diff"] = difference = engines.pop(
                         "official_openvino_max_abs_diff"
                     )
-                    print(f"  our OpenVINO model against the official one: probabilities "
-                          f"within {difference:.1e}")  # fmt: skip
+                    print(
+                        f"  our OpenVINO model against the official one: probabilities "
+                        f"within {difference:.1e}"
+                    )
                 for key, ips in engines.items():
                     engine_dtype = key.split("/")[0]
                     if isinstance(ips, str):
@@ -602,14 +609,18 @@ def run(args):
                         continue
                     if engine_dtype not in peaks:  # OpenVINO's bf16, without bf16 in --dtypes
                         entry["inference"][key] = dict(images_per_second=ips)
-                        print(f"  inference {key:40s} {ips:8.1f} images/s (no {engine_dtype} "
-                              f"peak: not in --dtypes)")  # fmt: skip
+                        print(
+                            f"  inference {key:40s} {ips:8.1f} images/s (no {engine_dtype} "
+                            f"peak: not in --dtypes)"
+                        )
                         continue
                     entry["inference"][key] = dict(
                         images_per_second=ips, pct_of_peak=pct(ips, engine_dtype)
                     )
-                    print(f"  inference {key:40s} {ips:8.1f} images/s "
-                          f"{pct(ips, engine_dtype):5.1f}% of peak")  # fmt: skip
+                    print(
+                        f"  inference {key:40s} {ips:8.1f} images/s "
+                        f"{pct(ips, engine_dtype):5.1f}% of peak"
+                    )
             if dtype == "float32" and args.ablations:
                 batch = max(args.batch_sizes)
                 images = (
@@ -617,24 +628,30 @@ def run(args):
                     .uniform(0, 255, (batch, args.image_size, args.image_size, 3))
                     .astype("float32")
                 )
-                rows = [("tf_function", ablations(model, images, args.min_time)),
-                        ("openvino", openvino_ablations(model, images, args.min_time))]  # fmt: skip
+                rows = [
+                    ("tf_function", ablations(model, images, args.min_time)),
+                    ("openvino", openvino_ablations(model, images, args.min_time)),
+                ]
                 for engine, figures in rows:
                     for path, ips in figures.items():
                         key = f"float32/{engine}_{path}/batch_{batch}"
                         entry.setdefault("ablations", {})[key] = dict(
                             images_per_second=ips, pct_of_peak=pct(ips, "float32")
                         )
-                        print(f"  ablation  {key:40s} {ips:8.1f} images/s "
-                              f"{pct(ips, 'float32'):5.1f}% of peak")  # fmt: skip
+                        print(
+                            f"  ablation  {key:40s} {ips:8.1f} images/s "
+                            f"{pct(ips, 'float32'):5.1f}% of peak"
+                        )
             if dtype == "float32" and not args.skip_tflite:
                 image = np.random.default_rng(1).uniform(0, 255, (args.image_size,) * 2 + (3,))
                 ips = tflite_throughput(model, image, args.min_time, os.cpu_count())
                 entry["inference"]["float32/tflite_xnnpack/batch_1"] = dict(
                     images_per_second=ips, pct_of_peak=pct(ips, "float32")
                 )
-                print(f"  inference {'float32/tflite_xnnpack/batch_1':28s} {ips:8.1f} images/s "
-                      f"{pct(ips, 'float32'):5.1f}% of peak")  # fmt: skip
+                print(
+                    f"  inference {'float32/tflite_xnnpack/batch_1':28s} {ips:8.1f} images/s "
+                    f"{pct(ips, 'float32'):5.1f}% of peak"
+                )
             if dtype == "float32" and not args.skip_profile:
                 batch = max(args.batch_sizes)
                 images = (
@@ -644,18 +661,24 @@ def run(args):
                 )
                 entry["profile_float32_xla"] = split = profile(model, images, args.min_time)
                 total = split["total_ms"]
-                print(f"  profile (XLA, batch {batch}): total {total:.1f} ms = " + ", ".join(
-                    f"{k[:-3]} {v:.1f} ms ({100 * v / total:.0f}%)"
-                    for k, v in split.items() if k != "total_ms"
-                ))  # fmt: skip
+                print(
+                    f"  profile (XLA, batch {batch}): total {total:.1f} ms = "
+                    + ", ".join(
+                        f"{k[:-3]} {v:.1f} ms ({100 * v / total:.0f}%)"
+                        for k, v in split.items()
+                        if k != "total_ms"
+                    )
+                )
             # Training: 3 FLOPs-equivalents of the forward pass (forward + backward).
             ips = train_step_throughput(model, args.train_batch, args.min_time)
             train_pct = 3 * pct(ips, dtype)
             entry[f"train_step_{dtype}_batch_{args.train_batch}"] = dict(
                 images_per_second=ips, pct_of_peak=train_pct
             )
-            print(f"  training step {dtype} batch {args.train_batch}: {ips:.1f} images/s "
-                  f"{train_pct:.1f}% of peak (3x forward FLOPs)")  # fmt: skip
+            print(
+                f"  training step {dtype} batch {args.train_batch}: {ips:.1f} images/s "
+                f"{train_pct:.1f}% of peak (3x forward FLOPs)"
+            )
             del model
             keras.backend.clear_session()
         ratios_to_openvino(entry["inference"])
@@ -670,9 +693,14 @@ def run(args):
                         key = f"train_memory_{part}_{side}_batch_{batch}"
                         entry[key] = memory
                         what = "training step" if part == "model" else "T2T module fwd+bwd"
-                        print(f"  {what} memory at {side}, batch {batch}: "
-                              + (f"{memory['peak_rss_gib']:.2f} GiB peak RSS"
-                                 if "peak_rss_gib" in memory else memory["error"]))  # fmt: skip
+                        print(
+                            f"  {what} memory at {side}, batch {batch}: "
+                            + (
+                                f"{memory['peak_rss_gib']:.2f} GiB peak RSS"
+                                if "peak_rss_gib" in memory
+                                else memory["error"]
+                            )
+                        )
                         if "peak_rss_gib" in memory:
                             break  # the smaller batch only where the larger does not fit
     report["peak_rss_gib_this_process"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -770,8 +798,10 @@ def _portable_rows(name, policy, dtype, args, entry, pct):
     ips = batch / timed(lambda: model.train_on_batch(x, y), args.min_time)
     train_pct = 3 * pct(ips, dtype)
     entry[f"train_step_{dtype}_batch_{batch}"] = dict(images_per_second=ips, pct_of_peak=train_pct)
-    print(f"  training step {dtype} batch {batch}: {ips:.1f} images/s "
-          f"{train_pct:.1f}% of peak (3x forward FLOPs)")  # fmt: skip
+    print(
+        f"  training step {dtype} batch {batch}: {ips:.1f} images/s "
+        f"{train_pct:.1f}% of peak (3x forward FLOPs)"
+    )
 
 
 def run_portable(args):
@@ -807,20 +837,24 @@ def main(argv=None):
     parser.add_argument("--memory_batch", type=int, default=64)
     parser.add_argument("--memory_sizes", default="224,384")
     parser.add_argument(
-        "--dtypes", default="float32,bfloat16",
+        "--dtypes",
+        default="float32,bfloat16",
         help="compute dtypes to measure: float32 and/or bfloat16 (mixed_bfloat16 models)",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--peak_size", type=int, default=4096,
+        "--peak_size",
+        type=int,
+        default=4096,
         help="side of the matmuls that measure the peak (1024 with --short)",
-    )  # fmt: skip
+    )
     parser.add_argument("--min_time", type=float, default=3.0, help="seconds per measurement")
     parser.add_argument("--skip_tflite", action="store_true")
     parser.add_argument("--skip_profile", action="store_true")
     parser.add_argument(
-        "--skip_engines", action="store_true",
+        "--skip_engines",
+        action="store_true",
         help="leave out the exported models: serving_default, ONNX Runtime, OpenVINO",
-    )  # fmt: skip
+    )
     parser.add_argument("--skip_memory", action="store_true")
     parser.add_argument(
         "--official_dir",
@@ -828,13 +862,16 @@ def main(argv=None):
         "eager and through OpenVINO, to the exported-model rows, with the same weights",
     )
     parser.add_argument(
-        "--backend", choices=BACKENDS, default=keras.backend.backend(),
+        "--backend",
+        choices=BACKENDS,
+        default=keras.backend.backend(),
         help="the Keras backend to measure (default: this process's, KERAS_BACKEND)",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--ablations", action="store_true",
+        "--ablations",
+        action="store_true",
         help="also time the float32 tf.function with each TF-graph fast path turned off",
-    )  # fmt: skip
+    )
     parser.add_argument("--short", action="store_true", help="a quick run of every path (CI)")
     parser.add_argument("--output", help="write the figures to this JSON file")
     args = parser.parse_args(argv)

@@ -96,17 +96,37 @@ def recipe(args, data_dir, model_dir, seed):
     from training.config import Config
 
     return Config(
-        model="t2t_vit_7", data_dir=data_dir, model_dir=model_dir, image_size=args.image_size,
-        num_classes=CLASSES, batch_size=args.batch_size, epochs=args.epochs, warmup_epochs=0,
-        cooldown_epochs=0, learning_rate=args.learning_rate * 512 / args.batch_size,
-        min_lr=1e-5, weight_decay=0.05, drop_path_rate=0.1, ema_decay=0.999,
-        eval_every_epochs=args.epochs, steps_per_loop=10, jit_compile=True, seed=seed,
-        crop_pct=1.0, eval_batch_size=100, deterministic_data=True,
+        model="t2t_vit_7",
+        data_dir=data_dir,
+        model_dir=model_dir,
+        image_size=args.image_size,
+        num_classes=CLASSES,
+        batch_size=args.batch_size,
+        epochs=args.epochs,
+        warmup_epochs=0,
+        cooldown_epochs=0,
+        learning_rate=args.learning_rate * 512 / args.batch_size,
+        min_lr=1e-5,
+        weight_decay=0.05,
+        drop_path_rate=0.1,
+        ema_decay=0.999,
+        eval_every_epochs=args.epochs,
+        steps_per_loop=10,
+        jit_compile=True,
+        seed=seed,
+        crop_pct=1.0,
+        eval_batch_size=100,
+        deterministic_data=True,
         aug=data.Augmentation(
-            crop_scale_min=0.25, hflip=True, randaugment_ops=0, mixup_alpha=0.0,
-            cutmix_alpha=0.0, label_smoothing=0.1, random_erasing=0.0,
+            crop_scale_min=0.25,
+            hflip=True,
+            randaugment_ops=0,
+            mixup_alpha=0.0,
+            cutmix_alpha=0.0,
+            label_smoothing=0.1,
+            random_erasing=0.0,
         ),
-    )  # fmt: skip
+    )
 
 
 def train_ours(config):
@@ -171,12 +191,23 @@ def train_official(models, config, seed, threads):
     )
     no_decay = {"cls_token"}
     groups = [
-        dict(params=[p for n, p in model.named_parameters() if p.requires_grad and
-                     (p.ndim <= 1 or n.endswith(".bias") or n in no_decay)], weight_decay=0.0),
-        dict(params=[p for n, p in model.named_parameters() if p.requires_grad and
-                     not (p.ndim <= 1 or n.endswith(".bias") or n in no_decay)],
-             weight_decay=config.weight_decay),
-    ]  # fmt: skip
+        dict(
+            params=[
+                p
+                for n, p in model.named_parameters()
+                if p.requires_grad and (p.ndim <= 1 or n.endswith(".bias") or n in no_decay)
+            ],
+            weight_decay=0.0,
+        ),
+        dict(
+            params=[
+                p
+                for n, p in model.named_parameters()
+                if p.requires_grad and not (p.ndim <= 1 or n.endswith(".bias") or n in no_decay)
+            ],
+            weight_decay=config.weight_decay,
+        ),
+    ]
     peak = config.learning_rate * config.batch_size / 512
     optimizer = torch.optim.AdamW(groups, lr=peak, betas=(0.9, 0.999), eps=1e-8)
     files = data.list_files(config.data_dir, "train")
@@ -184,9 +215,14 @@ def train_official(models, config, seed, threads):
     steps_per_epoch = examples // config.batch_size
     total = config.epochs * steps_per_epoch
     batches = data.train_dataset(
-        files, config.batch_size, config.image_size, CLASSES, config.aug, seed=seed,
+        files,
+        config.batch_size,
+        config.image_size,
+        CLASSES,
+        config.aug,
+        seed=seed,
         deterministic=True,
-    )  # fmt: skip
+    )
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255
 
@@ -208,9 +244,12 @@ def train_official(models, config, seed, threads):
     model.eval()
     correct = count = 0
     evaluation = data.eval_dataset(
-        data.list_files(config.data_dir, "validation"), 100, config.image_size, CLASSES,
+        data.list_files(config.data_dir, "validation"),
+        100,
+        config.image_size,
+        CLASSES,
         crop_pct=config.crop_pct,
-    )  # fmt: skip
+    )
     with torch.no_grad():
         for images, labels, mask in evaluation:
             predicted = model(prepare(images)).argmax(-1).numpy()
@@ -245,24 +284,30 @@ def main(argv=None):
         which.discard("official")
     seeds = [int(s) for s in args.seeds.split(",")]
     scores = {"ours": [], "ours_ema": [], "official": []}
-    print(f"T2T-ViT-7, {CLASSES} classes x {args.train_per_class} images at {args.image_size}px, "
-          f"{args.epochs} epochs, batch {args.batch_size}, AdamW {args.learning_rate}")  # fmt: skip
+    print(
+        f"T2T-ViT-7, {CLASSES} classes x {args.train_per_class} images at {args.image_size}px, "
+        f"{args.epochs} epochs, batch {args.batch_size}, AdamW {args.learning_rate}"
+    )
     for seed in seeds:
         config = recipe(args, data_dir, os.path.join(work, f"ours_{seed}"), seed)
         if "ours" in which:
             top1, ema_top1, seconds = train_ours(config)
             scores["ours"].append(top1)
             scores["ours_ema"].append(ema_top1)
-            print(f"seed {seed} keras-t2t top-1 {top1:.4f} (EMA {ema_top1:.4f}) {seconds:.0f}s",
-                  flush=True)  # fmt: skip
+            print(
+                f"seed {seed} keras-t2t top-1 {top1:.4f} (EMA {ema_top1:.4f}) {seconds:.0f}s",
+                flush=True,
+            )
         if "official" in which:
             top1, seconds = train_official(official, config, seed, os.cpu_count() or 1)
             scores["official"].append(top1)
             print(f"seed {seed} official  top-1 {top1:.4f} {seconds:.0f}s", flush=True)
     for name, values in scores.items():
         if values:
-            print(f"{name:9s} mean {np.mean(values):.4f} std {np.std(values):.4f} "
-                  f"over {len(values)}: {', '.join(f'{v:.4f}' for v in values)}")  # fmt: skip
+            print(
+                f"{name:9s} mean {np.mean(values):.4f} std {np.std(values):.4f} "
+                f"over {len(values)}: {', '.join(f'{v:.4f}' for v in values)}"
+            )
     return 0
 
 

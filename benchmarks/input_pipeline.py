@@ -65,9 +65,13 @@ def minimal_pipeline(files, batch_size, image_size):
         encoded = example["image/encoded"]
         shape = tf.image.extract_jpeg_shape(encoded)
         begin, size, _ = tf.image.sample_distorted_bounding_box(
-            shape, tf.zeros((1, 0, 4)), min_object_covered=0.0, area_range=(0.08, 1.0),
-            aspect_ratio_range=(3 / 4, 4 / 3), use_image_if_no_bounding_boxes=True,
-        )  # fmt: skip
+            shape,
+            tf.zeros((1, 0, 4)),
+            min_object_covered=0.0,
+            area_range=(0.08, 1.0),
+            aspect_ratio_range=(3 / 4, 4 / 3),
+            use_image_if_no_bounding_boxes=True,
+        )
         window = tf.stack([begin[0], begin[1], size[0], size[1]])
         image = tf.io.decode_and_crop_jpeg(encoded, window, channels=3)
         image = tf.image.resize(image, (image_size, image_size))
@@ -125,14 +129,21 @@ def main(argv=None):
         rows = {}
         rows["minimal"] = throughput(
             minimal_pipeline(files, args.batch_size, args.image_size),
-            args.batch_size, args.seconds, warmup,
-        )  # fmt: skip
+            args.batch_size,
+            args.seconds,
+            warmup,
+        )
         for stage in stages:
             aug = data.Augmentation(**STAGES[stage])
             dataset = data.train_dataset(
-                files, args.batch_size, args.image_size, 1000, aug, seed=0,
+                files,
+                args.batch_size,
+                args.image_size,
+                1000,
+                aug,
+                seed=0,
                 shuffle_buffer=min(1000, args.images),
-            )  # fmt: skip
+            )
             rows[stage] = throughput(dataset, args.batch_size, args.seconds, warmup)
     reference = rows["minimal"]
     report = dict(

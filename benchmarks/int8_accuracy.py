@@ -124,9 +124,12 @@ def train(images, size, epochs, per_class, seed):
         x, y = crops(images, per_class, size, validation=False, seed=seed * 1000 + epoch)
         start = time.perf_counter()
         history = model.fit(x, y, batch_size=64, epochs=1, verbose=0, shuffle=True)
-        print(f"epoch {epoch + 1}/{epochs}: loss {history.history['loss'][0]:.3f}, "
-              f"train top-1 {history.history['accuracy'][0]:.3f}, "
-              f"{time.perf_counter() - start:.0f} s", flush=True)  # fmt: skip
+        print(
+            f"epoch {epoch + 1}/{epochs}: loss {history.history['loss'][0]:.3f}, "
+            f"train top-1 {history.history['accuracy'][0]:.3f}, "
+            f"{time.perf_counter() - start:.0f} s",
+            flush=True,
+        )
     return model
 
 
@@ -235,8 +238,9 @@ def debug_layers(concrete, calibration, top):
     for op, values in sorted(by_op.items(), key=lambda item: -np.nanmax(item[1])):
         print(f"{op:<22} {len(values):>6} {np.nanmedian(values):>8.2f} {np.nanmax(values):>8.2f}")
     print(f"\nthe {top} layers with the largest RMSE / scale")
-    ranked = sorted((row for row in rows if np.isfinite(row["rmse/scale"])),
-                    key=lambda row: -row["rmse/scale"])  # fmt: skip
+    ranked = sorted(
+        (row for row in rows if np.isfinite(row["rmse/scale"])), key=lambda row: -row["rmse/scale"]
+    )
     for row in ranked[:top]:
         print(f"{row['rmse/scale']:>8.2f}  {row['op_name']:<20} {row['tensor_name'][:90]}")
     return rows
@@ -267,9 +271,11 @@ def main(argv=None):
     )
     calibration = calibration[np.random.default_rng(0).permutation(len(calibration))]
     calibration = calibration[: args.calibration]
-    print(f"{len(images)} photos; {args.train_per_class * len(images)} training crops per "
-          f"epoch, {len(val_x)} validation crops, {len(calibration)} calibration crops, "
-          f"{args.size}x{args.size}")  # fmt: skip
+    print(
+        f"{len(images)} photos; {args.train_per_class * len(images)} training crops per "
+        f"epoch, {len(val_x)} validation crops, {len(calibration)} calibration crops, "
+        f"{args.size}x{args.size}"
+    )
     if args.model and os.path.exists(args.model):
         model = keras.saving.load_model(args.model)
     else:
@@ -304,14 +310,19 @@ def main(argv=None):
             print(f"{name}: does not run: {type(error).__name__}: {str(error)[:200]}")
             del models[name]
     latency = latencies_ms(models, val_x[0], args.rounds)
-    print(f"\n{'TFLite model':<30} {'top-1':>6} {'agree':>6} {'ms/image':>9} {'KiB':>6}  "
-          "ops computed in float")  # fmt: skip
+    print(
+        f"\n{'TFLite model':<30} {'top-1':>6} {'agree':>6} {'ms/image':>9} {'KiB':>6}  "
+        "ops computed in float"
+    )
     for name, flatbuffer in models.items():
         top1 = np.mean(results[name] == val_y)
         agreement = np.mean(results[name] == reference)
         kept = float_ops(flatbuffer) if name != "float32" else "all"
-        print(f"{name:<30} {top1:>6.3f} {agreement:>6.3f} {latency[name]:>9.2f} "
-              f"{len(flatbuffer) / 1024:>6.0f}  {kept}", flush=True)  # fmt: skip
+        print(
+            f"{name:<30} {top1:>6.3f} {agreement:>6.3f} {latency[name]:>9.2f} "
+            f"{len(flatbuffer) / 1024:>6.0f}  {kept}",
+            flush=True,
+        )
 
     if args.debug:
         debug_layers(concrete, calibration, args.top)

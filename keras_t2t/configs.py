@@ -8,18 +8,38 @@ import math
 # Paper and official-registry facts (see README): parameters are totals, frozen tensors included.
 MODEL_CONFIGS = {
     "t2t_vit_7": dict(tokens_type="performer", embed_dim=256, depth=7, num_heads=4, mlp_ratio=2.0),
-    "t2t_vit_10": dict(tokens_type="performer", embed_dim=256, depth=10, num_heads=4, mlp_ratio=2.0),
-    "t2t_vit_12": dict(tokens_type="performer", embed_dim=256, depth=12, num_heads=4, mlp_ratio=2.0),
-    "t2t_vit_14": dict(tokens_type="performer", embed_dim=384, depth=14, num_heads=6, mlp_ratio=3.0),
-    "t2t_vit_19": dict(tokens_type="performer", embed_dim=448, depth=19, num_heads=7, mlp_ratio=3.0),
-    "t2t_vit_24": dict(tokens_type="performer", embed_dim=512, depth=24, num_heads=8, mlp_ratio=3.0),
-    "t2t_vit_t_14": dict(tokens_type="transformer", embed_dim=384, depth=14, num_heads=6, mlp_ratio=3.0),
-    "t2t_vit_t_19": dict(tokens_type="transformer", embed_dim=448, depth=19, num_heads=7, mlp_ratio=3.0),
-    "t2t_vit_t_24": dict(tokens_type="transformer", embed_dim=512, depth=24, num_heads=8, mlp_ratio=3.0),
+    "t2t_vit_10": dict(
+        tokens_type="performer", embed_dim=256, depth=10, num_heads=4, mlp_ratio=2.0
+    ),
+    "t2t_vit_12": dict(
+        tokens_type="performer", embed_dim=256, depth=12, num_heads=4, mlp_ratio=2.0
+    ),
+    "t2t_vit_14": dict(
+        tokens_type="performer", embed_dim=384, depth=14, num_heads=6, mlp_ratio=3.0
+    ),
+    "t2t_vit_19": dict(
+        tokens_type="performer", embed_dim=448, depth=19, num_heads=7, mlp_ratio=3.0
+    ),
+    "t2t_vit_24": dict(
+        tokens_type="performer", embed_dim=512, depth=24, num_heads=8, mlp_ratio=3.0
+    ),
+    "t2t_vit_t_14": dict(
+        tokens_type="transformer", embed_dim=384, depth=14, num_heads=6, mlp_ratio=3.0
+    ),
+    "t2t_vit_t_19": dict(
+        tokens_type="transformer", embed_dim=448, depth=19, num_heads=7, mlp_ratio=3.0
+    ),
+    "t2t_vit_t_24": dict(
+        tokens_type="transformer", embed_dim=512, depth=24, num_heads=8, mlp_ratio=3.0
+    ),
     # Paper ablations of the official registry, without released weights.
-    "t2t_vit_14_resnext": dict(tokens_type="performer", embed_dim=384, depth=14, num_heads=32, mlp_ratio=3.0),
-    "t2t_vit_14_wide": dict(tokens_type="performer", embed_dim=768, depth=4, num_heads=12, mlp_ratio=3.0),
-}  # fmt: skip
+    "t2t_vit_14_resnext": dict(
+        tokens_type="performer", embed_dim=384, depth=14, num_heads=32, mlp_ratio=3.0
+    ),
+    "t2t_vit_14_wide": dict(
+        tokens_type="performer", embed_dim=768, depth=4, num_heads=12, mlp_ratio=3.0
+    ),
+}
 
 DEFAULT_IMAGE_SIZE = 224
 POOLING_MODES = (None, "token", "avg", "max")

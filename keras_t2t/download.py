@@ -181,6 +181,10 @@ def fetch(origin, path, timeout=None, attempts=None, chunk=1 << 20, progress=Tru
         pause = RETRY_BACKOFF * 2 ** (attempt - 1)
         logger.warning(
             "Downloading %s failed (%s); trying again in %g s (%d of %d).",
-            origin, reason, pause, attempt + 1, attempts,
-        )  # fmt: skip
+            origin,
+            reason,
+            pause,
+            attempt + 1,
+            attempts,
+        )
         time.sleep(pause)

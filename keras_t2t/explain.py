@@ -96,8 +96,10 @@ def _checked_maps(model, maps, batch):
     this model's layers and their shapes, else a ValueError that names what differs."""
     side = _side(model)
     tokens = (side // 16) ** 2 + 1
-    expected = {"t2t_1": (batch, (side // 4) ** 2, (side // 4) ** 2),
-                "t2t_2": (batch, (side // 8) ** 2, (side // 8) ** 2)}  # fmt: skip
+    expected = {
+        "t2t_1": (batch, (side // 4) ** 2, (side // 4) ** 2),
+        "t2t_2": (batch, (side // 8) ** 2, (side // 8) ** 2),
+    }
     for i, block in enumerate(_blocks(model)):
         expected[f"block_{i}"] = (batch, block.num_heads, tokens, tokens)
     problem = None
@@ -156,8 +158,13 @@ def attention_maps(model, images):
     """
     images = _checked_images(model, images)
     maps = {}
-    _forward(model, images, lambda name, layer, x: maps.__setitem__(
-        name, np.asarray(layer.attention_weights(x), "float32")))  # fmt: skip
+    _forward(
+        model,
+        images,
+        lambda name, layer, x: maps.__setitem__(
+            name, np.asarray(layer.attention_weights(x), "float32")
+        ),
+    )
     return maps
 
 
@@ -401,12 +408,13 @@ def main(argv=None):
         description="Writes attention-rollout and T2T feature-map pictures (PNG) per image.",
     )
     parser.add_argument(
-        "images", nargs="+",
+        "images",
+        nargs="+",
         help="JPEG, PNG, GIF, BMP or WebP files. The pictures are named after each file's name "
         "without its extension (photo.jpg: photo_rollout.png, photo_t2t_maps.png); two images "
         "with the same name (a/x.jpg and b/x.jpg, x.jpg and x.png) are refused before "
         "anything is written, never overwritten",
-    )  # fmt: skip
+    )
     parser.add_argument("--model", help="variant, e.g. t2t_vit_7 (default: the run's)")
     parser.add_argument(
         "--weights", help="imagenet, a .pth.tar / .weights.h5 file or a run's --model_dir"

@@ -117,8 +117,12 @@ _HEADER_BYTES = 32
 GIF_MAX_STEPS = 1 << 13
 _GIF_RUN = 1024
 # code, width, height and flags of a frame descriptor, from its first 10 bytes
-_GIF_DESCRIPTOR = [[1, 0, 0, 0, 0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 1, 256, 0, 0, 0],
-                   [0, 0, 0, 0, 0, 0, 0, 1, 256, 0], [0, 0, 0, 0, 0, 0, 0, 0, 0, 1]]  # fmt: skip
+_GIF_DESCRIPTOR = [
+    [1, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+    [0, 0, 0, 0, 0, 1, 256, 0, 0, 0],
+    [0, 0, 0, 0, 0, 0, 0, 1, 256, 0],
+    [0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
+]
 
 
 def _read_gif(data):
@@ -642,8 +646,10 @@ def _float_nodes(flatbuffer, scopes):
     from tensorflow.lite.python import schema_util
 
     model = schema.Model.GetRootAs(flatbuffer, 0)
-    codes = [schema_util.get_builtin_code_from_operator_code(model.OperatorCodes(i))
-             for i in range(model.OperatorCodesLength())]  # fmt: skip
+    codes = [
+        schema_util.get_builtin_code_from_operator_code(model.OperatorCodes(i))
+        for i in range(model.OperatorCodesLength())
+    ]
     pattern = re.compile("|".join(scopes))
     names = set()
     for s in range(model.SubgraphsLength()):
@@ -865,9 +871,13 @@ def _fuse_onnx_layer_norms(proto):
         if gamma_shape != beta_shape or len(gamma_shape) != 1:
             continue
         readers = {  # each intermediate value and the nodes of the pattern that read it
-            sub.input[1]: [sub], centered: [square, div], square.output[0]: [g.producer[variance]],
-            variance: [add_eps], add_eps.output[0]: [sqrt], sqrt.output[0]: [div],
-        }  # fmt: skip
+            sub.input[1]: [sub],
+            centered: [square, div],
+            square.output[0]: [g.producer[variance]],
+            variance: [add_eps],
+            add_eps.output[0]: [sqrt],
+            sqrt.output[0]: [div],
+        }
         if any(
             {n.output[0] for n in g.consumers.get(name, [])} != {n.output[0] for n in nodes}
             or name in g.outputs
@@ -875,9 +885,13 @@ def _fuse_onnx_layer_norms(proto):
         ):
             continue  # an intermediate value is used elsewhere: leave this one as it is
         fused = helper.make_node(
-            "LayerNormalization", [x, gamma, beta], [offset.output[0]],
-            name=f"{div.name}/LayerNormalization", axis=-1, epsilon=float(epsilon),
-        )  # fmt: skip
+            "LayerNormalization",
+            [x, gamma, beta],
+            [offset.output[0]],
+            name=f"{div.name}/LayerNormalization",
+            axis=-1,
+            epsilon=float(epsilon),
+        )
         # Nodes are named by their first output (unique in a graph).
         replaced[offset.output[0]] = fused
         mean = g.producer[sub.input[1]]
@@ -1064,8 +1078,7 @@ def batching_parameters(max_batch_size=32, timeout_us=2000, threads=None):
     """TF Serving's `--batching_parameters_file` text: batches of up to `max_batch_size`
     images, waiting at most `timeout_us` to fill one; one batch thread per core."""
     threads = threads or os.cpu_count() or 1
-    allowed = sorted({b for b in (1, 2, 4, 8, 16, 32, 64) if b < max_batch_size}
-                     | {max_batch_size})  # fmt: skip
+    allowed = sorted({b for b in (1, 2, 4, 8, 16, 32, 64) if b < max_batch_size} | {max_batch_size})
     return (
         f"max_batch_size {{ value: {max_batch_size} }}\n"
         f"batch_timeout_micros {{ value: {timeout_us} }}\n"
@@ -1142,9 +1155,16 @@ def export(
     if "saved_model" in formats:
         warmup = None if representative_images is None else representative_images[:4]
         written["saved_model"] = export_saved_model(
-            model, output_dir, name, version, warmup, overwrite, max_image_pixels, crop_pct,
+            model,
+            output_dir,
+            name,
+            version,
+            warmup,
+            overwrite,
+            max_image_pixels,
+            crop_pct,
             serving_runtime,
-        )  # fmt: skip
+        )
         batching = os.path.join(output_dir, name, BATCHING_FILE)
         _write_atomically(batching, batching_parameters().encode())
         written["tf_serving_batching"] = batching

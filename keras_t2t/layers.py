@@ -374,9 +374,13 @@ class TokenPerformer(_Composite):
         self.norm2 = _layer_norm("norm2", self.layer_norm_epsilon, dtype=policy)
         # The official Token_performer.mlp: Linear, GELU, Linear, Dropout (one dropout).
         self.mlp = Mlp(
-            self.token_dim, self.token_dim, self.dropout_rate, hidden_dropout=False, name="mlp",
+            self.token_dim,
+            self.token_dim,
+            self.dropout_rate,
+            hidden_dropout=False,
+            name="mlp",
             dtype=policy,
-        )  # fmt: skip
+        )
 
     def build(self, input_shape):
         self.norm1.build(input_shape)
@@ -593,8 +597,8 @@ class T2TModule(_Composite):
         if implementation == "auto":
             first = "conv" if _tensorflow() is not None else "slices"
             return (first, "slices", "slices")
-        implementations = (implementation,) * 3 if isinstance(implementation, str) else tuple(
-            implementation
+        implementations = (
+            (implementation,) * 3 if isinstance(implementation, str) else tuple(implementation)
         )
         if len(implementations) != 3 or not all(
             i in SoftSplit.IMPLEMENTATIONS for i in implementations
@@ -791,9 +795,13 @@ class TransformerBlock(_Composite):
         policy = self.dtype_policy
         self.norm1 = _layer_norm("norm1", self.layer_norm_epsilon, dtype=policy)
         self.attn = MultiHeadSelfAttention(
-            self.num_heads, self.qkv_bias, self.qk_scale, self.dropout_rate, name="attn",
+            self.num_heads,
+            self.qkv_bias,
+            self.qk_scale,
+            self.dropout_rate,
+            name="attn",
             dtype=policy,
-        )  # fmt: skip
+        )
         self.drop_path = StochasticDepth(self.drop_path_rate, name="drop_path", dtype=policy)
         self.norm2 = _layer_norm("norm2", self.layer_norm_epsilon, dtype=policy)
         self.mlp = None

@@ -255,9 +255,11 @@ def release_state(release):
             except ValueError as error:  # derived data: made again from the released file
                 problem = f"it cannot be read: {error}"
         logger.warning(
-            "The cached %s is not the conversion of %s that was written (%s): converting it "
-            "again.", converted, release.file_name, problem,
-        )  # fmt: skip
+            "The cached %s is not the conversion of %s that was written (%s): converting it again.",
+            converted,
+            release.file_name,
+            problem,
+        )
         remove_file(converted)
         remove_file(record_path(release))
     source = download(release)

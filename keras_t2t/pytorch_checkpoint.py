@@ -132,9 +132,11 @@ def _rebuild(storage, offset, size, stride, budget):
     itemsize = storage.dtype.itemsize
     strides = tuple(s * itemsize if n > 1 else 0 for n, s in zip(size, stride))  # n <= 1: unused
     view = np.lib.stride_tricks.as_strided(
-        storage[offset:], shape=tuple(size), strides=strides,
+        storage[offset:],
+        shape=tuple(size),
+        strides=strides,
         writeable=False,
-    )  # fmt: skip
+    )
     return np.array(view)
 
 

@@ -583,9 +583,11 @@ def _dataset_info(dataset, file_size):
     if layout == h5py.h5d.CHUNKED or dataset.chunks is not None:
         return shape, numeric, "chunked (or compressed)"
     if dataset.id.get_storage_size() != declared:
-        return shape, numeric, (
-            f"{dataset.id.get_storage_size():,} bytes are stored of the {declared:,} declared"
-        )  # fmt: skip
+        return (
+            shape,
+            numeric,
+            (f"{dataset.id.get_storage_size():,} bytes are stored of the {declared:,} declared"),
+        )
     if layout == h5py.h5d.COMPACT:  # in the object header, at most 64 KiB
         return shape, numeric, None
     if layout != h5py.h5d.CONTIGUOUS:
@@ -593,9 +595,11 @@ def _dataset_info(dataset, file_size):
     offset = dataset.id.get_offset()
     if declared > 0 and (offset is None or offset < 0 or offset + declared > file_size):
         where = "not allocated" if offset is None else f"at offset {offset:,}"
-        return shape, numeric, (
-            f"its {declared:,} bytes, {where}, do not lie within the file's {file_size:,} bytes"
-        )  # fmt: skip
+        return (
+            shape,
+            numeric,
+            (f"its {declared:,} bytes, {where}, do not lie within the file's {file_size:,} bytes"),
+        )
     return shape, numeric, None
 
 
@@ -610,8 +614,12 @@ def read_keras_weights(path, config=None):
     embed_dim = (config or {}).get("embed_dim")
     (pos_shape, head_shape, _, _, _, skipped), arrays = _open_keras_weights(path, embed_dim, True)
     if skipped:
-        logger.info("Left out the %d tensors of %s that are no layer's (%s, ...).",
-                    len(skipped), path, skipped[0])  # fmt: skip
+        logger.info(
+            "Left out the %d tensors of %s that are no layer's (%s, ...).",
+            len(skipped),
+            path,
+            skipped[0],
+        )
     return WeightsState(
         arrays=arrays,
         source=path,

@@ -91,26 +91,31 @@ def main(argv=None):
     )
     parser.add_argument("--output", required=True, help="output folder")
     parser.add_argument(
-        "--format", default="saved_model,tflite",
+        "--format",
+        default="saved_model,tflite",
         help="comma-separated: saved_model, tflite, onnx, openvino",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--input_dtype", default="uint8", choices=["uint8", "float32"],
+        "--input_dtype",
+        default="uint8",
+        choices=["uint8", "float32"],
         help="pixel dtype of the ONNX and OpenVINO inputs (values in [0, 255] either way; "
         "float32: an image with a NaN or infinite pixel gets class -1 and NaN scores)",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--triton", action="store_true",
+        "--triton",
+        action="store_true",
         help="also write a Triton model repository (ONNX Runtime backend) under OUTPUT/triton",
-    )  # fmt: skip
+    )
     parser.add_argument("--image_size", type=int, help="default: 224, or the size of --weights")
     parser.add_argument("--classes", type=int, help="default: the run's, or 1000")
     parser.add_argument("--version", type=int, default=1, help="SavedModel version folder (>= 1)")
     parser.add_argument(
-        "--overwrite", action="store_true",
+        "--overwrite",
+        action="store_true",
         help="replace existing exports whole (each format's folder or file); without it, an "
         "existing one stops the export before anything is written",
-    )  # fmt: skip
+    )
     parser.add_argument(
         "--max_image_pixels",
         type=int,
@@ -169,9 +174,11 @@ def main(argv=None):
         samples = None
         if args.representative_data:
             samples = representative_images(
-                args.representative_data, model.input_shape[1], crop_pct,
+                args.representative_data,
+                model.input_shape[1],
+                crop_pct,
                 max_pixels=max_image_pixels,
-            )  # fmt: skip
+            )
         elif "tflite" in formats:
             print("note: no --representative_data, so no full int8 TFLite model")
         if args.weights is None:

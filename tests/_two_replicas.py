@@ -121,8 +121,9 @@ def ema_per_replica():
             expected = decay * expected + (1 - decay) * values
     finally:
         tf.distribute.ReplicaContext.merge_call = merge_call
-    replica_copies = [v.numpy().tolist() for v in STRATEGY.experimental_local_results(
-        ema.averages[0])]  # fmt: skip
+    replica_copies = [
+        v.numpy().tolist() for v in STRATEGY.experimental_local_results(ema.averages[0])
+    ]
     before = weights.numpy().copy()
     ema.swap()
     swapped = weights.numpy().tolist()

@@ -164,10 +164,22 @@ def tiny_train_config(data_dir, model_dir, **overrides):
     """The fields of a training `Config` for `tiny_records`: T2T-ViT-7 at 32x32, 2 epochs of
     3 steps of 8 images, in loops of 2; evaluated after each epoch."""
     config = dict(
-        model="t2t_vit_7", data_dir=data_dir, model_dir=str(model_dir), image_size=32,
-        num_classes=4, batch_size=8, epochs=2, warmup_epochs=1, cooldown_epochs=0,
-        steps_per_epoch=3, steps_per_loop=2, eval_every_epochs=1, ema_decay=0.9,
-        drop_path_rate=0.0, jit_compile=False, eval_batch_size=8,
-    )  # fmt: skip
+        model="t2t_vit_7",
+        data_dir=data_dir,
+        model_dir=str(model_dir),
+        image_size=32,
+        num_classes=4,
+        batch_size=8,
+        epochs=2,
+        warmup_epochs=1,
+        cooldown_epochs=0,
+        steps_per_epoch=3,
+        steps_per_loop=2,
+        eval_every_epochs=1,
+        ema_decay=0.9,
+        drop_path_rate=0.0,
+        jit_compile=False,
+        eval_batch_size=8,
+    )
     config.update(overrides)
     return config

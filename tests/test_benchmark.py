@@ -18,8 +18,10 @@ def test_benchmark_short_mode(tmp_path):
     result = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "benchmark.py"), "--short", f"--output={out}"],
         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(ROOT)),
-        capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
     assert set(report["peak_gflops"]) == {"float32", "bfloat16"}
@@ -27,10 +29,18 @@ def test_benchmark_short_mode(tmp_path):
     assert entry["gflops_per_image"] > 0
     paths = {key.split("/")[1] for key in entry["inference"]}
     assert paths == {
-        "predict", "predict_on_batch", "tf_function", "xla", "tflite_xnnpack",
-        "serving_default", "serving_session", "serving_default_onednn", "serving_session_onednn",
-        "onnxruntime", "openvino",
-    }  # fmt: skip
+        "predict",
+        "predict_on_batch",
+        "tf_function",
+        "xla",
+        "tflite_xnnpack",
+        "serving_default",
+        "serving_session",
+        "serving_default_onednn",
+        "serving_session_onednn",
+        "onnxruntime",
+        "openvino",
+    }
     # OpenVINO on our graph is the yardstick of the other float32 rows.
     assert entry["inference"]["float32/serving_default/batch_2"]["ratio_to_openvino"] > 0
     assert {key.split("/")[0] for key in entry["inference"]} == {"float32", "bfloat16"}
@@ -40,15 +50,24 @@ def test_benchmark_short_mode(tmp_path):
             continue
         assert figures["images_per_second"] > 0 and figures["pct_of_peak"] > 0
     assert set(entry["profile_float32_xla"]) == {
-        "total_ms", "t2t_module_ms", "attention_ms", "mlp_ms", "rest_ms",
-    }  # fmt: skip
+        "total_ms",
+        "t2t_module_ms",
+        "attention_ms",
+        "mlp_ms",
+        "rest_ms",
+    }
     assert entry["train_step_float32_batch_2"]["images_per_second"] > 0
     assert entry["train_step_bfloat16_batch_2"]["images_per_second"] > 0
     assert entry["train_memory_model_32_batch_2"]["peak_rss_gib"] > 0
     assert entry["train_memory_t2t_32_batch_2"]["peak_rss_gib"] > 0
     # Each inference transform left out in turn, beside the model as built.
-    tf_rows = ("tensorflow_onednn", "without_class_token_block", "without_extract_patches",
-               "without_onednn_layer_norm", "as_built")  # fmt: skip
+    tf_rows = (
+        "tensorflow_onednn",
+        "without_class_token_block",
+        "without_extract_patches",
+        "without_onednn_layer_norm",
+        "as_built",
+    )
     openvino_rows = ("openvino", "without_class_token_block", "without_split_qkv", "as_built")
     assert set(entry["ablations"]) == {
         *(f"float32/tf_function_{row}/batch_2" for row in tf_rows),
@@ -65,12 +84,24 @@ def test_benchmark_short_mode_on_jax_and_torch(tmp_path):
     runs = {}
     for backend, dtype in dtypes.items():
         runs[backend] = subprocess.Popen(
-            [sys.executable, str(ROOT / "benchmarks" / "benchmark.py"), "--short",
-             f"--backend={backend}", f"--dtypes={dtype}", f"--output={tmp_path / backend}.json"],
-            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(ROOT),
-                     KERAS_BACKEND="tensorflow"),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
+            [
+                sys.executable,
+                str(ROOT / "benchmarks" / "benchmark.py"),
+                "--short",
+                f"--backend={backend}",
+                f"--dtypes={dtype}",
+                f"--output={tmp_path / backend}.json",
+            ],
+            env=dict(
+                os.environ,
+                TF_CPP_MIN_LOG_LEVEL="2",
+                PYTHONPATH=str(ROOT),
+                KERAS_BACKEND="tensorflow",
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
     for backend, process in runs.items():
         stdout, stderr = process.communicate(timeout=900)
         assert process.returncode == 0, (backend, stderr[-3000:])
@@ -91,11 +122,17 @@ def test_benchmark_short_mode_on_jax_and_torch(tmp_path):
 
 def test_benchmark_refuses_ablations_off_tensorflow():
     result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "benchmark.py"), "--backend=torch",
-         "--ablations"],
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "benchmark.py"),
+            "--backend=torch",
+            "--ablations",
+        ],
         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(ROOT)),
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 2 and "use it with --backend=tensorflow" in result.stderr
 
 
@@ -114,12 +151,23 @@ def test_benchmark_rejects_unknown_model(capsys):
 
 def test_fidelity_benchmark_runs_ours_on_its_own_data(tmp_path):
     result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "fidelity.py"), "--which=ours", "--seeds=0",
-         "--epochs=2", "--train_per_class=4", "--val_per_class=2", "--image_size=32",
-         "--batch_size=8", f"--data_dir={tmp_path / 'records'}"],
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "fidelity.py"),
+            "--which=ours",
+            "--seeds=0",
+            "--epochs=2",
+            "--train_per_class=4",
+            "--val_per_class=2",
+            "--image_size=32",
+            "--batch_size=8",
+            f"--data_dir={tmp_path / 'records'}",
+        ],
         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(ROOT)),
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "seed 0 keras-t2t top-1" in result.stdout
     assert "ours      mean" in result.stdout and "official" not in result.stdout.split("AdamW")[1]
@@ -150,10 +198,14 @@ def test_official_rows_have_our_weights_and_every_ratio():
     images = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
     results = benchmark.engine_paths(model, [images], 0.0, official)
     assert results.pop("official_openvino_max_abs_diff") < 1e-5
-    inference = {key: dict(images_per_second=ips) for key, ips in results.items()
-                 if not isinstance(ips, str)}  # fmt: skip
-    assert {"float32/official_pytorch/batch_2", "float32/official_openvino/batch_2",
-            "float32/serving_session/batch_2"} <= set(inference)  # fmt: skip
+    inference = {
+        key: dict(images_per_second=ips) for key, ips in results.items() if not isinstance(ips, str)
+    }
+    assert {
+        "float32/official_pytorch/batch_2",
+        "float32/official_openvino/batch_2",
+        "float32/serving_session/batch_2",
+    } <= set(inference)
     benchmark.ratios_to_openvino(inference)
     row = inference["float32/serving_default/batch_2"]
     assert row["ratio_to_openvino"] > 0 and row["ratio_to_official_openvino"] > 0

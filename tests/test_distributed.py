@@ -21,9 +21,13 @@ from training import build_tfrecords, data
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # The same training on one device and on two replicas: the same data and initial weights.
 SAME_RUN = dict(
-    mode="train", deterministic_data=True, seed=3, learning_rate=0.1, warmup_epochs=0,
+    mode="train",
+    deterministic_data=True,
+    seed=3,
+    learning_rate=0.1,
+    warmup_epochs=0,
     _no_dropout=True,
-)  # fmt: skip
+)
 
 
 @pytest.fixture(scope="module")
@@ -32,16 +36,25 @@ def two_replicas(tiny_records, tmp_path_factory):
 
     def build(folder):
         jobs = dict(
-            mirrored=[tiny_train_config(tiny_records, folder / "two", strategy="mirrored",
-                                        **SAME_RUN), str(folder / "two.npz")],
-            indivisible=[tiny_train_config(tiny_records, folder / "seven", strategy="mirrored",
-                                           batch_size=7), str(folder / "seven.npz")],
-        )  # fmt: skip
+            mirrored=[
+                tiny_train_config(tiny_records, folder / "two", strategy="mirrored", **SAME_RUN),
+                str(folder / "two.npz"),
+            ],
+            indivisible=[
+                tiny_train_config(
+                    tiny_records, folder / "seven", strategy="mirrored", batch_size=7
+                ),
+                str(folder / "seven.npz"),
+            ],
+        )
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(ROOT))
         result = subprocess.run(
             [sys.executable, str(ROOT / "tests" / "_two_replicas.py"), json.dumps(jobs)],
-            env=env, capture_output=True, text=True, timeout=400,
-        )  # fmt: skip
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=400,
+        )
         lines = [line for line in result.stdout.splitlines() if line.startswith("RESULTS ")]
         assert result.returncode == 0 and lines, result.stdout[-3000:] + result.stderr[-3000:]
         (folder / "results.json").write_text(lines[0][len("RESULTS ") :])
@@ -85,8 +98,9 @@ def test_ema_is_per_replica_without_synchronization_and_matches_one_replica(two_
 def test_mirrored_over_two_devices_matches_one_device(two_replicas, tiny_records, tmp_path):
     # The one-device run here, in this process; the two-replica one in _two_replicas.py.
     assert two_replicas["jobs"]["mirrored"] == dict(replicas=2, step=6)
-    one = run_job(tiny_train_config(tiny_records, tmp_path / "one", **SAME_RUN),
-                  tmp_path / "one.npz")  # fmt: skip
+    one = run_job(
+        tiny_train_config(tiny_records, tmp_path / "one", **SAME_RUN), tmp_path / "one.npz"
+    )
     assert one.strategy.num_replicas_in_sync == 1 and int(one.step.numpy()) == 6
     two = two_replicas["folder"]
     a, b = np.load(tmp_path / "one.npz"), np.load(two / "two.npz")
@@ -117,10 +131,14 @@ def one_shard_twice(tmp_path_factory):
     examples = [
         build_tfrecords.make_example(
             build_tfrecords.to_jpeg(rng.integers(0, 256, (48, 40, 3), dtype=np.uint8)),
-            1 + i % 3, "c", f"{i}.jpg", 48, 40,
+            1 + i % 3,
+            "c",
+            f"{i}.jpg",
+            48,
+            40,
         )
         for i in range(24)
-    ]  # fmt: skip
+    ]
     build_tfrecords.write_shards(iter(examples), str(folder), "train", 1)
     first = data.list_files(str(folder), "train")[0]
     second = first.replace("train-00000-of-00001", "train-00001-of-00002")
@@ -132,9 +150,16 @@ def _first_batch(files, pipeline, seed):
     context = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=pipeline)
     aug = data.Augmentation(randaugment_ops=2, mixup_alpha=0.0, cutmix_alpha=0.0)
     dataset = data.train_dataset(
-        files, 8, 32, 3, aug, input_context=context, seed=seed, shuffle_buffer=1,
+        files,
+        8,
+        32,
+        3,
+        aug,
+        input_context=context,
+        seed=seed,
+        shuffle_buffer=1,
         deterministic=True,
-    )  # fmt: skip
+    )
     return next(iter(dataset))[0].numpy()
 
 
@@ -157,10 +182,14 @@ def test_every_pipeline_gives_the_same_number_of_evaluation_batches(tmp_path):
         examples = [
             build_tfrecords.make_example(
                 build_tfrecords.to_jpeg(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)),
-                1, "c", f"{name}{i}.jpg", 20, 20,
+                1,
+                "c",
+                f"{name}{i}.jpg",
+                20,
+                20,
             )
             for i in range(count)
-        ]  # fmt: skip
+        ]
         build_tfrecords.write_shards(iter(examples), str(tmp_path / name), "validation", 1)
     files = [data.list_files(str(tmp_path / n), "validation")[0] for n in "xyz"]
     batches, seen = [], 0

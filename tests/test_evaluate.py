@@ -58,10 +58,23 @@ def test_evaluation_matches_the_official_forward(golden, tmp_path, capsys):
     assert results["loss"] == pytest.approx(expected["loss"], abs=1e-4)
 
     out = tmp_path / "results.json"
-    assert evaluate_imagenet.main([
-        "--weights", golden["checkpoint"], "--data_dir", data_dir, "--num_heads", "2",
-        "--crop_pct", "1.0", "--output", str(out),
-    ]) == 0  # fmt: skip
+    assert (
+        evaluate_imagenet.main(
+            [
+                "--weights",
+                golden["checkpoint"],
+                "--data_dir",
+                data_dir,
+                "--num_heads",
+                "2",
+                "--crop_pct",
+                "1.0",
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert f"top1 {100 * expected['top1']:.2f}" in capsys.readouterr().out
     assert json.loads(out.read_text())["top5"] == expected["top5"]
 

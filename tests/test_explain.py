@@ -22,19 +22,28 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 def _golden_model(golden, **kwargs):
     return tiny_model(
-        golden["tokens_type"], weights=golden["checkpoint"], include_preprocessing=False,
-        classifier_activation=None, **kwargs,
-    )  # fmt: skip
+        golden["tokens_type"],
+        weights=golden["checkpoint"],
+        include_preprocessing=False,
+        classifier_activation=None,
+        **kwargs,
+    )
 
 
 @pytest.mark.torch
 def test_attention_maps_equal_the_officials(golden):
     pytest.importorskip("torch")
     official = {}
-    logits = reference.official_logits(
-        weights_lib.read_official_checkpoint(golden["checkpoint"]), golden["images_nchw"], 2,
-        attention=official,
-    ).detach().numpy()  # fmt: skip
+    logits = (
+        reference.official_logits(
+            weights_lib.read_official_checkpoint(golden["checkpoint"]),
+            golden["images_nchw"],
+            2,
+            attention=official,
+        )
+        .detach()
+        .numpy()
+    )
     np.testing.assert_allclose(logits, golden["logits"], atol=1e-4)  # the reference is official
     ours = explain.attention_maps(_golden_model(golden), golden["images"])
     assert sorted(ours) == sorted(official) == ["block_0", "block_1", "t2t_1", "t2t_2"]
@@ -111,8 +120,11 @@ def test_feature_maps_are_the_feature_model_s():
     images = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
     ours = explain.feature_maps(model, images)
     expected = keras_t2t.feature_maps_model(model)(images)
-    for key, shape in (("t2t_1", (2, 8, 8, 64)), ("t2t_2", (2, 4, 4, 64)),
-                       ("tokens", (2, 2, 2, 256))):  # fmt: skip
+    for key, shape in (
+        ("t2t_1", (2, 8, 8, 64)),
+        ("t2t_2", (2, 4, 4, 64)),
+        ("tokens", (2, 2, 2, 256)),
+    ):
         assert ours[key].shape == shape
         np.testing.assert_allclose(ours[key], np.asarray(expected[key]), atol=1e-5)
 
@@ -130,8 +142,15 @@ def test_cli_writes_pictures(tmp_path):
     photo = _photo(tmp_path / "photo.jpg")
     weights = tmp_path / "t2t_vit_7.weights.h5"
     keras_t2t.T2TViT7(input_shape=(32, 32, 3), classes=10).save_weights(weights)
-    code = explain.main([str(photo), "--model=t2t_vit_7", f"--weights={weights}",
-                         "--image_size=32", f"--output={tmp_path / 'out'}"])  # fmt: skip
+    code = explain.main(
+        [
+            str(photo),
+            "--model=t2t_vit_7",
+            f"--weights={weights}",
+            "--image_size=32",
+            f"--output={tmp_path / 'out'}",
+        ]
+    )
     assert code == 0
     written = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert written == ["photo_rollout.png", "photo_t2t_maps.png"]
@@ -145,11 +164,19 @@ def test_cli_without_matplotlib_says_how_to_install_it(tmp_path):
         "from keras_t2t import explain\nsys.exit(explain.main(sys.argv[1:]))\n"
     )
     result = subprocess.run(
-        [sys.executable, "-c", script, str(_photo(tmp_path / "p.jpg")), "--model=t2t_vit_7",
-         f"--output={tmp_path}"],
+        [
+            sys.executable,
+            "-c",
+            script,
+            str(_photo(tmp_path / "p.jpg")),
+            "--model=t2t_vit_7",
+            f"--output={tmp_path}",
+        ],
         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(ROOT)),
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 2
     assert "pip install keras-t2t[viz]" in result.stderr and "Traceback" not in result.stderr
 
@@ -215,10 +242,17 @@ def test_cli_falls_back_to_class_ids_when_the_class_names_stall(
     keras_t2t.T2TViT7(input_shape=(32, 32, 3)).save_weights(weights)  # 1000 classes
     started = time.monotonic()
     code = _in_a_thread(
-        lambda: explain.main([*map(str, photos), "--model=t2t_vit_7", f"--weights={weights}",
-                              "--image_size=32", f"--output={tmp_path / 'out'}"]),
+        lambda: explain.main(
+            [
+                *map(str, photos),
+                "--model=t2t_vit_7",
+                f"--weights={weights}",
+                "--image_size=32",
+                f"--output={tmp_path / 'out'}",
+            ]
+        ),
         within=30,
-    )  # fmt: skip
+    )
     assert code == 0
     assert time.monotonic() - started < 20
     out, err = capsys.readouterr()
@@ -262,8 +296,15 @@ def test_cli_names_the_classes_from_the_class_index(tmp_path, monkeypatch, capsy
     keras_t2t.T2TViT7(input_shape=(32, 32, 3)).save_weights(weights)
     photo = _photo(tmp_path / "a.jpg")
     try:
-        code = explain.main([str(photo), "--model=t2t_vit_7", f"--weights={weights}",
-                             "--image_size=32", f"--output={tmp_path / 'out'}"])  # fmt: skip
+        code = explain.main(
+            [
+                str(photo),
+                "--model=t2t_vit_7",
+                f"--weights={weights}",
+                "--image_size=32",
+                f"--output={tmp_path / 'out'}",
+            ]
+        )
         assert code == 0
         out, err = capsys.readouterr()
         assert f"{photo}: name_" in out and "warning" not in err
@@ -289,20 +330,32 @@ _FUNCTIONS = {
 
 
 @pytest.mark.parametrize("function", sorted(_FUNCTIONS))
-@pytest.mark.parametrize("images, message", [
-    pytest.param(np.zeros((1, 64, 64, 3)), r"takes 32x32 images; received 64x64", id="64px"),
-    pytest.param(np.zeros((1, 16, 16, 3)), r"takes 32x32 images; received 16x16", id="16px"),
-    pytest.param(np.zeros((2, 48, 32, 3)), r"takes 32x32 images; received 48x32", id="48x32"),
-    pytest.param(np.zeros((1, 32, 32, 1)), r"RGB images with 3 channels; received 1", id="gray"),
-    pytest.param(np.zeros((1, 32, 32, 4)), r"RGB images with 3 channels; received 4", id="rgba"),
-    pytest.param(np.zeros((0, 32, 32, 3)), r"holds no image", id="batch0"),
-    pytest.param(np.zeros((32, 32, 3)), r"\(batch, 32, 32, 3\); received shape \(32, 32, 3\) "
-                 r"\(one image", id="rank3"),
-    pytest.param(np.zeros((1, 1, 32, 32, 3)), r"\(batch, 32, 32, 3\); received shape",
-                 id="rank5"),
-    pytest.param(None, r"\(batch, 32, 32, 3\); received None", id="None"),
-    pytest.param("photo.jpg", r"of numbers; received dtype", id="str"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "images, message",
+    [
+        pytest.param(np.zeros((1, 64, 64, 3)), r"takes 32x32 images; received 64x64", id="64px"),
+        pytest.param(np.zeros((1, 16, 16, 3)), r"takes 32x32 images; received 16x16", id="16px"),
+        pytest.param(np.zeros((2, 48, 32, 3)), r"takes 32x32 images; received 48x32", id="48x32"),
+        pytest.param(
+            np.zeros((1, 32, 32, 1)), r"RGB images with 3 channels; received 1", id="gray"
+        ),
+        pytest.param(
+            np.zeros((1, 32, 32, 4)), r"RGB images with 3 channels; received 4", id="rgba"
+        ),
+        pytest.param(np.zeros((0, 32, 32, 3)), r"holds no image", id="batch0"),
+        pytest.param(
+            np.zeros((32, 32, 3)),
+            r"\(batch, 32, 32, 3\); received shape \(32, 32, 3\) "
+            r"\(one image",
+            id="rank3",
+        ),
+        pytest.param(
+            np.zeros((1, 1, 32, 32, 3)), r"\(batch, 32, 32, 3\); received shape", id="rank5"
+        ),
+        pytest.param(None, r"\(batch, 32, 32, 3\); received None", id="None"),
+        pytest.param("photo.jpg", r"of numbers; received dtype", id="str"),
+    ],
+)
 def test_the_api_refuses_wrong_images_in_its_own_words(model32, function, images, message):
     """F18: one check at the entry of attention_maps / attention_rollout / feature_maps: a
     ValueError that says what the model takes, not a TF shape error deep in a layer, and no
@@ -321,8 +374,10 @@ def test_the_api_refuses_what_is_not_a_t2t_model(function, model):
 def test_rollout_refuses_maps_of_another_model_or_incomplete(model32):
     images = np.random.default_rng(0).uniform(0, 255, (1, 32, 32, 3)).astype("float32")
     maps = explain.attention_maps(model32, images)
-    np.testing.assert_allclose(explain.attention_rollout(model32, images, maps=maps),
-                               explain.attention_rollout(model32, images))  # fmt: skip
+    np.testing.assert_allclose(
+        explain.attention_rollout(model32, images, maps=maps),
+        explain.attention_rollout(model32, images),
+    )
     other = keras_t2t.T2TViT7(input_shape=(48, 48, 3), classes=10)
     wrong = {
         "another model's": explain.attention_maps(other, np.zeros((1, 48, 48, 3))),
@@ -344,19 +399,29 @@ def test_cli_refuses_a_folder_and_same_named_images_before_writing(tmp_path, cap
     would have one name (dup1/same.jpg and dup2/same.png, flower.jpg and flower.bmp) are
     refused before anything is written, never overwritten. The same path twice is drawn once."""
     (tmp_path / "a_folder.jpg").mkdir()
-    for one, two in (("dup1/same.jpg", "dup2/same.png"), ("flower.jpg", "Flower.bmp"),
-                     ("a/x.jpg", "b/x.jpg")):  # fmt: skip
+    for one, two in (
+        ("dup1/same.jpg", "dup2/same.png"),
+        ("flower.jpg", "Flower.bmp"),
+        ("a/x.jpg", "b/x.jpg"),
+    ):
         paths = [tmp_path / one, tmp_path / two]
         for seed, path in enumerate(paths):
             path.parent.mkdir(exist_ok=True)
             _photo(path, seed)
-        code = explain.main([*map(str, paths), "--model=t2t_vit_7", "--image_size=32",
-                             f"--output={tmp_path / 'out'}"])  # fmt: skip
+        code = explain.main(
+            [
+                *map(str, paths),
+                "--model=t2t_vit_7",
+                "--image_size=32",
+                f"--output={tmp_path / 'out'}",
+            ]
+        )
         err = capsys.readouterr().err
         assert code == 2 and "would both be drawn as" in err and str(paths[1]) in err, err
         assert not (tmp_path / "out").exists()
-    code = explain.main([str(tmp_path / "a_folder.jpg"), "--model=t2t_vit_7",
-                         f"--output={tmp_path / 'out'}"])  # fmt: skip
+    code = explain.main(
+        [str(tmp_path / "a_folder.jpg"), "--model=t2t_vit_7", f"--output={tmp_path / 'out'}"]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "is a folder, not an image file" in err and "Traceback" not in err
     with pytest.raises(ValueError, match="is a folder"):  # the reader, called directly

@@ -79,8 +79,10 @@ def test_serving_signatures(exported):
 def test_bytes_signature_applies_the_evaluation_preprocessing(exported):
     loaded = tf.saved_model.load(exported["written"]["saved_model"])
     photos = photo_crops(size=96, count=4)
-    encoded = tf.constant([tf.io.encode_jpeg(p).numpy() for p in photos[:2]] +
-                          [tf.io.encode_png(p).numpy() for p in photos[2:]])  # fmt: skip
+    encoded = tf.constant(
+        [tf.io.encode_jpeg(p).numpy() for p in photos[:2]]
+        + [tf.io.encode_png(p).numpy() for p in photos[2:]]
+    )
     out = loaded.signatures["serving_bytes"](image_bytes=encoded)
     decoded = [tf.io.decode_image(e, channels=3).numpy() for e in encoded.numpy()]
     from keras_t2t.imagenet import resize_and_center_crop
@@ -268,9 +270,13 @@ def other_settings(exported, tmp_path_factory):
 
     def build(folder):
         export.export_saved_model(
-            exported["model"], str(folder), "other", 1, max_image_pixels=40 * 40,
+            exported["model"],
+            str(folder),
+            "other",
+            1,
+            max_image_pixels=40 * 40,
             serving_runtime="tensorflow_onednn",
-        )  # fmt: skip
+        )
 
     return str(shared_folder(tmp_path_factory, "export_other_settings", build) / "other" / "1")
 
@@ -354,8 +360,10 @@ def test_declared_pixels_of_a_gif_sum_its_frames():
 def test_an_animated_gif_is_decoded_from_its_first_frame():
     image_module = pytest.importorskip("PIL.Image")
     rng = np.random.default_rng(3)
-    frames = [image_module.fromarray(rng.integers(0, 255, (30, 40, 3), np.uint8)).convert("P")
-              for _ in range(3)]  # fmt: skip
+    frames = [
+        image_module.fromarray(rng.integers(0, 255, (30, 40, 3), np.uint8)).convert("P")
+        for _ in range(3)
+    ]
     animated = _encode(frames[0], "GIF", save_all=True, append_images=frames[1:], comment=b"hi")
     still = _encode(frames[0], "GIF")
     decode = tf.function(lambda data, limit: export.decode_images(data, 32, 1.0, limit))
@@ -458,9 +466,12 @@ def test_saved_model_runs_the_last_block_on_the_class_token_only(exported):
     model, images = exported["model"], exported["images"][:3]
     options = tf.compat.v1.RunOptions(trace_level=tf.compat.v1.RunOptions.FULL_TRACE)
     metadata, probabilities = _session_run(exported["written"]["saved_model"], images, options)
-    shapes = [tuple(d.size for d in output.tensor_description.shape.dim)
-              for device in metadata.step_stats.dev_stats for node in device.node_stats
-              for output in node.output]  # fmt: skip
+    shapes = [
+        tuple(d.size for d in output.tensor_description.shape.dim)
+        for device in metadata.step_stats.dev_stats
+        for node in device.node_stats
+        for output in node.output
+    ]
     hidden = model.get_layer("blocks_0").mlp.fc1.units
     tokens = 1 + (export.image_size(model) // 16) ** 2
     assert (3, hidden) in shapes and (3 * tokens, hidden) in shapes
@@ -494,10 +505,21 @@ def test_saved_model_runs_without_keras_and_in_saved_model_cli(exported, tmp_pat
     then run by TensorFlow's saved_model_cli; both give the Keras model's probabilities."""
     np.save(tmp_path / "images.npy", exported["images"])
     result = subprocess.run(
-        [sys.executable, "-c", STANDALONE, exported["written"]["saved_model"],
-         str(tmp_path / "images.npy"), str(tmp_path / "out.npy"), str(tmp_path / "cli")],
-        env=dict(ENV, PYTHONPATH=""), capture_output=True, text=True, timeout=300, cwd=tmp_path,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-c",
+            STANDALONE,
+            exported["written"]["saved_model"],
+            str(tmp_path / "images.npy"),
+            str(tmp_path / "out.npy"),
+            str(tmp_path / "cli"),
+        ],
+        env=dict(ENV, PYTHONPATH=""),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "standalone ok" in result.stdout
     assert np.abs(np.load(tmp_path / "out.npy") - exported["expected"]).max() <= 1e-5
@@ -597,8 +619,13 @@ def test_export_refuses_what_it_cannot_export(tmp_path):
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, str(ROOT / "savedmodels" / "export.py"), *args],
-                          env=ENV, capture_output=True, text=True, timeout=600)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, str(ROOT / "savedmodels" / "export.py"), *args],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 CLI_ARGS = ["--model=t2t_vit_7", "--image_size=32", "--classes=5"]
@@ -713,8 +740,11 @@ def test_reexport_replaces_each_format_whole(tmp_path, monkeypatch):
     (out / "m_openvino" / "other.bin").write_bytes(b"")  # files that a new export does not write
     (out / "triton" / "m" / "2").mkdir()
     before, converted[:] = files(), []
-    with pytest.raises(ValueError, match=r"m_tflite and \S+m\.onnx and \S+m_openvino and "
-                       r"\S+triton/m already exist: nothing was written.*--overwrite"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"m_tflite and \S+m\.onnx and \S+m_openvino and "
+        r"\S+triton/m already exist: nothing was written.*--overwrite",
+    ):
         run()
     assert converted == [] and files() == before
 
@@ -729,11 +759,20 @@ def test_reexport_replaces_each_format_whole(tmp_path, monkeypatch):
     monkeypatch.setattr(export, "export_openvino", export_openvino)
     run(overwrite=True)  # without representative images: no int8 model
     assert files() == [
-        "m.onnx", "m_openvino", "m_openvino/m.bin", "m_openvino/m.xml", "m_tflite",
-        "m_tflite/m_dynamic_int8.tflite", "m_tflite/m_float16.tflite",
-        "m_tflite/m_float32.tflite", "triton", "triton/m", "triton/m/1",
-        "triton/m/1/model.onnx", "triton/m/config.pbtxt",
-    ]  # fmt: skip
+        "m.onnx",
+        "m_openvino",
+        "m_openvino/m.bin",
+        "m_openvino/m.xml",
+        "m_tflite",
+        "m_tflite/m_dynamic_int8.tflite",
+        "m_tflite/m_float16.tflite",
+        "m_tflite/m_float32.tflite",
+        "triton",
+        "triton/m",
+        "triton/m/1",
+        "triton/m/1/model.onnx",
+        "triton/m/config.pbtxt",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -781,11 +820,13 @@ def test_full_int8_runs_and_agrees_with_float32_on_a_trained_model(digits_model)
     print(f"int8 agrees with float32 on {agreement:.3f} of {len(held_out)} held-out digits")
     assert agreement >= 0.9
     rng = np.random.default_rng(0)
-    others = np.concatenate([
-        photo_crops(size=32, count=8),
-        rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8),
-        np.stack([np.full((32, 32, 3), v, np.uint8) for v in (0, 128, 255)]),
-    ])  # fmt: skip
+    others = np.concatenate(
+        [
+            photo_crops(size=32, count=8),
+            rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8),
+            np.stack([np.full((32, 32, 3), v, np.uint8) for v in (0, 128, 255)]),
+        ]
+    )
     for image in others:  # real photos, noise and constant images run too
         assert np.all(np.isfinite(run(image)))
 
@@ -812,8 +853,9 @@ def test_export_cli_output_that_cannot_be_created(tmp_path, monkeypatch, capsys)
     monkeypatch.setattr(export, "export", unwritable)
     assert main([*CLI_ARGS, "--format=saved_model", f"--output={tmp_path / 'out'}"]) == 2
     error = capsys.readouterr().err
-    assert re.search(r"^error: cannot write to --output '\S+/out': \S+/out; Permission denied$",
-                     error), error  # fmt: skip
+    assert re.search(
+        r"^error: cannot write to --output '\S+/out': \S+/out; Permission denied$", error
+    ), error
 
 
 def test_export_cli_refuses_an_existing_export_unless_overwrite(cli_run, tmp_path, capsys):
@@ -837,5 +879,6 @@ def test_export_cli_refuses_an_existing_export_unless_overwrite(cli_run, tmp_pat
     written = (saved_model / "saved_model.pb").stat().st_mtime_ns
     assert written > before["t2t_vit_7/1/saved_model.pb"]
     assert sorted(p.name for p in (out / "t2t_vit_7").iterdir()) == [
-        "1", export.BATCHING_FILE,
-    ]  # fmt: skip
+        "1",
+        export.BATCHING_FILE,
+    ]

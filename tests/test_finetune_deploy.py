@@ -60,11 +60,22 @@ def test_finetune_from_imagenet_weights_then_serve(mirror, tmp_path, monkeypatch
 
     run = tmp_path / "run"
     config = Config(
-        model="t2t_tiny_performer", weights="imagenet", recipe="finetune", data_dir=str(records),
-        model_dir=str(run), image_size=64, num_classes=CLASSES, batch_size=16, epochs=8,
-        learning_rate=3e-2, steps_per_loop=6, eval_every_epochs=8, jit_compile=False,
-        eval_batch_size=20, crop_pct=0.8,
-    )  # fmt: skip
+        model="t2t_tiny_performer",
+        weights="imagenet",
+        recipe="finetune",
+        data_dir=str(records),
+        model_dir=str(run),
+        image_size=64,
+        num_classes=CLASSES,
+        batch_size=16,
+        epochs=8,
+        learning_rate=3e-2,
+        steps_per_loop=6,
+        eval_every_epochs=8,
+        jit_compile=False,
+        eval_batch_size=20,
+        crop_pct=0.8,
+    )
     job = trainer.Trainer(config)
     assert job.config.aug.mixup_alpha == 0 and job.config.aug.randaugment_ops == 0
     results = job.run()
@@ -98,10 +109,12 @@ def test_finetune_from_imagenet_weights_then_serve(mirror, tmp_path, monkeypatch
     # The full-int8 TFLite model of the same export runs and agrees with float32.
     from keras_t2t.imagenet import resize_and_center_crop
 
-    pixels = np.stack([
-        resize_and_center_crop(tf.io.decode_jpeg(j, channels=3), 64, config.crop_pct).numpy()
-        for j in jpegs
-    ]).astype(np.uint8)  # fmt: skip
+    pixels = np.stack(
+        [
+            resize_and_center_crop(tf.io.decode_jpeg(j, channels=3), 64, config.crop_pct).numpy()
+            for j in jpegs
+        ]
+    ).astype(np.uint8)
     flatbuffer = export.tflite_models(model, pixels, kinds=("int8",))["int8"]
     litert = pytest.importorskip("ai_edge_litert.interpreter")
     interpreter = litert.Interpreter(model_content=flatbuffer)

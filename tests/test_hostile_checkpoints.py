@@ -139,9 +139,10 @@ OUT_OF_BOUNDS = [
 def test_views_outside_their_storage_are_refused(tmp_path, fmt, case):
     _, numel, offset, size, stride, reason = case
     path = WRITERS[fmt](
-        tmp_path / "bad.pth", {"w": _tensor("0", numel, offset, size, stride)},
+        tmp_path / "bad.pth",
+        {"w": _tensor("0", numel, offset, size, stride)},
         {"0": _floats(numel)},
-    )  # fmt: skip
+    )
     with pytest.raises(ValueError, match=reason):
         _load_one(path)
     assert _torch_refuses(path)
@@ -203,9 +204,11 @@ def test_zip_bombs_are_refused_before_inflating(tmp_path):
     # A storage of 8 MiB of zeros deflates to ~8 KiB; the pickle likewise.
     numel = 2 << 20
     bomb = _zip(
-        tmp_path / "storage_bomb.pth", {"w": _tensor("0", numel, 0, (numel,), (1,))},
-        {"0": bytes(4 * numel)}, compress=zipfile.ZIP_DEFLATED,
-    )  # fmt: skip
+        tmp_path / "storage_bomb.pth",
+        {"w": _tensor("0", numel, 0, (numel,), (1,))},
+        {"0": bytes(4 * numel)},
+        compress=zipfile.ZIP_DEFLATED,
+    )
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     with pytest.raises(ValueError, match=r"inflates from \d+ to 8388608 bytes"):
         _load_one(bomb)
@@ -257,9 +260,10 @@ def test_weights_and_the_converter_refuse_a_crafted_release(tmp_path, capsys):
     from keras_t2t import convert
 
     path = _zip(
-        tmp_path / "t2t.pth.tar", {"cls_token": _tensor("0", 1, 0, (1, 1, 256), (256, 256, 1))},
+        tmp_path / "t2t.pth.tar",
+        {"cls_token": _tensor("0", 1, 0, (1, 1, 256), (256, 256, 1))},
         {"0": _floats(1)},
-    )  # fmt: skip
+    )
     with pytest.raises(ValueError, match="reads past the end of its storage of 1 values"):
         keras_t2t.T2TViT7(weights=path)
     assert convert.main([path, str(tmp_path / "out.weights.h5")]) != 0

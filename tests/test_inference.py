@@ -246,8 +246,9 @@ def test_onednn_layer_norm_is_layer_norm(policy):
         assert ("Sqrt" in ops_) == ("FusedBatchNormV3" not in ops_)
         y = function(x)
         assert y.dtype == norm.compute_dtype
-        np.testing.assert_allclose(np.asarray(tf.cast(y, tf.float32)), expected,
-                                   rtol=tolerance, atol=tolerance)  # fmt: skip
+        np.testing.assert_allclose(
+            np.asarray(tf.cast(y, tf.float32)), expected, rtol=tolerance, atol=tolerance
+        )
 
 
 @pytest.mark.slow
@@ -260,12 +261,19 @@ def test_tensorflow_fuses_layer_norm_is_false_where_onednn_is_off():
     )
     processes = {}
     for setting in ("0", "1"):
-        env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS=setting, TF_CPP_MIN_LOG_LEVEL="2",
-                   PYTHONPATH=str(ROOT))  # fmt: skip
+        env = dict(
+            os.environ,
+            TF_ENABLE_ONEDNN_OPTS=setting,
+            TF_CPP_MIN_LOG_LEVEL="2",
+            PYTHONPATH=str(ROOT),
+        )
         processes[setting] = subprocess.Popen(
-            [sys.executable, "-c", probe], env=env, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
+            [sys.executable, "-c", probe],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
     answers = {}
     try:
         for setting, process in processes.items():
@@ -283,13 +291,16 @@ def test_tensorflow_fuses_layer_norm_is_false_where_onednn_is_off():
 @pytest.mark.parametrize(
     "plain,split,kwargs",
     [
-        (t2t_layers.MultiHeadSelfAttention, inference.SplitQKVAttention,
-         dict(num_heads=2, qkv_bias=True)),
+        (
+            t2t_layers.MultiHeadSelfAttention,
+            inference.SplitQKVAttention,
+            dict(num_heads=2, qkv_bias=True),
+        ),
         (t2t_layers.TokenPerformer, inference.SplitQKVPerformer, dict(token_dim=8)),
         (t2t_layers.TokenTransformer, inference.SplitQKVTokenTransformer, dict(token_dim=8)),
     ],
     ids=["attention", "performer", "transformer"],
-)  # fmt: skip
+)
 def test_split_qkv_layers_split_no_tensor(plain, split, kwargs):
     """q, k and v from their own matmuls on column blocks of the kernel (constants for a
     converter): no Split / Unpack runs; the values are the plain layer's."""
@@ -306,8 +317,9 @@ def test_split_qkv_layers_split_no_tensor(plain, split, kwargs):
     outputs, traced = {}, {}
     for which in (layer, twin):
         function = tf.function(which)
-        traced[which] = {op.type for op in function.get_concrete_function(spec).graph
-                         .get_operations()}  # fmt: skip
+        traced[which] = {
+            op.type for op in function.get_concrete_function(spec).graph.get_operations()
+        }
         outputs[which] = np.asarray(function(x))
     assert {"Split", "Unpack"} & traced[layer]
     assert not {"Split", "SplitV", "Unpack"} & traced[twin], sorted(traced[twin])
@@ -320,8 +332,14 @@ def test_split_qkv_layers_split_no_tensor(plain, split, kwargs):
 def test_layers_read_no_ambient_state():
     """No context variable, TF1 session or device probe chooses a layer's math."""
     source = (ROOT / "keras_t2t" / "layers.py").read_text()
-    for word in ("ContextVar", "contextvars", "tf.compat.v1", "Session(", "_has_accelerator",
-                 "list_physical_devices"):  # fmt: skip
+    for word in (
+        "ContextVar",
+        "contextvars",
+        "tf.compat.v1",
+        "Session(",
+        "_has_accelerator",
+        "list_physical_devices",
+    ):
         assert word not in source, word
 
 

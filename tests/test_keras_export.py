@@ -19,9 +19,12 @@ def golden_model():
     entry = GOLDEN["t2t_tiny_performer"]
     io = np.load(DATA / entry["io"])
     model = keras_t2t.T2TViT(
-        **TINY_ARCH, tokens_type=entry["tokens_type"], include_preprocessing=False,
-        classifier_activation=None, weights=str(DATA / entry["checkpoint"]),
-    )  # fmt: skip
+        **TINY_ARCH,
+        tokens_type=entry["tokens_type"],
+        include_preprocessing=False,
+        classifier_activation=None,
+        weights=str(DATA / entry["checkpoint"]),
+    )
     images = io["images_nchw"].transpose(0, 2, 3, 1).astype("float32")
     logits = model.predict(images, verbose=0)
     assert np.abs(logits - io["logits"]).max() <= TOLERANCE  # the official logits

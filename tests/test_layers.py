@@ -339,8 +339,9 @@ def test_t2t_module_resolves_auto_from_the_backend_only():
     assert layers.T2TModule.resolve_soft_splits("auto") == expected
     module = layers.T2TModule(embed_dim=32)
     assert module.soft_split_implementations == expected
-    assert [s.implementation for s in (module.soft_split0, module.soft_split1,
-                                       module.soft_split2)] == list(expected)  # fmt: skip
+    assert [
+        s.implementation for s in (module.soft_split0, module.soft_split1, module.soft_split2)
+    ] == list(expected)
     assert module.get_config()["soft_split_implementation"] == "auto"
     assert layers.T2TModule.resolve_soft_splits("patches") == ("patches",) * 3
     mixed = layers.T2TModule(embed_dim=32, soft_split_implementation=("slices", "conv", "conv"))

@@ -26,9 +26,15 @@ OFFICIAL = {
     "T2TViTT24": ("t2t_vit_t_24", 64_101_454, 64_000_590, 15.0),
 }
 APPLICATIONS_SIGNATURE = [
-    "include_top", "weights", "input_tensor", "input_shape", "pooling", "classes",
-    "classifier_activation", "name",
-]  # fmt: skip
+    "include_top",
+    "weights",
+    "input_tensor",
+    "input_shape",
+    "pooling",
+    "classes",
+    "classifier_activation",
+    "name",
+]
 
 
 def trainable_count(model):
@@ -70,8 +76,11 @@ def test_builders_use_the_applications_signature():
         params = list(inspect.signature(getattr(keras_t2t, builder)).parameters)
         assert params[: len(APPLICATIONS_SIGNATURE)] == APPLICATIONS_SIGNATURE
         assert params[len(APPLICATIONS_SIGNATURE) :] == [
-            "include_preprocessing", "drop_path_rate", "dropout_rate", "dtype",
-        ]  # fmt: skip
+            "include_preprocessing",
+            "drop_path_rate",
+            "dropout_rate",
+            "dtype",
+        ]
 
 
 def test_variants_are_rows_of_one_table():
@@ -247,9 +256,13 @@ def test_pyramid_model_feeds_an_fpn_segmentation_head():
     # The official T2T module (64 channels) and a small trunk of width 128 (T2T-ViT-7's is
     # 256), so that each level's channels tell which maps it comes from.
     backbone = keras_t2t.T2TViT(
-        embed_dim=128, depth=2, num_heads=2, mlp_ratio=2.0, include_top=False,
+        embed_dim=128,
+        depth=2,
+        num_heads=2,
+        mlp_ratio=2.0,
+        include_top=False,
         input_shape=(64, 64, 3),
-    )  # fmt: skip
+    )
     pyramid = keras_t2t.pyramid_model(backbone)
     shapes = {k: tuple(v.shape[1:]) for k, v in pyramid.output.items()}
     assert shapes == {"P2": (16, 16, 64), "P3": (8, 8, 64), "P4": (4, 4, 128), "P5": (2, 2, 128)}

@@ -30,9 +30,11 @@ def served(request, tmp_path_factory):
     name = next(n for n, e in GOLDEN.items() if e["tokens_type"] == request.param)
     entry = GOLDEN[name]
     model = tiny_model(
-        request.param, weights=str(DATA / entry["checkpoint"]), input_shape=None,
+        request.param,
+        weights=str(DATA / entry["checkpoint"]),
+        input_shape=None,
         classes=entry["num_classes"],
-    )  # fmt: skip
+    )
 
     def build(folder):
         export.export_onnx(model, str(folder / "model.onnx"))
@@ -90,8 +92,11 @@ def test_the_signatures_declare_their_names_and_a_batch_axis(served):
     session = served["onnx"]
     size = served["size"]
     (images,) = session.get_inputs()
-    assert (images.name, images.type, images.shape) == ("images", "tensor(uint8)",
-                                                        ["batch", size, size, 3])  # fmt: skip
+    assert (images.name, images.type, images.shape) == (
+        "images",
+        "tensor(uint8)",
+        ["batch", size, size, 3],
+    )
     assert {o.name: o.shape[0] for o in session.get_outputs()} == {
         name: "batch" for name in export.OUTPUTS
     }
@@ -143,11 +148,14 @@ def _layer_norm_graph(reduce="ReduceMean", centered_is_output=False):
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(3)
-    inits = [numpy_helper.from_array(a, n) for n, a in [
-        ("gamma", rng.normal(size=6).astype("float32")),
-        ("beta", rng.normal(size=6).astype("float32")),
-        ("eps", np.array(1e-5, "float32")),
-    ]]  # fmt: skip
+    inits = [
+        numpy_helper.from_array(a, n)
+        for n, a in [
+            ("gamma", rng.normal(size=6).astype("float32")),
+            ("beta", rng.normal(size=6).astype("float32")),
+            ("eps", np.array(1e-5, "float32")),
+        ]
+    ]
     mean = dict(axes=[-1], keepdims=1) if reduce == "ReduceMean" else {}
     nodes = [
         helper.make_node(reduce, ["x"], ["mean"], **mean),
@@ -215,8 +223,9 @@ def test_float32_pixels_give_the_uint8_answers_and_non_finite_ones_no_class(tmp_
     expected = _reference(model, images)
     got = _onnx(session, images.astype(np.float32))
     np.testing.assert_allclose(got["probabilities"], expected["probabilities"], atol=TOLERANCE)
-    compiled = ov.Core().compile_model(written["openvino"], "CPU",
-                                       {"INFERENCE_PRECISION_HINT": "f32"})  # fmt: skip
+    compiled = ov.Core().compile_model(
+        written["openvino"], "CPU", {"INFERENCE_PRECISION_HINT": "f32"}
+    )
     got = _openvino(compiled, images.astype(np.float32))
     np.testing.assert_allclose(got["probabilities"], expected["probabilities"], atol=TOLERANCE)
 
@@ -229,8 +238,9 @@ def test_float32_pixels_give_the_uint8_answers_and_non_finite_ones_no_class(tmp_
         np.testing.assert_array_equal(got["classes"][3:], [export.NO_CLASS] * 3)
         assert np.isnan(got["scores"][3:]).all() and np.isnan(got["probabilities"][3:]).all()
         np.testing.assert_array_equal(got["classes"][:3], expected["classes"])
-        np.testing.assert_allclose(got["probabilities"][:3], expected["probabilities"],
-                                   atol=TOLERANCE)  # fmt: skip
+        np.testing.assert_allclose(
+            got["probabilities"][:3], expected["probabilities"], atol=TOLERANCE
+        )
     # OpenVINO's Python API converts an array of another dtype when called (the README says
     # so); an ov.Tensor of another dtype is refused.
     request = compiled.create_infer_request()
@@ -250,8 +260,15 @@ def test_export_cli_counts_the_openvino_weights_in_its_size(tmp_path, monkeypatc
         return {"openvino": str(folder / f"{model.name}.xml")}
 
     monkeypatch.setattr(export, "export", fake_export)
-    code = export_cli().main(["--model=t2t_vit_7", "--image_size=32", "--classes=5",
-                               f"--output={tmp_path}", "--format=openvino"])  # fmt: skip
+    code = export_cli().main(
+        [
+            "--model=t2t_vit_7",
+            "--image_size=32",
+            "--classes=5",
+            f"--output={tmp_path}",
+            "--format=openvino",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0 and re.search(r"^openvino\s+3\.50 MiB  .*t2t_vit_7\.xml$", out, re.M), out
 
@@ -275,9 +292,16 @@ def test_export_cli_onnx_openvino_triton_and_batching(tmp_path, monkeypatch, cap
     # the golden models' architecture.
     register_tiny_releases(monkeypatch)
     out, name = tmp_path / "out", "t2t_tiny_performer"
-    code = export_cli().main([f"--model={name}", "--image_size=32", "--classes=5",
-                              f"--output={out}", "--format=saved_model,onnx,openvino",
-                              "--triton"])  # fmt: skip
+    code = export_cli().main(
+        [
+            f"--model={name}",
+            "--image_size=32",
+            "--classes=5",
+            f"--output={out}",
+            "--format=saved_model,onnx,openvino",
+            "--triton",
+        ]
+    )
     printed = capsys.readouterr()
     assert code == 0, printed.err[-3000:]
     for artifact in ("saved_model", "tf_serving_batching", "onnx", "triton", "openvino"):
@@ -285,16 +309,19 @@ def test_export_cli_onnx_openvino_triton_and_batching(tmp_path, monkeypatch, cap
     # The three engines give the same answers as the SavedModel's serving_default.
     images = _images(4, 32, seed=7)
     loaded = tf.saved_model.load(str(out / name / "1"))
-    expected = {k: v.numpy() for k, v in loaded.signatures["serving_default"](
-        images=tf.constant(images)).items()}  # fmt: skip
+    expected = {
+        k: v.numpy()
+        for k, v in loaded.signatures["serving_default"](images=tf.constant(images)).items()
+    }
     triton_onnx = out / "triton" / name / "1" / "model.onnx"
     for path in (out / f"{name}.onnx", triton_onnx):
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         got = _onnx(session, images)
         np.testing.assert_allclose(got["probabilities"], expected["probabilities"], atol=TOLERANCE)
         np.testing.assert_array_equal(got["classes"], expected["classes"])
-    compiled = ov.Core().compile_model(str(out / f"{name}_openvino" / f"{name}.xml"), "CPU",
-                                       {"INFERENCE_PRECISION_HINT": "f32"})  # fmt: skip
+    compiled = ov.Core().compile_model(
+        str(out / f"{name}_openvino" / f"{name}.xml"), "CPU", {"INFERENCE_PRECISION_HINT": "f32"}
+    )
     got = _openvino(compiled, images)
     np.testing.assert_allclose(got["probabilities"], expected["probabilities"], atol=TOLERANCE)
     # Triton's config names what the ONNX model takes and gives.
@@ -313,6 +340,9 @@ def test_export_cli_onnx_openvino_triton_and_batching(tmp_path, monkeypatch, cap
     allowed = [int(v) for v in re.findall(r"^allowed_batch_sizes: (\d+)$", text, re.M)]
     assert len(wrapped) + len(allowed) == len(text.strip().splitlines())
     assert set(wrapped) == {
-        "max_batch_size", "batch_timeout_micros", "max_enqueued_batches", "num_batch_threads",
-    }  # fmt: skip
+        "max_batch_size",
+        "batch_timeout_micros",
+        "max_enqueued_batches",
+        "num_batch_threads",
+    }
     assert int(wrapped["max_batch_size"]) == allowed[-1] == 32 and allowed == sorted(allowed)

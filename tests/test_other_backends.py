@@ -33,11 +33,13 @@ def test_the_portable_tests_pass_under_jax_and_torch(tmp_path):
         if backend == "jax":  # two CPU devices, for the DataParallel test
             env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
         processes[backend] = subprocess.Popen(
-            [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
-             str(PORTABLE)],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", str(PORTABLE)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
             cwd=PORTABLE.parent.parent,
-        )  # fmt: skip
+        )
     outputs = {}
     try:
         for backend, process in processes.items():

@@ -27,20 +27,35 @@ LAYER_CASES = [
     (layers.Mlp, dict(hidden_units=12, output_units=6, dropout_rate=0.1), (2, 5, 8), 4, 0),
     (layers.TokenPerformer, dict(token_dim=16, dropout_rate=0.1), (2, 16, 27), 12, 1),
     (layers.TokenTransformer, dict(token_dim=16, mlp_ratio=1.0), (2, 16, 27), 11, 0),
-    (layers.T2TModule, dict(tokens_type="performer", embed_dim=32, token_dim=16),
-     (2, 32, 32, 3), 26, 2),
-    (layers.T2TModule, dict(tokens_type="transformer", embed_dim=32, token_dim=16),
-     (2, 32, 32, 3), 24, 0),
+    (
+        layers.T2TModule,
+        dict(tokens_type="performer", embed_dim=32, token_dim=16),
+        (2, 32, 32, 3),
+        26,
+        2,
+    ),
+    (
+        layers.T2TModule,
+        dict(tokens_type="transformer", embed_dim=32, token_dim=16),
+        (2, 32, 32, 3),
+        24,
+        0,
+    ),
     (layers.MultiHeadSelfAttention, dict(num_heads=2, qkv_bias=True), (2, 5, 8), 4, 0),
     (layers.StochasticDepth, dict(rate=0.2, seed=3), (2, 5, 8), 0, 0),
-    (layers.TransformerBlock, dict(num_heads=2, mlp_ratio=3.0, drop_path_rate=0.1),
-     (2, 5, 8), 11, 0),
+    (
+        layers.TransformerBlock,
+        dict(num_heads=2, mlp_ratio=3.0, drop_path_rate=0.1),
+        (2, 5, 8),
+        11,
+        0,
+    ),
     (layers.ClassToken, {}, (2, 5, 8), 1, 0),
     (layers.PositionEmbedding, {}, (2, 5, 8), 0, 1),
     (layers.LayerNorm, dict(epsilon=1e-5), (2, 5, 8), 2, 0),
     (TokenPooling, dict(mode="avg"), (2, 5, 8), 0, 0),
     (TokenPatches, {}, (2, 5, 8), 0, 0),
-]  # fmt: skip
+]
 
 
 class KerasLayerHarness(TestCase):
@@ -90,9 +105,13 @@ GOLDEN_PERFORMER = _golden("t2t_tiny_performer")
 
 def _golden_model(golden, **kwargs):
     return keras_t2t.T2TViT(
-        **TINY_ARCH, tokens_type=golden["tokens_type"], include_preprocessing=False,
-        classifier_activation=None, weights=golden["checkpoint"], **kwargs,
-    )  # fmt: skip
+        **TINY_ARCH,
+        tokens_type=golden["tokens_type"],
+        include_preprocessing=False,
+        classifier_activation=None,
+        weights=golden["checkpoint"],
+        **kwargs,
+    )
 
 
 def test_golden_logits_through_weights(golden):
@@ -199,9 +218,12 @@ for module in ("keras_t2t.export", "training.trainer"):
 def test_no_tensorflow_imported_and_the_tf_programs_say_so():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     result = subprocess.run(
-        [sys.executable, "-c", NOT_TENSORFLOW], capture_output=True, text=True, timeout=300,
+        [sys.executable, "-c", NOT_TENSORFLOW],
+        capture_output=True,
+        text=True,
+        timeout=300,
         cwd=root,
-    )  # fmt: skip
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "TF MODULES []" in result.stdout, result.stdout[-3000:]
     for module in ("keras_t2t.export", "training.trainer"):  # TensorFlow programs

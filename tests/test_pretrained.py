@@ -56,8 +56,11 @@ def test_release_table_is_the_official_list():
 
 
 def test_readme_model_table_agrees_with_the_releases():
-    rows = re.findall(r"^\| `(T2TViT\w+)` \| `(\w+)` \|.*\| ([\d.]+)(?: \(([\d.]+) at 384\))? \|$",
-                      (ROOT / "README.md").read_text(), re.M)  # fmt: skip
+    rows = re.findall(
+        r"^\| `(T2TViT\w+)` \| `(\w+)` \|.*\| ([\d.]+)(?: \(([\d.]+) at 384\))? \|$",
+        (ROOT / "README.md").read_text(),
+        re.M,
+    )
     assert len(rows) == 9
     for _, name, top1, top1_384 in rows:
         assert float(top1) == pretrained.find_release(name, "imagenet", 224).top1
@@ -119,9 +122,12 @@ def keras_home(tmp_path, monkeypatch):
 
 def load(name, **kwargs):
     return keras_t2t.create_model(
-        name, weights="imagenet", include_preprocessing=False, classifier_activation=None,
+        name,
+        weights="imagenet",
+        include_preprocessing=False,
+        classifier_activation=None,
         **kwargs,
-    )  # fmt: skip
+    )
 
 
 def test_imagenet_weights_from_a_mirror_then_from_the_cache(mirror, keras_home, monkeypatch):
@@ -302,9 +308,11 @@ def test_weights_build_exactly_one_model(mirror, keras_home, monkeypatch, tmp_pa
             weights = str(run)
         before = len(built)
         loaded[kind] = keras_t2t.create_model(
-            "t2t_tiny_performer", weights=weights, include_preprocessing=False,
+            "t2t_tiny_performer",
+            weights=weights,
+            include_preprocessing=False,
             classifier_activation=None,
-        )  # fmt: skip
+        )
         assert len(built) == before + 1, f"weights={kind} built {len(built) - before} models"
         np.testing.assert_allclose(np.asarray(loaded[kind](images)), io["logits"], atol=1e-4)
 
@@ -340,8 +348,11 @@ def test_imagenet_weights_without_torch_then_offline(mirror, tmp_path):
     # One process: from the mirror, then with no mirror (a closed port): from the cache.
     result = subprocess.run(
         [sys.executable, "-c", NO_TORCH, io, mirror[0], closed_port_url()],
-        env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     differences = re.findall(r"^max abs diff (\S+)$", result.stdout, re.M)
     assert len(differences) == 2, result.stdout

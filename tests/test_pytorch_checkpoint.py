@@ -147,8 +147,10 @@ def test_official_weights_and_the_converter_work_without_torch(tmp_path):
     result = subprocess.run(
         [sys.executable, "-c", NO_TORCH, str(dst)],
         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=f"{root}:{root / 'tests'}"),
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     differences = dict(re.findall(r"^(\w+) max abs diff (\S+)$", result.stdout, re.M))
     assert set(differences) == {"performer", "transformer"}, result.stdout

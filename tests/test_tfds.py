@@ -18,10 +18,12 @@ def tiny_tfds(tmp_path_factory):
     `tiny-{split}.tfrecord-0000i-of-00004` and their metadata."""
     folder = tmp_path_factory.mktemp("tfds") / "tiny" / "1.0.0"
     folder.mkdir(parents=True)
-    features = tfds.features.FeaturesDict({
-        "image": tfds.features.Image(shape=(None, None, 3)),
-        "label": tfds.features.ClassLabel(num_classes=4),
-    })  # fmt: skip
+    features = tfds.features.FeaturesDict(
+        {
+            "image": tfds.features.Image(shape=(None, None, 3)),
+            "label": tfds.features.ClassLabel(num_classes=4),
+        }
+    )
     rng = np.random.default_rng(0)
     index = 0
     for split in ("train", "validation"):
@@ -67,9 +69,14 @@ def test_each_pipeline_reads_only_its_own_files(tiny_tfds):
     counts = []
     for i in range(2):
         dataset = data.eval_dataset(
-            source, 4, 32, 4, label_offset=0, input_context=tf.distribute.InputContext(2, i, 2),
+            source,
+            4,
+            32,
+            4,
+            label_offset=0,
+            input_context=tf.distribute.InputContext(2, i, 2),
             num_batches=batches,
-        )  # fmt: skip
+        )
         masks = [mask for _, _, mask in dataset.as_numpy_iterator()]
         assert len(masks) == batches
         counts.append(int(np.sum(masks)))
@@ -79,9 +86,15 @@ def test_each_pipeline_reads_only_its_own_files(tiny_tfds):
 def test_training_batches_from_tfds_crop_the_encoded_images(tiny_tfds):
     source = data.TFDSSource("train", builder=tiny_tfds)
     dataset = data.train_dataset(
-        source, 6, 32, 4, data.Augmentation.none(), label_offset=0, seed=1,
+        source,
+        6,
+        32,
+        4,
+        data.Augmentation.none(),
+        label_offset=0,
+        seed=1,
         input_context=tf.distribute.InputContext(2, 1, 2),
-    )  # fmt: skip
+    )
     images, targets = next(iter(dataset))
     assert images.shape == (6, 32, 32, 3) and targets.shape == (6, 4)
     assert float(tf.reduce_min(images)) >= 0 and float(tf.reduce_max(images)) <= 255
@@ -109,11 +122,23 @@ def test_a_run_on_tfds_evaluates_every_example(tiny_tfds, tmp_path, monkeypatch)
 
     monkeypatch.setattr(trainer.Trainer, "_build_train_loop", read_batches_only)
     config = Config(
-        model="t2t_vit_7", data_source="tfds", data_dir="somewhere", model_dir=str(tmp_path),
-        image_size=32, num_classes=4, batch_size=4, epochs=1, warmup_epochs=0, cooldown_epochs=0,
-        steps_per_epoch=2, steps_per_loop=2, drop_path_rate=0.0, jit_compile=False,
-        eval_batch_size=4, aug=data.Augmentation.none(),
-    )  # fmt: skip
+        model="t2t_vit_7",
+        data_source="tfds",
+        data_dir="somewhere",
+        model_dir=str(tmp_path),
+        image_size=32,
+        num_classes=4,
+        batch_size=4,
+        epochs=1,
+        warmup_epochs=0,
+        cooldown_epochs=0,
+        steps_per_epoch=2,
+        steps_per_loop=2,
+        drop_path_rate=0.0,
+        jit_compile=False,
+        eval_batch_size=4,
+        aug=data.Augmentation.none(),
+    )
     results = trainer.Trainer(config).run()
     assert opened == {"train": "somewhere", "validation": "somewhere"}
     assert results["examples"] == sum(SHARDS) and results["step"] == 2

@@ -67,8 +67,9 @@ def test_a_few_steps_with_xla_and_the_full_augmentation(two_checkpoints):
     assert resolved["jit_compile"] is True and resolved["aug"]["random_erasing"] == 0.25
     assert resolved["learning_rate"] == 1e-3 and resolved["weight_decay"] == 0.03  # recipe (7)
     assert sorted(p.name for p in (run / "checkpoints").glob("ckpt-*.index")) == [
-        "ckpt-3.index", "ckpt-6.index",
-    ]  # fmt: skip
+        "ckpt-3.index",
+        "ckpt-6.index",
+    ]
     assert list((run / "train").glob("events.out.tfevents.*"))
     assert list((run / "eval").glob("events.out.tfevents.*"))
 
@@ -127,12 +128,16 @@ def _start_workers(config, out_dir, count=2):
             ENV,
             TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}),
         )
-        command = [
-            sys.executable, str(WORKER), json.dumps(config), str(out_dir / f"w{index}.npz")
-        ]  # fmt: skip
-        processes.append(subprocess.Popen(
-            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        ))  # fmt: skip
+        command = [sys.executable, str(WORKER), json.dumps(config), str(out_dir / f"w{index}.npz")]
+        processes.append(
+            subprocess.Popen(
+                command,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     return processes
 
 
@@ -151,10 +156,17 @@ def test_sigterm_to_one_worker_stops_both_then_both_resume_from_the_chiefs_check
 ):
     # --checkpoint_every=2: the chief's first checkpoint (step 2) says training is under way.
     config = tiny_config(
-        tiny_records, tmp_path / "run", strategy="multi_worker", seed=5, epochs=1,
-        steps_per_epoch=60, steps_per_loop=1, warmup_epochs=0, checkpoint_every="2",
+        tiny_records,
+        tmp_path / "run",
+        strategy="multi_worker",
+        seed=5,
+        epochs=1,
+        steps_per_epoch=60,
+        steps_per_loop=1,
+        warmup_epochs=0,
+        checkpoint_every="2",
         aug=dict(mixup_alpha=0.8, cutmix_alpha=1.0, randaugment_ops=2),
-    )  # fmt: skip
+    )
     processes = _start_workers(config, tmp_path)
     try:
         _wait_for_checkpoint(tmp_path / "run", processes[0])
@@ -198,12 +210,25 @@ def test_sigterm_to_one_worker_stops_both_then_both_resume_from_the_chiefs_check
 
 def _cli(args, model_dir, data_dir):
     return [
-        sys.executable, str(TRAIN), f"--data_dir={data_dir}", f"--model_dir={model_dir}",
-        "--model=t2t_vit_7", "--image_size=32", "--num_classes=4", "--batch_size=8",
-        "--steps_per_epoch=4", "--steps_per_loop=2", "--warmup_epochs=1", "--cooldown_epochs=0",
-        "--eval_batch_size=8", "--nojit_compile", "--randaugment_ops=0", "--mixup=0",
-        "--cutmix=0", *args,
-    ]  # fmt: skip
+        sys.executable,
+        str(TRAIN),
+        f"--data_dir={data_dir}",
+        f"--model_dir={model_dir}",
+        "--model=t2t_vit_7",
+        "--image_size=32",
+        "--num_classes=4",
+        "--batch_size=8",
+        "--steps_per_epoch=4",
+        "--steps_per_loop=2",
+        "--warmup_epochs=1",
+        "--cooldown_epochs=0",
+        "--eval_batch_size=8",
+        "--nojit_compile",
+        "--randaugment_ops=0",
+        "--mixup=0",
+        "--cutmix=0",
+        *args,
+    ]
 
 
 def _wait_for_checkpoint(model_dir, process, timeout=180):
@@ -295,8 +320,19 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(
     shutil.copytree(two_checkpoints, tmp_path, dirs_exist_ok=True)  # ckpt-6
     flags = train_imagenet.FLAGS
     try:  # resumed at step 6, it diverges in the next loop
-        flags(_cli(["--epochs=4", "--mode=train", "--learning_rate=1e30", "--warmup_epochs=0",
-                    "--steps_per_epoch=3"], tmp_path, tiny_records)[1:])  # fmt: skip
+        flags(
+            _cli(
+                [
+                    "--epochs=4",
+                    "--mode=train",
+                    "--learning_rate=1e30",
+                    "--warmup_epochs=0",
+                    "--steps_per_epoch=3",
+                ],
+                tmp_path,
+                tiny_records,
+            )[1:]
+        )
         assert train_imagenet.main([]) == 2
     finally:
         flags.unparse_flags()
@@ -389,14 +425,22 @@ def test_cli_reports_errors_without_a_traceback(tmp_path, capsys):
 
 
 PAPER = dict(  # the released weights' recipe (docs/training.md, "Training recipe")
-    epochs=310, warmup_epochs=5, cooldown_epochs=10, warmup_lr=1e-6, min_lr=1e-5,
-    drop_path_rate=0.1, ema_decay=0.99996,
-)  # fmt: skip
+    epochs=310,
+    warmup_epochs=5,
+    cooldown_epochs=10,
+    warmup_lr=1e-6,
+    min_lr=1e-5,
+    drop_path_rate=0.1,
+    ema_decay=0.99996,
+)
 
 
 def test_recipe_defaults():
-    for model, lr, wd in [("t2t_vit_14", 5e-4, 0.05), ("t2t_vit_t_24", 5e-4, 0.065),
-                          ("t2t_vit_12", 1e-3, 0.03)]:  # fmt: skip
+    for model, lr, wd in [
+        ("t2t_vit_14", 5e-4, 0.05),
+        ("t2t_vit_t_24", 5e-4, 0.065),
+        ("t2t_vit_12", 1e-3, 0.03),
+    ]:
         values = recipe(model)
         assert values["learning_rate"] == lr and values["weight_decay"] == wd
         assert {k: values[k] for k in PAPER} == PAPER
@@ -436,9 +480,19 @@ def test_weight_decay_exclusions(tmp_path):
 
 
 def test_schedule_warmup_cosine_cooldown(tmp_path):
-    config = resolve(Config(**tiny_config(
-        str(tmp_path), tmp_path, epochs=10, warmup_epochs=2, cooldown_epochs=3,
-        learning_rate=1e-3, batch_size=512)))  # fmt: skip
+    config = resolve(
+        Config(
+            **tiny_config(
+                str(tmp_path),
+                tmp_path,
+                epochs=10,
+                warmup_epochs=2,
+                cooldown_epochs=3,
+                learning_rate=1e-3,
+                batch_size=512,
+            )
+        )
+    )
     _, schedule = optim.build_optimizer(config, 100, trainer.build_model(config))
     assert float(schedule(0)) == pytest.approx(1e-6)
     assert float(schedule(200)) == pytest.approx(1e-3, rel=1e-4)  # peak after warmup
@@ -567,8 +621,10 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous(
         assert kept == corrupted and kept != before  # renamed aside, never deleted or overwritten
     assert _latest_step(tmp_path) == 9  # it trained to the end
     assert sorted(p.name for p in checkpoints.glob("ckpt-*.index")) == [
-        "ckpt-3.index", "ckpt-6.index", "ckpt-9.index",
-    ]  # fmt: skip
+        "ckpt-3.index",
+        "ckpt-6.index",
+        "ckpt-9.index",
+    ]
 
 
 def test_no_readable_checkpoint_starts_anew(
@@ -600,28 +656,61 @@ def _unavailable(path):
         (tf.errors.DataLossError(None, None, "corrupted record at 12"), "corrupt"),
         (IndexError("Read less bytes than requested"), "corrupt"),  # truncated (OUT_OF_RANGE)
         # What TF's checkpoint reader raises for bad bytes: an OpError (UNKNOWN) that says so.
-        (tf.errors.OpError(None, None, "TensorBundle at r/ckpt-6 shard 0 (360000 bytes): "
-                           "Checksum does not match: stored 4044512794 vs. calculated", 2),
-         "corrupt"),
-        (tf.errors.OpError(None, None, "Unable to read file (r/ckpt-6.index). Perhaps the file "
-                           "is corrupt (failed to seek): block checksum mismatch", 2), "corrupt"),
-        (tf.errors.OpError(None, None, "/runs/503_timeout/checkpoints/ckpt-6.data-00000-of-00001"
-                           "; No such file or directory", 2), "corrupt"),  # the path tells nothing
+        (
+            tf.errors.OpError(
+                None,
+                None,
+                "TensorBundle at r/ckpt-6 shard 0 (360000 bytes): "
+                "Checksum does not match: stored 4044512794 vs. calculated",
+                2,
+            ),
+            "corrupt",
+        ),
+        (
+            tf.errors.OpError(
+                None,
+                None,
+                "Unable to read file (r/ckpt-6.index). Perhaps the file "
+                "is corrupt (failed to seek): block checksum mismatch",
+                2,
+            ),
+            "corrupt",
+        ),
+        (
+            tf.errors.OpError(
+                None,
+                None,
+                "/runs/503_timeout/checkpoints/ckpt-6.data-00000-of-00001"
+                "; No such file or directory",
+                2,
+            ),
+            "corrupt",
+        ),  # the path tells nothing
         (tf.errors.UnavailableError(None, None, "503"), "transient"),
         (tf.errors.DeadlineExceededError(None, None, "deadline"), "transient"),
         (tf.errors.ResourceExhaustedError(None, None, "429 rate limit"), "transient"),
         (tf.errors.AbortedError(None, None, "aborted"), "transient"),
-        (tf.errors.OpError(None, None, "Error executing an HTTP request: HTTP response code 503",
-                           2), "transient"),
+        (
+            tf.errors.OpError(
+                None, None, "Error executing an HTTP request: HTTP response code 503", 2
+            ),
+            "transient",
+        ),
         (tf.errors.OpError(None, None, "something never seen before", 2), "transient"),
         (tf.errors.PermissionDeniedError(None, None, "denied"), "fatal"),
         (PermissionError(13, "Permission denied"), "fatal"),
         # The reader calls every failed open "DataLoss: Unable to open table file", whatever
         # the cause.
-        (tf.errors.DataLossError(None, None, "Unable to open table file gs://b/r/ckpt-6: "
-                                 "PERMISSION_DENIED: Permission denied"), "fatal"),
+        (
+            tf.errors.DataLossError(
+                None,
+                None,
+                "Unable to open table file gs://b/r/ckpt-6: PERMISSION_DENIED: Permission denied",
+            ),
+            "fatal",
+        ),
     ],
-)  # fmt: skip
+)
 def test_checkpoint_read_errors_are_classified(error, kind):
     path = "/runs/503_timeout/checkpoints/ckpt-6"
     assert checkpoints_lib.classify_checkpoint_error(error, path) == kind
@@ -654,10 +743,23 @@ def test_a_storage_error_while_restoring_sets_nothing_aside(
     failures["ckpt-6"] = [_unavailable("ckpt-6"), 99]
     flags = train_imagenet.FLAGS
     try:
-        flags(["train_imagenet.py", f"--data_dir={tiny_records}", f"--model_dir={tmp_path}",
-               "--model=t2t_vit_7", "--image_size=32", "--num_classes=4", "--batch_size=8",
-               "--steps_per_epoch=3", "--eval_batch_size=8", "--nojit_compile", "--epochs=1",
-               "--warmup_epochs=0", "--mode=train"])  # fmt: skip
+        flags(
+            [
+                "train_imagenet.py",
+                f"--data_dir={tiny_records}",
+                f"--model_dir={tmp_path}",
+                "--model=t2t_vit_7",
+                "--image_size=32",
+                "--num_classes=4",
+                "--batch_size=8",
+                "--steps_per_epoch=3",
+                "--eval_batch_size=8",
+                "--nojit_compile",
+                "--epochs=1",
+                "--warmup_epochs=0",
+                "--mode=train",
+            ]
+        )
         assert train_imagenet.main([]) == 2
     finally:
         flags.unparse_flags()
@@ -665,8 +767,9 @@ def test_a_storage_error_while_restoring_sets_nothing_aside(
     assert re.search(
         r"error: Reading the checkpoint \S+ckpt-6 failed 4 times \(UnavailableError: simulated: "
         r"503 .*not a corrupt checkpoint: no checkpoint was renamed or deleted, and config.json "
-        r"is unchanged", error
-    ), error  # fmt: skip
+        r"is unchanged",
+        error,
+    ), error
     assert calls == ["ckpt-6"] * 4 and waits == [0.25, 0.5, 1.0]
     assert _files(tmp_path) == before  # nothing renamed, rewritten or trained from scratch
 
@@ -696,8 +799,9 @@ def test_a_storage_error_while_restoring_sets_nothing_aside(
         run.restore()
     checkpoints = tmp_path / "checkpoints"
     assert sorted(p.name for p in checkpoints.glob("corrupt-*")) == [
-        "corrupt-ckpt-6.data-00000-of-00001", "corrupt-ckpt-6.index",
-    ]  # fmt: skip
+        "corrupt-ckpt-6.data-00000-of-00001",
+        "corrupt-ckpt-6.index",
+    ]
     after = _files(tmp_path)
     assert {k: v for k, v in after.items() if "ckpt-6" not in k} == {
         k: v for k, v in before.items() if "ckpt-6" not in k
@@ -939,13 +1043,25 @@ def test_a_rebuild_replaces_the_old_shards(tmp_path, capsys):
     photos = _photo_folder(tmp_path / "photos")
     out = tmp_path / "records"
     assert _build(capsys, f"--input_dir={photos}", f"--output_dir={out}", "--num_shards=3")[0] == 0
-    assert _build(capsys, f"--input_dir={photos}", f"--output_dir={out}", "--split=validation",
-                  "--num_shards=1")[0] == 0  # fmt: skip
+    assert (
+        _build(
+            capsys,
+            f"--input_dir={photos}",
+            f"--output_dir={out}",
+            "--split=validation",
+            "--num_shards=1",
+        )[0]
+        == 0
+    )
     assert _build(capsys, f"--input_dir={photos}", f"--output_dir={out}", "--num_shards=2")[0] == 0
     assert sorted(p.name for p in out.iterdir()) == [
-        "labels.txt", "manifest-train.json", "manifest-validation.json",
-        "train-00000-of-00002", "train-00001-of-00002", "validation-00000-of-00001",
-    ]  # fmt: skip
+        "labels.txt",
+        "manifest-train.json",
+        "manifest-validation.json",
+        "train-00000-of-00002",
+        "train-00001-of-00002",
+        "validation-00000-of-00001",
+    ]
     assert sum(data.check_shards(data.list_files(str(out), "train"), "train", 2).values()) == 6
 
 
@@ -1018,8 +1134,16 @@ def test_flags_take_their_defaults_from_the_recipe(tmp_path):
 
     flags = train_imagenet.FLAGS
     try:
-        flags(["train_imagenet.py", f"--data_dir={tmp_path}", "--recipe=finetune", "--mixup=0.2",
-               "--model=t2t_vit_7", "--epochs=7"])  # fmt: skip
+        flags(
+            [
+                "train_imagenet.py",
+                f"--data_dir={tmp_path}",
+                "--recipe=finetune",
+                "--mixup=0.2",
+                "--model=t2t_vit_7",
+                "--epochs=7",
+            ]
+        )
         config = resolve(train_imagenet.config_from_flags())
     finally:
         flags.unparse_flags()
@@ -1070,11 +1194,17 @@ def test_checkpoint_every_steps_and_a_failed_save_after_sigterm(
     _count_steps_only(monkeypatch)
     config = Config(
         **tiny_config(
-            tiny_records, tmp_path, mode="train", epochs=1, warmup_epochs=0, steps_per_epoch=7,
-            steps_per_loop=1, checkpoint_every="2",
+            tiny_records,
+            tmp_path,
+            mode="train",
+            epochs=1,
+            warmup_epochs=0,
+            steps_per_epoch=7,
+            steps_per_loop=1,
+            checkpoint_every="2",
         ),
         aug=data.Augmentation.none(),
-    )  # fmt: skip
+    )
     run = trainer.Trainer(config)
     caplog.set_level("INFO", logger="keras_t2t.training")
     run.run()
@@ -1091,8 +1221,9 @@ def test_checkpoint_every_steps_and_a_failed_save_after_sigterm(
     assert _latest_step(tmp_path) == 7
     assert re.search(
         r"checkpoint at step 9 could not be saved \(UnavailableError: Socket closed\); the last "
-        r"good one, \S+ckpt-7, is kept", caplog.text
-    )  # fmt: skip
+        r"good one, \S+ckpt-7, is kept",
+        caplog.text,
+    )
 
 
 @pytest.mark.parametrize("during", ["evaluation", "export"])
@@ -1186,7 +1317,7 @@ def test_a_tpu_pod_refuses_paths_on_the_local_disk(tmp_path):
         ("evaluate", ["--batch_size=0"], "--batch_size must be >= 1, received 0"),
         ("evaluate", ["--crop_pct=0"], r"--crop_pct must be in \(0, 1\], received 0.0"),
     ],
-)  # fmt: skip
+)
 def test_flag_values_are_checked_first(tmp_path, monkeypatch, capsys, script, args, match):
     """Each is refused with rc 2 and one line, before any data is read or built (the
     embedded digits included) and before the model_dir is made."""

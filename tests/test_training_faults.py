@@ -44,12 +44,25 @@ def _train(records, model_dir, capsys, *args):
 
     flags = train_imagenet.FLAGS
     try:
-        flags([
-            "train_imagenet.py", f"--data_dir={records}", f"--model_dir={model_dir}",
-            "--model=t2t_vit_7", "--image_size=32", "--num_classes=4", "--batch_size=8",
-            "--warmup_epochs=0", "--steps_per_epoch=2", "--steps_per_loop=2", "--mode=train",
-            "--recipe=finetune", "--nojit_compile", "--checkpoint_every=0", *args,
-        ])  # fmt: skip
+        flags(
+            [
+                "train_imagenet.py",
+                f"--data_dir={records}",
+                f"--model_dir={model_dir}",
+                "--model=t2t_vit_7",
+                "--image_size=32",
+                "--num_classes=4",
+                "--batch_size=8",
+                "--warmup_epochs=0",
+                "--steps_per_epoch=2",
+                "--steps_per_loop=2",
+                "--mode=train",
+                "--recipe=finetune",
+                "--nojit_compile",
+                "--checkpoint_every=0",
+                *args,
+            ]
+        )
         code = train_imagenet.main([])
     finally:
         flags.unparse_flags()
@@ -132,11 +145,12 @@ def test_a_shard_deleted_during_the_run_is_a_clear_error(records, tmp_path, monk
 
     # The eager form of the error (node names in {{...}}, the op after it) reads the same.
     eager = tf.errors.NotFoundError(
-        None, None,
+        None,
+        None,
         "{{function_node __wrapped__IteratorGetNext_output_types_2_device_/job:localhost/"
         "replica:0/task:0/device:CPU:0}} /data/train-00001-of-00002; No such file or "
         "directory [Op:IteratorGetNext] name: ",
-    )  # fmt: skip
+    )
     assert is_data_error(eager)
     assert unreadable_data_message(eager, "validation", "Then.") == (
         "Cannot read the validation TFRecords: /data/train-00001-of-00002; No such file or "
@@ -150,10 +164,11 @@ def test_a_shard_deleted_during_the_run_is_a_clear_error(records, tmp_path, monk
 
 def _disk_full(op, path):
     return tf.errors.ResourceExhaustedError(
-        None, None,
+        None,
+        None,
         f"{{{{function_node __wrapped__{op}_device_/job:localhost/replica:0/task:0/device:CPU:0}}}}"
         f" {path}; No space left on device [Op:{op}]",
-    )  # fmt: skip
+    )
 
 
 def test_a_full_disk_while_saving_a_checkpoint(records, tmp_path, monkeypatch, capsys):
@@ -211,15 +226,28 @@ def test_a_full_disk_while_writing_the_weights_or_config_json(records, tmp_path,
     _count_steps_only(monkeypatch)
     run_dir = tmp_path / "run"
     config = Config(
-        model="t2t_vit_7", data_dir=str(records), model_dir=str(run_dir), image_size=32,
-        num_classes=4, batch_size=8, epochs=1, warmup_epochs=0, steps_per_epoch=2,
-        steps_per_loop=2, mode="train", jit_compile=False, checkpoint_every="0",
+        model="t2t_vit_7",
+        data_dir=str(records),
+        model_dir=str(run_dir),
+        image_size=32,
+        num_classes=4,
+        batch_size=8,
+        epochs=1,
+        warmup_epochs=0,
+        steps_per_epoch=2,
+        steps_per_loop=2,
+        mode="train",
+        jit_compile=False,
+        checkpoint_every="0",
         aug=data.Augmentation.none(),
-    )  # fmt: skip
+    )
     run = trainer.Trainer(config)
     run.run()  # ckpt-2, the weights and config.json
-    before = {name: (run_dir / name).read_bytes() for name in os.listdir(run_dir)
-              if name.endswith((".weights.h5", ".json"))}  # fmt: skip
+    before = {
+        name: (run_dir / name).read_bytes()
+        for name in os.listdir(run_dir)
+        if name.endswith((".weights.h5", ".json"))
+    }
     assert {"model.weights.h5", "model_ema.weights.h5", "config.json"} <= set(before)
 
     def save_half_then_fail(self, filepath, *args, **kwargs):
@@ -288,7 +316,8 @@ def test_the_label_out_of_range_message_is_one_clean_sentence(graph):
     )
     # As a training loop's step raised it (red team 2026-12, F19).
     review = tf.errors.InvalidArgumentError(
-        None, None,
+        None,
+        None,
         "Graph execution error:\n\nDetected at node assert_less/Assert/Assert defined at (most "
         "recent call last):\n<stack traces unavailable>\nError in user-defined function passed "
         "to MapDataset:1 transformation with iterator: Iterator::Root::ParallelMapV2: assertion "
@@ -296,7 +325,7 @@ def test_the_label_out_of_range_message_is_one_clean_sentence(graph):
         "1); check --num_classes and --label_offset] [Condition x < y did not hold "
         "element-wise:] [x (sub:0) = ] [2] [y (assert_less/y:0) = ] [2]\n\t [[{{node "
         "assert_less/Assert/Assert}}]]\n\t [[while/IteratorGetNext]] [Op:__inference_loop_45]",
-    )  # fmt: skip
+    )
     assert is_data_error(review)
     assert data_error_message(review) == too_large
     negative = data_error_message(_label_error(0, 2, 1, graph))

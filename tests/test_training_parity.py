@@ -55,9 +55,11 @@ def _soft_targets(classes):
 
 def _keras_model(golden):
     return tiny_model(
-        golden["tokens_type"], weights=golden["checkpoint"], include_preprocessing=False,
+        golden["tokens_type"],
+        weights=golden["checkpoint"],
+        include_preprocessing=False,
         classifier_activation=None,
-    )  # fmt: skip
+    )
 
 
 def test_label_smoothing_is_timms():
@@ -89,8 +91,9 @@ def test_loss_and_every_gradient_equal_the_official(golden):
     grads = tape.gradient(loss, model.trainable_variables)
     assert float(loss) == pytest.approx(float(official_loss), rel=1e-5)
     trainable = {v.path for v in model.trainable_variables}
-    assert trainable == {weights_lib._keras_path(k)[0] for k, p in parameters.items()
-                         if p.requires_grad}  # fmt: skip
+    assert trainable == {
+        weights_lib._keras_path(k)[0] for k, p in parameters.items() if p.requires_grad
+    }
     for variable, grad in zip(model.trainable_variables, grads):
         reference_grad = expected[variable.path]
         scale = np.abs(reference_grad).max()
@@ -100,9 +103,16 @@ def test_loss_and_every_gradient_equal_the_official(golden):
 
 def _adamw_config():
     return Config(
-        batch_size=512, learning_rate=1e-3, weight_decay=0.05, epochs=10, warmup_epochs=0,
-        cooldown_epochs=0, warmup_lr=1e-6, min_lr=1e-5, mixed_precision="float32",
-    )  # fmt: skip
+        batch_size=512,
+        learning_rate=1e-3,
+        weight_decay=0.05,
+        epochs=10,
+        warmup_epochs=0,
+        cooldown_epochs=0,
+        warmup_lr=1e-6,
+        min_lr=1e-5,
+        mixed_precision="float32",
+    )
 
 
 def test_adamw_steps_equal_torch_with_the_official_parameter_groups(golden):
@@ -113,8 +123,10 @@ def test_adamw_steps_equal_torch_with_the_official_parameter_groups(golden):
     config = _adamw_config()
     official = torch.optim.AdamW(
         [dict(params=no_decay, weight_decay=0.0), dict(params=decay, weight_decay=0.05)],
-        lr=config.learning_rate, betas=(0.9, 0.999), eps=1e-8,
-    )  # fmt: skip
+        lr=config.learning_rate,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+    )
     model = _keras_model(golden)
     optimizer, schedule = optim.build_optimizer(config, 100, model)
     variables = {v.path: v for v in model.trainable_variables}
@@ -174,8 +186,12 @@ def test_initialization_is_the_officials():
     tails included (4.55% of draws beyond 2 std); LayerNorm 1 and 0, biases 0."""
     model = keras_t2t.T2TViT14(input_shape=(32, 32, 3), classes=1000)
     values = {v.path: v.numpy() for v in model.weights}
-    for path in ("blocks_0/attn/qkv/kernel", "blocks_3/mlp/fc1/kernel", "head/kernel",
-                 "tokens_to_token/attention2/kqv/kernel"):  # fmt: skip
+    for path in (
+        "blocks_0/attn/qkv/kernel",
+        "blocks_3/mlp/fc1/kernel",
+        "head/kernel",
+        "tokens_to_token/attention2/kqv/kernel",
+    ):
         kernel = values[path].ravel()
         assert np.std(kernel) == pytest.approx(0.02, rel=0.03), path
         assert np.mean(np.abs(kernel) > 0.04) == pytest.approx(0.0455, abs=0.006), path

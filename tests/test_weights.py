@@ -107,9 +107,11 @@ def test_head_of_another_width_is_reported_by_shape(golden, caplog):
     """Same classes, another width: the message compares the kernels, not "10 classes, 10"."""
     with caplog.at_level(logging.WARNING, logger="keras_t2t"), pytest.raises(ValueError):
         keras_t2t.T2TViT(
-            tokens_type=golden["tokens_type"], **dict(TINY_ARCH, embed_dim=128),
-            weights=golden["checkpoint"], classes=10,
-        )  # fmt: skip
+            tokens_type=golden["tokens_type"],
+            **dict(TINY_ARCH, embed_dim=128),
+            weights=golden["checkpoint"],
+            classes=10,
+        )
     assert "its kernel is (64, 10), the model's (128, 10)" in caplog.text
     assert "10 classes, the model 10" not in caplog.text
 
@@ -139,10 +141,16 @@ def test_position_table_interpolated_at_another_size(golden, caplog):
 @pytest.mark.parametrize("old,new", [(14, 24), (24, 14), (7, 9), (4, 6), (6, 2), (1, 4)])
 def test_bicubic_resize_is_torchs(old, new):
     grid = np.random.default_rng(old * new).normal(size=(old, old, 5))
-    expected = torch.nn.functional.interpolate(
-        torch.tensor(grid).permute(2, 0, 1)[None], size=(new, new), mode="bicubic",
-        align_corners=False,
-    )[0].permute(1, 2, 0).numpy()  # fmt: skip
+    expected = (
+        torch.nn.functional.interpolate(
+            torch.tensor(grid).permute(2, 0, 1)[None],
+            size=(new, new),
+            mode="bicubic",
+            align_corners=False,
+        )[0]
+        .permute(1, 2, 0)
+        .numpy()
+    )
     np.testing.assert_allclose(weights_lib.bicubic_resize(grid, new), expected, atol=1e-12)
 
 
@@ -279,9 +287,16 @@ def _rewrite_dataset(path, name, **create):
             r"of another shape \(1\): cls_token/token: file \(1, 2, 64\), model \(1, 1, 64\)",
         ),
     ],
-    ids=["unallocated_huge", "compressed_huge", "pos_width", "pos_not_square", "head", "dtype",
-         "other_shape"],
-)  # fmt: skip
+    ids=[
+        "unallocated_huge",
+        "compressed_huge",
+        "pos_width",
+        "pos_not_square",
+        "head",
+        "dtype",
+        "other_shape",
+    ],
+)
 def test_crafted_weights_h5_is_refused_before_reading(tmp_path, name, create, match):
     path = str(tmp_path / "crafted.weights.h5")
     tiny_model(input_shape=(32, 32, 3)).save_weights(path)
@@ -309,15 +324,25 @@ def test_weights_h5_with_data_outside_the_file_is_refused(tmp_path, monkeypatch,
     if where == "external_file":
         outside = tmp_path / "outside.bin"
         outside.write_bytes(table.tobytes())
-        _rewrite_dataset(path, POS, shape=table.shape, dtype="float32",
-                         external=[(str(outside), 0, table.nbytes)])  # fmt: skip
+        _rewrite_dataset(
+            path,
+            POS,
+            shape=table.shape,
+            dtype="float32",
+            external=[(str(outside), 0, table.nbytes)],
+        )
         match = "not stored whole in the file: its data is in external files"
     elif where == "external_dev_zero":
         # A 48 x 48 grid (768 px, 590 KB declared) on /dev/zero: not the 32 GiB of the report,
         # and the file (1.2 MB) could hold it; its bytes are elsewhere all the same.
         shape = (1, 1 + 48 * 48, 64)
-        _rewrite_dataset(path, POS, shape=shape, dtype="float32",
-                         external=[("/dev/zero", 0, int(np.prod(shape)) * 4)])  # fmt: skip
+        _rewrite_dataset(
+            path,
+            POS,
+            shape=shape,
+            dtype="float32",
+            external=[("/dev/zero", 0, int(np.prod(shape)) * 4)],
+        )
         match = "not stored whole in the file: its data is in external files"
     elif where == "virtual":
         source = str(tmp_path / "source.h5")

@@ -94,22 +94,31 @@ CORRUPT, TRANSIENT, FATAL = "corrupt", "transient", "fatal"
 RESTORE_RETRY_DELAYS = (1.0, 2.0, 4.0, 8.0)
 _sleep = time.sleep  # (tests make the waits instant)
 _TRANSIENT_TYPES = (
-    tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
-    tf.errors.ResourceExhaustedError, tf.errors.AbortedError, tf.errors.CancelledError,
+    tf.errors.UnavailableError,
+    tf.errors.DeadlineExceededError,
+    tf.errors.ResourceExhaustedError,
+    tf.errors.AbortedError,
+    tf.errors.CancelledError,
     tf.errors.InternalError,
-)  # fmt: skip
+)
 _PERMISSION_TYPES = (tf.errors.PermissionDeniedError, tf.errors.UnauthenticatedError)
 # Not corruption, and trying again does not help: "is a directory", a data type or layout
 # that this TensorFlow cannot read (a newer writer), ...
 _FATAL_TYPES = (
-    *_PERMISSION_TYPES, tf.errors.FailedPreconditionError, tf.errors.UnimplementedError,
+    *_PERMISSION_TYPES,
+    tf.errors.FailedPreconditionError,
+    tf.errors.UnimplementedError,
     tf.errors.AlreadyExistsError,
-)  # fmt: skip
+)
 # The error types that say the bytes are bad (when the message says nothing else).
 _CORRUPT_TYPES = (
-    tf.errors.DataLossError, tf.errors.OutOfRangeError, tf.errors.NotFoundError,
-    tf.errors.InvalidArgumentError, IndexError, ValueError,
-)  # fmt: skip
+    tf.errors.DataLossError,
+    tf.errors.OutOfRangeError,
+    tf.errors.NotFoundError,
+    tf.errors.InvalidArgumentError,
+    IndexError,
+    ValueError,
+)
 # What the reader says of bad bytes, whatever the error's type.
 _CORRUPT_TEXT = re.compile(
     r"checksum does not match|checksum mismatch|bad magic number|too short to be an sstable|"
@@ -232,15 +241,19 @@ def restore_newest(checkpoint, directory, chief):
         ):
             logger.warning(
                 "The checkpoint state in %s names %s, whose files are missing; skipping it.",
-                directory, path,
-            )  # fmt: skip
+                directory,
+                path,
+            )
             continue
         # Every tensor is read (and its checksum checked) before anything is restored: a
         # restore that fails halfway leaves deferred restorations in the live objects.
         corrupt = _read_with_retries(
-            "the checkpoint", path, lambda path=path: verify_checkpoint(path), quarantined,
+            "the checkpoint",
+            path,
+            lambda path=path: verify_checkpoint(path),
+            quarantined,
             corrupt_ok=True,
-        )  # fmt: skip
+        )
         if isinstance(corrupt, BaseException):
             # Only the chief renames files; the other workers read the same ones, and
             # skip the same checkpoint.
@@ -249,8 +262,11 @@ def restore_newest(checkpoint, directory, chief):
             logger.warning(
                 "The checkpoint %s cannot be read (%s: %s); its files are kept as %s. "
                 "Trying the previous one.",
-                path, type(corrupt).__name__, first_line(corrupt), kept,
-            )  # fmt: skip
+                path,
+                type(corrupt).__name__,
+                first_line(corrupt),
+                kept,
+            )
             continue
         try:
             checkpoint.restore(path).assert_existing_objects_matched()
@@ -293,8 +309,13 @@ def _read_with_retries(what, path, read, quarantined=(), corrupt_ok=False):
             logger.warning(
                 "Reading %s %s failed (%s: %s), which proves nothing about the checkpoint: "
                 "trying again in %g s (%d more tries).",
-                what, path, type(error).__name__, first_line(error), delay, len(delays) + 1,
-            )  # fmt: skip
+                what,
+                path,
+                type(error).__name__,
+                first_line(error),
+                delay,
+                len(delays) + 1,
+            )
             _sleep(delay)
 
 
@@ -374,9 +395,10 @@ def writing(what, manager, model_dir, note=None):
             else "the disk is full (No space left on device)"
         )
         kept = (
-            f"The last good checkpoint, {latest}, is kept" if latest
+            f"The last good checkpoint, {latest}, is kept"
+            if latest
             else "No checkpoint had been saved yet"
-        )  # fmt: skip
+        )
         raise TrainingError(
             f"Cannot write {what}: {full}. {kept}{f'; {note}' if note else ''}. Free some "
             f"space on the disk of --model_dir {model_dir} (or move the run to "

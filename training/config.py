@@ -147,44 +147,70 @@ def resolve(config):
         if value not in allowed:
             raise TrainingError(f"{flag} must be one of {allowed}, received {value!r}.")
     checks = [
-        (config.image_size >= 16 and config.image_size % 16 == 0,
-         f"--image_size must be a multiple of 16 (224, 384, 32, ...), "
-         f"received {config.image_size}."),
+        (
+            config.image_size >= 16 and config.image_size % 16 == 0,
+            f"--image_size must be a multiple of 16 (224, 384, 32, ...), "
+            f"received {config.image_size}.",
+        ),
         (config.batch_size >= 1, f"--batch_size must be >= 1, received {config.batch_size}."),
         (config.epochs >= 1, f"--epochs must be >= 1, received {config.epochs}."),
-        (0 <= config.warmup_epochs < config.epochs,
-         f"--warmup_epochs must be in [0, --epochs), received {config.warmup_epochs}."),
-        (config.steps_per_loop >= 1,
-         f"--steps_per_loop must be >= 1, received {config.steps_per_loop}."),
-        (_positive(config.learning_rate),
-         f"--learning_rate must be a positive number below 1e38, received "
-         f"{config.learning_rate}."),
-        (_positive(config.min_lr) and _positive(config.warmup_lr),
-         f"--min_lr and the warmup LR must be positive numbers below 1e38, received "
-         f"{config.min_lr} and {config.warmup_lr}."),
-        (config.weight_decay >= 0 and _positive(config.weight_decay + 1),
-         f"--weight_decay must be >= 0, received {config.weight_decay}."),
-        (config.grad_clip is None or _positive(config.grad_clip),
-         f"--grad_clip must be a positive number, received {config.grad_clip}."),
+        (
+            0 <= config.warmup_epochs < config.epochs,
+            f"--warmup_epochs must be in [0, --epochs), received {config.warmup_epochs}.",
+        ),
+        (
+            config.steps_per_loop >= 1,
+            f"--steps_per_loop must be >= 1, received {config.steps_per_loop}.",
+        ),
+        (
+            _positive(config.learning_rate),
+            f"--learning_rate must be a positive number below 1e38, received "
+            f"{config.learning_rate}.",
+        ),
+        (
+            _positive(config.min_lr) and _positive(config.warmup_lr),
+            f"--min_lr and the warmup LR must be positive numbers below 1e38, received "
+            f"{config.min_lr} and {config.warmup_lr}.",
+        ),
+        (
+            config.weight_decay >= 0 and _positive(config.weight_decay + 1),
+            f"--weight_decay must be >= 0, received {config.weight_decay}.",
+        ),
+        (
+            config.grad_clip is None or _positive(config.grad_clip),
+            f"--grad_clip must be a positive number, received {config.grad_clip}.",
+        ),
         (0 <= config.ema_decay < 1, f"--ema_decay must be in [0, 1), received {config.ema_decay}."),
-        (0 <= config.drop_path_rate < 1,
-         f"--drop_path_rate must be in [0, 1), received {config.drop_path_rate}."),
-        (config.eval_every_epochs >= 1,
-         f"--eval_every_epochs must be >= 1, received {config.eval_every_epochs}."),
-        *((value is None or value >= 1, f"--{name} must be >= 1 (or unset), received {value}.")
-          for name, value in (("steps_per_epoch", config.steps_per_epoch),
-                              ("eval_batch_size", config.eval_batch_size),
-                              ("train_examples", config.train_examples))),
+        (
+            0 <= config.drop_path_rate < 1,
+            f"--drop_path_rate must be in [0, 1), received {config.drop_path_rate}.",
+        ),
+        (
+            config.eval_every_epochs >= 1,
+            f"--eval_every_epochs must be >= 1, received {config.eval_every_epochs}.",
+        ),
+        *(
+            (value is None or value >= 1, f"--{name} must be >= 1 (or unset), received {value}.")
+            for name, value in (
+                ("steps_per_epoch", config.steps_per_epoch),
+                ("eval_batch_size", config.eval_batch_size),
+                ("train_examples", config.train_examples),
+            )
+        ),
         (0 < config.crop_pct <= 1, f"--crop_pct must be in (0, 1], received {config.crop_pct}."),
-        (not min_lr_given or config.min_lr <= config.learning_rate * config.batch_size / 512,
-         f"--min_lr={config.min_lr} is above the peak learning rate, --learning_rate "
-         f"{config.learning_rate} scaled to --batch_size={config.batch_size} "
-         f"({config.learning_rate * config.batch_size / 512:.3g}); lower it."),
+        (
+            not min_lr_given or config.min_lr <= config.learning_rate * config.batch_size / 512,
+            f"--min_lr={config.min_lr} is above the peak learning rate, --learning_rate "
+            f"{config.learning_rate} scaled to --batch_size={config.batch_size} "
+            f"({config.learning_rate * config.batch_size / 512:.3g}); lower it.",
+        ),
         *augmentation_checks(config.aug),
-        (not (config.grad_clip and config.mixed_precision == "float16"),
-         "--grad_clip with --mixed_precision=float16 is not supported (the loss scale hides the "
-         "gradient norm); use bfloat16, or no clipping."),
-    ]  # fmt: skip
+        (
+            not (config.grad_clip and config.mixed_precision == "float16"),
+            "--grad_clip with --mixed_precision=float16 is not supported (the loss scale hides the "
+            "gradient norm); use bfloat16, or no clipping.",
+        ),
+    ]
     for ok, message in checks:
         if not ok:
             raise TrainingError(message)
@@ -197,25 +223,38 @@ def resolve(config):
 def augmentation_checks(aug):
     """(ok, message) of each field of an `Augmentation`, named by its flag."""
     return [
-        (0 < aug.crop_scale_min <= 1,
-         f"--crop_scale_min must be in (0, 1], received {aug.crop_scale_min}."),
-        (aug.randaugment_ops >= 0,
-         f"--randaugment_ops must be >= 0, received {aug.randaugment_ops}."),
-        (0 <= aug.randaugment_magnitude <= 10,
-         f"--randaugment_magnitude must be in [0, 10], received {aug.randaugment_magnitude}."),
-        (aug.randaugment_magnitude_std >= 0,
-         f"--randaugment_magnitude_std must be >= 0, received "
-         f"{aug.randaugment_magnitude_std}."),
+        (
+            0 < aug.crop_scale_min <= 1,
+            f"--crop_scale_min must be in (0, 1], received {aug.crop_scale_min}.",
+        ),
+        (
+            aug.randaugment_ops >= 0,
+            f"--randaugment_ops must be >= 0, received {aug.randaugment_ops}.",
+        ),
+        (
+            0 <= aug.randaugment_magnitude <= 10,
+            f"--randaugment_magnitude must be in [0, 10], received {aug.randaugment_magnitude}.",
+        ),
+        (
+            aug.randaugment_magnitude_std >= 0,
+            f"--randaugment_magnitude_std must be >= 0, received {aug.randaugment_magnitude_std}.",
+        ),
         (aug.mixup_alpha >= 0, f"--mixup must be >= 0 (0: off), received {aug.mixup_alpha}."),
         (aug.cutmix_alpha >= 0, f"--cutmix must be >= 0 (0: off), received {aug.cutmix_alpha}."),
-        (0 <= aug.mix_switch_prob <= 1,
-         f"The mixup/cutmix switch probability must be in [0, 1], received "
-         f"{aug.mix_switch_prob}."),
-        (0 <= aug.label_smoothing < 1,
-         f"--label_smoothing must be in [0, 1), received {aug.label_smoothing}."),
-        (0 <= aug.random_erasing <= 1,
-         f"--random_erasing must be in [0, 1], received {aug.random_erasing}."),
-    ]  # fmt: skip
+        (
+            0 <= aug.mix_switch_prob <= 1,
+            f"The mixup/cutmix switch probability must be in [0, 1], received "
+            f"{aug.mix_switch_prob}.",
+        ),
+        (
+            0 <= aug.label_smoothing < 1,
+            f"--label_smoothing must be in [0, 1), received {aug.label_smoothing}.",
+        ),
+        (
+            0 <= aug.random_erasing <= 1,
+            f"--random_erasing must be in [0, 1], received {aug.random_erasing}.",
+        ),
+    ]
 
 
 def checkpoint_interval(value):

@@ -228,9 +228,15 @@ class Augmenter:
 
 
 def _examples(
-    source, input_context, shuffle, seed, num_classes, label_offset, skip_bad_records=None,
+    source,
+    input_context,
+    shuffle,
+    seed,
+    num_classes,
+    label_offset,
+    skip_bad_records=None,
     decode_images=True,
-):  # fmt: skip
+):
     # Element order follows the dataset options (`deterministic`), set by the callers.
     """`(uint8 image, label)` pairs from a list of TFRecord files or a `TFDSSource`; with
     `decode_images=False`, `(encoded bytes, label)` (decoded later, as their crop only).
@@ -317,9 +323,15 @@ def train_dataset(
     # The shuffle buffer holds encoded JPEGs (about 110 kB each on ImageNet), not decoded
     # images; each is decoded as its crop only (`random_resized_crop`).
     dataset = _examples(
-        source, input_context, True, seed, num_classes, label_offset, skip_bad_records,
+        source,
+        input_context,
+        True,
+        seed,
+        num_classes,
+        label_offset,
+        skip_bad_records,
         decode_images=False,
-    )  # fmt: skip
+    )
     dataset = dataset.shuffle(shuffle_buffer, seed=seed).repeat()
     # One seed per image, in stream order: the stateless augmentation then gives the same
     # images whatever the order in which the parallel map runs.
@@ -587,8 +599,11 @@ def check_shards(files, split, num_classes=None, skip_bad_records=False, cache=N
     counts = {path: entry[2] for path, entry in walked.items()}
     logger.info(
         "%d %s records in %d files (headers checked in %.1f s).",
-        sum(counts.values()), split, len(files), time.time() - start,
-    )  # fmt: skip
+        sum(counts.values()),
+        split,
+        len(files),
+        time.time() - start,
+    )
     damaged = {path: entry[3] for path, entry in walked.items() if entry[3]}
     if damaged:
         listing = "; ".join(f"{path}: {problem}" for path, problem in sorted(damaged.items())[:5])
@@ -695,10 +710,17 @@ def _log_bad_record(image, label, ok, shard, index, filename, problem, skipped):
     def report():
         name = tf.where(filename == "", "", tf.strings.join([" (image/filename ", filename, ")"]))
         printed = tf.print(
-            "--skip_bad_records: skipped record", index, "of", tf.strings.join([shard, name]),
-            "-", problem, "-", skipped, "skipped in this pass over the data",
+            "--skip_bad_records: skipped record",
+            index,
+            "of",
+            tf.strings.join([shard, name]),
+            "-",
+            problem,
+            "-",
+            skipped,
+            "skipped in this pass over the data",
             output_stream=sys.stderr,
-        )  # fmt: skip
+        )
         with tf.control_dependencies([printed]):
             return tf.constant(False)
 
@@ -729,9 +751,13 @@ def find_bad_record(files, expected, time_limit=300.0):
         dataset = checked_records(files, expected).filter(lambda *e: tf.logical_not(e[2]))
         for _, _, _, shard, index, filename, problem in dataset.take(1):
             found.append(
-                (shard.numpy().decode(), int(index), filename.numpy().decode("utf-8", "replace"),
-                 problem.numpy().decode())
-            )  # fmt: skip
+                (
+                    shard.numpy().decode(),
+                    int(index),
+                    filename.numpy().decode("utf-8", "replace"),
+                    problem.numpy().decode(),
+                )
+            )
 
     thread = threading.Thread(target=scan, daemon=True)
     thread.start()

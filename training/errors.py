@@ -116,9 +116,10 @@ def input_pipeline_error(error, split, shards, latest):
     which is kept."""
     if isinstance(error, DATA_READ_ERRORS):
         kept = (
-            f"The last checkpoint, {latest}, is kept" if latest
+            f"The last checkpoint, {latest}, is kept"
+            if latest
             else "No checkpoint had been saved yet"
-        )  # fmt: skip
+        )
         then = (
             f"{kept}: put the shard back (or rebuild the TFRecords with "
             f"training/build_tfrecords.py), then run the same command again to "

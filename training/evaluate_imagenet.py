@@ -54,9 +54,13 @@ def build_model(weights, model=None, num_heads=None, image_size=None):
     name, arch = weights_lib.resolve_architecture(found, model, num_heads, source=weights)
     shape = None if image_size is None else (image_size, image_size, 3)
     return keras_t2t.T2TViT(
-        **arch, weights=weights, input_shape=shape, classes=found["classes"],
-        classifier_activation=None, name=name or "t2t_vit",
-    )  # fmt: skip
+        **arch,
+        weights=weights,
+        input_shape=shape,
+        classes=found["classes"],
+        classifier_activation=None,
+        name=name or "t2t_vit",
+    )
 
 
 def evaluate(
@@ -148,9 +152,15 @@ def main(argv=None):
         return 2
     try:
         results = evaluate(
-            args.weights, args.data_dir, args.model, args.num_heads, args.image_size,
-            args.crop_pct, args.batch_size, args.label_offset,
-        )  # fmt: skip
+            args.weights,
+            args.data_dir,
+            args.model,
+            args.num_heads,
+            args.image_size,
+            args.crop_pct,
+            args.batch_size,
+            args.label_offset,
+        )
     except (ValueError, ImportError, errors.TrainingError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -28,12 +28,14 @@ def make_eval_step(model, strategy):
             loss = keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
             top5 = tf.math.in_top_k(labels, logits, k=min(5, logits.shape[-1]))
             top1 = tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels)
-            return tf.stack([
-                tf.reduce_sum(loss * mask),
-                tf.reduce_sum(tf.cast(top1, tf.float32) * mask),
-                tf.reduce_sum(tf.cast(top5, tf.float32) * mask),
-                tf.reduce_sum(mask),
-            ])  # fmt: skip
+            return tf.stack(
+                [
+                    tf.reduce_sum(loss * mask),
+                    tf.reduce_sum(tf.cast(top1, tf.float32) * mask),
+                    tf.reduce_sum(tf.cast(top5, tf.float32) * mask),
+                    tf.reduce_sum(mask),
+                ]
+            )
 
         sums = strategy.run(replica, args=(images, labels, mask))
         return strategy.reduce(tf.distribute.ReduceOp.SUM, sums, axis=None)
@@ -70,8 +72,9 @@ def check_count(evaluated, expected, skip_bad_records=False):
         f"The evaluation saw {evaluated:,} examples, but the validation set holds {expected:,}"
     )
     if skip_bad_records and evaluated < expected:
-        logger.warning("%s: --skip_bad_records left out the other %d.", message,
-                       expected - evaluated)  # fmt: skip
+        logger.warning(
+            "%s: --skip_bad_records left out the other %d.", message, expected - evaluated
+        )
         return
     raise TrainingError(
         f"{message}: the accuracy would be over the wrong set. The validation files "

@@ -165,12 +165,26 @@ flags.DEFINE_float(
 # digits), light augmentation, a short schedule. Only what differs from the imagenet recipe;
 # flags given on the command line still win.
 EMBEDDED = dict(
-    model="t2t_vit_7", image_size=32, num_classes=10, batch_size=64, epochs=15,
-    warmup_epochs=2, cooldown_epochs=0, learning_rate=4e-3, weight_decay=0.05,
-    drop_path_rate=0.0, ema_decay=0.99, eval_every_epochs=5,
-    crop_pct=1.0, crop_scale_min=0.7, hflip=False, randaugment_ops=0, mixup=0.0,
-    cutmix=0.0, random_erasing=0.0,
-)  # fmt: skip
+    model="t2t_vit_7",
+    image_size=32,
+    num_classes=10,
+    batch_size=64,
+    epochs=15,
+    warmup_epochs=2,
+    cooldown_epochs=0,
+    learning_rate=4e-3,
+    weight_decay=0.05,
+    drop_path_rate=0.0,
+    ema_decay=0.99,
+    eval_every_epochs=5,
+    crop_pct=1.0,
+    crop_scale_min=0.7,
+    hflip=False,
+    randaugment_ops=0,
+    mixup=0.0,
+    cutmix=0.0,
+    random_erasing=0.0,
+)
 
 
 def config_from_flags():
@@ -205,13 +219,40 @@ def config_from_flags():
 
 
 _OUR_FLAGS = {
-    "data_dir", "data_source", "model_dir", "model", "recipe", "image_size", "num_classes",
-    "label_offset", "batch_size", "eval_batch_size", "epochs", "warmup_epochs",
-    "cooldown_epochs", "learning_rate", "min_lr", "weight_decay", "grad_clip", "drop_path_rate",
-    "ema_decay", "mode", "strategy", "tpu", "weights", "mixed_precision", "crop_pct",
-    "steps_per_loop", "steps_per_epoch", "eval_every_epochs", "jit_compile", "seed",
-    "skip_bad_records", "checkpoint_every", *AUG_FLAGS,
-}  # fmt: skip
+    "data_dir",
+    "data_source",
+    "model_dir",
+    "model",
+    "recipe",
+    "image_size",
+    "num_classes",
+    "label_offset",
+    "batch_size",
+    "eval_batch_size",
+    "epochs",
+    "warmup_epochs",
+    "cooldown_epochs",
+    "learning_rate",
+    "min_lr",
+    "weight_decay",
+    "grad_clip",
+    "drop_path_rate",
+    "ema_decay",
+    "mode",
+    "strategy",
+    "tpu",
+    "weights",
+    "mixed_precision",
+    "crop_pct",
+    "steps_per_loop",
+    "steps_per_epoch",
+    "eval_every_epochs",
+    "jit_compile",
+    "seed",
+    "skip_bad_records",
+    "checkpoint_every",
+    *AUG_FLAGS,
+}
 
 
 def main(argv):

@@ -411,9 +411,12 @@ class Trainer:
             self.ema.swap()
         try:
             results = evaluation.evaluate_model(
-                self.model, self._eval_dataset(), self.strategy, step_fn=self._eval_step,
+                self.model,
+                self._eval_dataset(),
+                self.strategy,
+                step_fn=self._eval_step,
                 stop=stop,
-            )  # fmt: skip
+            )
         except DATA_ERRORS as error:
             if not is_data_error(error):
                 raise
@@ -532,14 +535,21 @@ class Trainer:
         is reported, and the last good checkpoint (which a failed save never replaces) kept."""
         try:
             self.save()
-        except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
-                tf.errors.CancelledError, tf.errors.AbortedError) as error:  # fmt: skip
+        except (
+            tf.errors.UnavailableError,
+            tf.errors.DeadlineExceededError,
+            tf.errors.CancelledError,
+            tf.errors.AbortedError,
+        ) as error:
             latest = self.manager.latest_checkpoint
             logger.error(
                 "SIGTERM: the checkpoint at step %d could not be saved (%s: %s); the last good "
                 "one, %s, is kept: the run resumes from there.",
-                step, type(error).__name__, first_line(error), latest or "none yet",
-            )  # fmt: skip
+                step,
+                type(error).__name__,
+                first_line(error),
+                latest or "none yet",
+            )
 
     def _preempted_now(self):
         """Whether a SIGTERM reached any worker (an all-reduce: every worker calls it at the
@@ -563,8 +573,14 @@ class Trainer:
         epoch = step / self.steps_per_epoch
         logger.info(
             "step %d/%d (epoch %.2f) loss %.4f lr %.3g %.1f images/s ETA %s",
-            step, self.total_steps, epoch, loss, lr, images_per_second, _duration(eta),
-        )  # fmt: skip
+            step,
+            self.total_steps,
+            epoch,
+            loss,
+            lr,
+            images_per_second,
+            _duration(eta),
+        )
         if self.chief:
             with self._writing(f"the TensorBoard summaries in {self.dir}"):
                 self._write_scalars(writer, step, loss, lr, images_per_second)
@@ -579,9 +595,14 @@ class Trainer:
     def _log_eval(self, writer, results):
         logger.info(
             "eval at step %d: top1 %.4f top5 %.4f loss %.4f | EMA top1 %.4f top5 %.4f loss %.4f",
-            results["step"], results["top1"], results["top5"], results["loss"],
-            results["ema_top1"], results["ema_top5"], results["ema_loss"],
-        )  # fmt: skip
+            results["step"],
+            results["top1"],
+            results["top5"],
+            results["loss"],
+            results["ema_top1"],
+            results["ema_top5"],
+            results["ema_loss"],
+        )
         if self.chief:
             with self._writing(f"the TensorBoard summaries in {self.dir}"):
                 with writer.as_default(step=results["step"]):
@@ -624,9 +645,11 @@ class Trainer:
         self._write_record(record)
         logger.info(
             "Wrote the raw and EMA weights to %s (%s).",
-            folder, f"the {record[RECORD_KEY]['best']} weights scored better" if results
+            folder,
+            f"the {record[RECORD_KEY]['best']} weights scored better"
+            if results
             else "not evaluated",
-        )  # fmt: skip
+        )
 
 
 # --- helpers --------------------------------------------------------------------------------

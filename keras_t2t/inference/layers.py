@@ -168,8 +168,11 @@ def tensorflow_fuses_layer_norm():
         y = onednn_layer_norm(x, gamma, beta, t2t_layers.LAYER_NORM_EPSILON)
     options = tf.compat.v1.RunOptions(output_partition_graphs=True)
     metadata = tf.compat.v1.RunMetadata()
-    feed = {x: np.zeros((2, 4, 8), np.float32), gamma: np.ones(8, np.float32),
-            beta: np.zeros(8, np.float32)}  # fmt: skip
+    feed = {
+        x: np.zeros((2, 4, 8), np.float32),
+        gamma: np.ones(8, np.float32),
+        beta: np.zeros(8, np.float32),
+    }
     with tf.compat.v1.Session(graph=graph) as session:
         session.run(y, feed, options, metadata)
     return any(
