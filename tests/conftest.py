@@ -183,3 +183,30 @@ def tiny_train_config(data_dir, model_dir, **overrides):
     )
     config.update(overrides)
     return config
+
+
+def read_batches_only(monkeypatch, before_first_loop=None):
+    """Train loops that read their batches (in a tf.function, as the real one: the input
+    pipeline runs as in training) and advance the step, without a gradient graph;
+    `before_first_loop()`, if given, is called once, before the first loop reads."""
+    import tensorflow as tf
+
+    from training import trainer
+
+    pending = [before_first_loop] if before_first_loop else []
+
+    def build(self):
+        @tf.function
+        def read(iterator, steps):
+            for _ in tf.range(steps):
+                next(iterator)
+                self.step.assign_add(1)
+
+        def loop(iterator, steps):
+            while pending:
+                pending.pop()()
+            read(iterator, steps)
+
+        return loop
+
+    monkeypatch.setattr(trainer.Trainer, "_build_train_loop", build)

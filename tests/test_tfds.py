@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import read_batches_only
 
 from training import data, trainer
 from training.config import Config
@@ -111,16 +112,7 @@ def test_a_run_on_tfds_evaluates_every_example(tiny_tfds, tmp_path, monkeypatch)
 
     monkeypatch.setattr(data, "TFDSSource", Tiny)
 
-    def read_batches_only(self):  # the train steps read their batches, without gradients
-        @tf.function
-        def loop(iterator, steps):
-            for _ in tf.range(steps):
-                next(iterator)
-                self.step.assign_add(1)
-
-        return loop
-
-    monkeypatch.setattr(trainer.Trainer, "_build_train_loop", read_batches_only)
+    read_batches_only(monkeypatch)
     config = Config(
         model="t2t_vit_7",
         data_source="tfds",

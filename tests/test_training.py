@@ -4,7 +4,7 @@ device: tests/test_distributed.py.)
 
 Processes of their own only where a fresh process is the point: TF_CONFIG workers, SIGTERM
 and SIGKILL, the README's command. The tests of the loop around the steps (checkpoints,
-SIGTERM, errors) train with stand-in steps (`_count_steps_only`, `_read_batches_only`)."""
+SIGTERM, errors) train with stand-in steps (`_count_steps_only`, `read_batches_only`)."""
 
 import json
 import os
@@ -21,7 +21,7 @@ import types
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import export_cli, shared_folder
+from conftest import export_cli, read_batches_only, shared_folder
 from conftest import random_examples as _random_examples
 from conftest import tiny_train_config as tiny_config
 
@@ -380,7 +380,7 @@ def test_undecodable_image(tmp_path):
 def test_label_out_of_range(tmp_path, monkeypatch):
     folder = tmp_path / "labels"
     build_tfrecords.write_shards(_random_examples(16, 4, 0, label=9), str(folder), "train", 1)
-    _read_batches_only(monkeypatch)  # (test_undecodable_image: the same through the real steps)
+    read_batches_only(monkeypatch)  # (test_undecodable_image: the same through the real steps)
     with pytest.raises(TrainingError, match="label out of range.*--num_classes"):
         _run_config(str(folder), tmp_path / "run", mode="train")
 
@@ -572,22 +572,6 @@ def _count_steps_only(monkeypatch):
     def build(self):
         def loop(iterator, steps):
             self.step.assign_add(tf.cast(steps, tf.int64))
-
-        return loop
-
-    monkeypatch.setattr(trainer.Trainer, "_build_train_loop", build)
-
-
-def _read_batches_only(monkeypatch):
-    """Train loops that read their batches (in a tf.function, as the real one: the input
-    pipeline runs as in training) and advance the step, without a gradient graph."""
-
-    def build(self):
-        @tf.function
-        def loop(iterator, steps):
-            for _ in tf.range(steps):
-                next(iterator)
-                self.step.assign_add(1)
 
         return loop
 
@@ -980,7 +964,7 @@ def bad_records(tmp_path):
 
 
 def test_a_bad_record_is_named(bad_records, tmp_path, monkeypatch):
-    _read_batches_only(monkeypatch)  # (test_undecodable_image: the same through the real steps)
+    read_batches_only(monkeypatch)  # (test_undecodable_image: the same through the real steps)
     with pytest.raises(
         TrainingError,
         match=r"The bad record: number (2 of \S+train-00000-of-00002 \(image/filename "
@@ -1007,7 +991,7 @@ def test_skip_bad_records_skips_counts_and_names_them(bad_records, tmp_path, cap
     )
     assert re.search(r"skipped record 5 of \S*train-00001-of-00002\S* - \S*cannot be read", log)
     assert "2 skipped in this pass over the data" in log
-    _read_batches_only(monkeypatch)  # the training pipeline gets past them
+    read_batches_only(monkeypatch)  # the training pipeline gets past them
     results = _run_config(bad_records, tmp_path / "run", skip_bad_records=True)
     assert results["step"] == 6 and results["examples"] == 8
 

@@ -11,6 +11,7 @@ import re
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import read_batches_only
 
 from training import build_tfrecords, data, trainer
 from training.config import Config
@@ -81,28 +82,6 @@ def _count_steps_only(monkeypatch):
     monkeypatch.setattr(trainer.Trainer, "_build_train_loop", build)
 
 
-def _read_batches_only(monkeypatch, before_first_loop):
-    """Train loops that read their batches (in a tf.function, as the real one) and advance
-    the step; `before_first_loop()` is called once, before the first loop reads."""
-    pending = [before_first_loop]
-
-    def build(self):
-        @tf.function
-        def read(iterator, steps):
-            for _ in tf.range(steps):
-                next(iterator)
-                self.step.assign_add(1)
-
-        def loop(iterator, steps):
-            while pending:
-                pending.pop()()
-            read(iterator, steps)
-
-        return loop
-
-    monkeypatch.setattr(trainer.Trainer, "_build_train_loop", build)
-
-
 def _checkpoints(model_dir):
     return sorted(os.listdir(os.path.join(model_dir, "checkpoints")))
 
@@ -127,7 +106,7 @@ def test_a_shard_deleted_during_the_run_is_a_clear_error(records, tmp_path, monk
     assert _checkpoints(run) == CKPT_2
 
     deleted = shards / "train-00001-of-00002"
-    _read_batches_only(monkeypatch, deleted.unlink)  # checked at the start, then deleted
+    read_batches_only(monkeypatch, deleted.unlink)  # checked at the start, then deleted
     code, err = _train(shards, run, capsys, "--epochs=2")
     assert code == 2 and "Traceback" not in err
     message = err[err.index("error: ") :].strip()
