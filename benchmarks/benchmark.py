@@ -295,20 +295,17 @@ def engine_paths(model, batches, min_time, official=None):
     import tempfile
 
     from keras_t2t import export
-    from keras_t2t.imagenet import IMAGENET_MEAN, IMAGENET_STD
+    from keras_t2t.imagenet import preprocess_input
 
     pixels = [np.clip(np.round(images), 0, 255).astype(np.uint8) for images in batches]
     normalized = {
-        x.shape[0]: np.ascontiguousarray(
-            ((x / 255.0 - IMAGENET_MEAN) / IMAGENET_STD).astype("float32").transpose(0, 3, 1, 2)
-        )
-        for x in pixels
+        x.shape[0]: np.ascontiguousarray(preprocess_input(x).transpose(0, 3, 1, 2)) for x in pixels
     }
     runners = {}
     with tempfile.TemporaryDirectory() as folder:
         for runtime, suffix in (("tensorflow", ""), ("tensorflow_onednn", "_onednn")):
             saved = export.export_saved_model(
-                model, folder, f"m{suffix}", 1, serving_runtime=runtime
+                model, os.path.join(folder, f"m{suffix}"), serving_runtime=runtime
             )
             signature = tf.saved_model.load(saved).signatures["serving_default"]
             runners[f"float32/serving_default{suffix}"] = lambda x, s=signature: s(

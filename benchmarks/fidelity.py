@@ -181,7 +181,7 @@ def train_official(models, config, seed, threads):
     import tensorflow as tf
     import torch
 
-    from keras_t2t.imagenet import IMAGENET_MEAN, IMAGENET_STD
+    from keras_t2t.imagenet import preprocess_input
     from training import data
 
     torch.manual_seed(seed)
@@ -223,11 +223,11 @@ def train_official(models, config, seed, threads):
         seed=seed,
         deterministic=True,
     )
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255
 
     def prepare(images):
-        return (torch.from_numpy(images.numpy()).permute(0, 3, 1, 2) - mean) / std
+        return torch.from_numpy(preprocess_input(images.numpy(), "channels_last")).permute(
+            0, 3, 1, 2
+        )
 
     start = time.time()
     model.train()

@@ -18,7 +18,7 @@ model never saw, and the task is to tell a photo from a patch of it: sky, skin a
 look alike across photos.
 
 T2T-ViT-7 (weights=None) is trained from scratch (AdamW, cosine decay), then exported by
-`keras_t2t.export.tflite_models`: float32, dynamic-range int8 and full int8 (calibrated on
+`keras_t2t.tflite.tflite_models`: float32, dynamic-range int8 and full int8 (calibrated on
 --calibration training crops, as `savedmodels/export.py --representative_data` would).
 Prints, for each TFLite model on the validation crops: top-1, agreement of its top-1 with the
 float32 TFLite model's, the latency of one image in ai_edge_litert's Interpreter on one
@@ -176,20 +176,20 @@ def latencies_ms(models, image, rounds, invokes=20):
 
 
 def full_int8(concrete, calibration, float_ops, float_scopes=()):
-    from keras_t2t import export
+    from keras_t2t.export import tflite
 
-    converter = export._tflite_converter(concrete, "int8")
-    return export._full_int8(converter, calibration, float_ops=float_ops, float_scopes=float_scopes)
+    converter = tflite.tflite_converter(concrete, "int8")
+    return tflite.full_int8(converter, calibration, float_ops=float_ops, float_scopes=float_scopes)
 
 
 def int16_activations(concrete, calibration, scopes):
     """16x8: int16 activations, int8 weights, builtin ops (TFLite's own 16x8 recipe)."""
     import tensorflow as tf
 
-    from keras_t2t import export
+    from keras_t2t.export import tflite
 
-    converter = export._tflite_converter(concrete, "int8")
-    converter.representative_dataset = export._representative(calibration)
+    converter = tflite.tflite_converter(concrete, "int8")
+    converter.representative_dataset = tflite.representative_dataset(calibration)
     converter.target_spec.supported_ops = [
         tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8,
         tf.lite.OpsSet.TFLITE_BUILTINS,
@@ -213,10 +213,10 @@ def debug_layers(concrete, calibration, top):
 
     import tensorflow as tf
 
-    from keras_t2t import export
+    from keras_t2t.export import tflite
 
-    converter = export._tflite_converter(concrete, "int8")
-    dataset = export._representative(calibration)
+    converter = tflite.tflite_converter(concrete, "int8")
+    dataset = tflite.representative_dataset(calibration)
     converter.representative_dataset = dataset
     debugger = tf.lite.experimental.QuantizationDebugger(
         converter=converter,
@@ -262,7 +262,7 @@ def main(argv=None):
 
     import keras
 
-    from keras_t2t import export
+    from keras_t2t.export import tflite
 
     images = photos()
     val_x, val_y = crops(images, args.val_per_class, args.size, validation=True, seed=10_000)
@@ -286,15 +286,15 @@ def main(argv=None):
     print(f"keras float32 validation top-1: {keras_top1:.3f}")
 
     start = time.perf_counter()
-    models = export.tflite_models(model, calibration, kinds=("float32", "dynamic_int8", "int8"))
+    models = tflite.tflite_models(model, calibration, kinds=("float32", "dynamic_int8", "int8"))
     print(f"exported float32, dynamic int8, int8 in {time.perf_counter() - start:.0f} s")
     models = {
         "float32": models["float32"],
         "dynamic int8": models["dynamic_int8"],
         "int8 (default)": models["int8"],
     }
-    concrete = export._tflite_function(model)
-    scopes = export._t2t_attention_scopes(model)
+    concrete = tflite.tflite_function(model)
+    scopes = tflite.attention_scopes(model)
     for name, make in VARIANTS.items():
         try:
             models[name] = make(concrete, calibration, scopes)

@@ -58,6 +58,20 @@ def require_tensorflow_backend(what):
         )
 
 
+def optional_module(module, extra, what):
+    """Imports the optional package `module`, or raises an ImportError that says which extra
+    of keras-t2t installs it (`what` needs it)."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ImportError(
+            f"{what} needs the `{module}` package: pip install 'keras-t2t[{extra}]' (or pip "
+            f"install -e '.[{extra}]' in a checkout)."
+        ) from None
+
+
 from keras_t2t import layers  # noqa: E402
 from keras_t2t.flops import count_flops  # noqa: E402
 from keras_t2t.imagenet import decode_predictions, preprocess_input  # noqa: E402

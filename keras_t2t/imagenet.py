@@ -23,6 +23,19 @@ CLASS_INDEX_MD5 = "c2c37ea517e94d9795004a39431a14cb"
 _CLASS_INDEX = None  # {"0": ["n01440764", "tench"], ...} once read
 
 
+def normalization(mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """`(scale, offset)`, lists of 3: `x * scale + offset` is `(x / 255 - mean) / std` for RGB
+    `x` in [0, 255], as one multiply-add. The one definition of the normalization, which the
+    models' preprocessing layer, `preprocess_input` and the exports' serving functions apply.
+
+    >>> [round(v, 4) for v in normalization((0.5, 0.5, 0.5), (0.25, 0.5, 1.0))[1]]
+    [-2.0, -1.0, -0.5]
+    """
+    scale = [1.0 / (255.0 * s) for s in std]
+    offset = [-m / s for m, s in zip(mean, std)]
+    return scale, offset
+
+
 def preprocess_input(x, data_format=None):
     """Normalizes RGB images in [0, 255] with the ImageNet mean and std, as the official code.
 
@@ -53,13 +66,12 @@ def preprocess_input(x, data_format=None):
             f"preprocess_input takes RGB images with 3 channels on axis {axis} "
             f"({data_format}), received shape {tuple(x.shape)}."
         )
-    mean = np.reshape(np.array(IMAGENET_MEAN, "float32"), shape)
-    std = np.reshape(np.array(IMAGENET_STD, "float32"), shape)
+    scale, offset = (np.reshape(np.array(v, "float32"), shape) for v in normalization())
     if isinstance(x, np.ndarray) or np.isscalar(x):
-        return ((np.asarray(x, "float32") / 255.0) - mean) / std
+        return np.asarray(x, "float32") * scale + offset
     from keras import ops
 
-    return (ops.cast(x, "float32") / 255.0 - mean) / std
+    return ops.cast(x, "float32") * scale + offset
 
 
 def resize_and_center_crop(image, image_size, crop_pct=CROP_PCT):
@@ -86,6 +98,21 @@ def resize_and_center_crop(image, image_size, crop_pct=CROP_PCT):
     left = tf.cast(tf.round(tf.cast(new_w - image_size, tf.float32) / 2.0), tf.int32)
     crop = resized[top : top + image_size, left : left + image_size]
     return tf.ensure_shape(crop, (image_size, image_size, 3))
+
+
+def decode_rgb(data):
+    """One image file's bytes (JPEG, PNG, GIF: its first frame, BMP or WebP) -> uint8 RGB
+    `[height, width, 3]` (a TF op, graph-safe): grayscale, RGBA and CMYK are converted. The
+    one decoder of the training data, the TFRecords builder and the exports' `serving_bytes`.
+    """
+    import tensorflow as tf
+
+    image = tf.cond(  # TF's WebP decoder gives RGBA files 4 channels, whatever is asked
+        tf.strings.substr(data, 8, 4) == "WEBP",
+        lambda: tf.io.decode_image(data, expand_animations=False)[..., :3],
+        lambda: tf.io.decode_image(data, channels=3, expand_animations=False),
+    )
+    return tf.ensure_shape(image, [None, None, 3])
 
 
 def class_index_path():

@@ -24,7 +24,7 @@ from keras_t2t.configs import (  # noqa: F401 (list_models, variant_of: re-expor
     list_models,
     variant_of,
 )
-from keras_t2t.imagenet import IMAGENET_MEAN, IMAGENET_STD
+from keras_t2t.imagenet import IMAGENET_MEAN, IMAGENET_STD, normalization
 
 
 def _input_shape(input_shape, input_tensor, default_size):
@@ -148,9 +148,10 @@ def T2TViT(
     x = images
     if include_preprocessing:
         # (x / 255 - mean) / std as one multiply-add, in float32 whatever the policy.
+        scale, offset = normalization(mean, std)
         x = keras.layers.Rescaling(
-            scale=[1.0 / (255.0 * s) for s in std],
-            offset=[-m / s for m, s in zip(mean, std)],
+            scale=scale,
+            offset=offset,
             dtype="float32",
             name="preprocessing",
         )(x)

@@ -23,16 +23,28 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np
+import tensorflow as tf
+
+from keras_t2t import export as formats_lib
+from keras_t2t import optional_module
+from keras_t2t.export.files import replaced_whole
+from keras_t2t.export.image_bytes import check_max_image_pixels
+from keras_t2t.export.saved_model import check_serving_runtime
+from keras_t2t.export.serving import (
+    check_crop_pct,
+    check_input_dtype,
+    check_model,
+    serving_crop_pct,
+)
+from keras_t2t.models import model_for_command_line
+from savedmodels import tf_serving
+from savedmodels.triton import export_triton
 
 
 def representative_images(folder, size, crop_pct=0.9, limit=64, max_pixels=None):
     """Up to `limit` images under `folder`, preprocessed as the evaluation, uint8; each read
     as `serving_bytes` reads it (`keras_t2t.export.decode_image_file`, `max_pixels`)."""
-    import tensorflow as tf
-
-    from keras_t2t import export
-
-    max_pixels = export.DEFAULT_MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+    max_pixels = formats_lib.DEFAULT_MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     paths = sorted(
         os.path.join(root, name)
         for root, _, names in os.walk(folder)
@@ -44,7 +56,7 @@ def representative_images(folder, size, crop_pct=0.9, limit=64, max_pixels=None)
     images = []
     for path in paths:
         try:
-            image = export.decode_image_file(tf.io.read_file(path), size, crop_pct, max_pixels)
+            image = formats_lib.decode_image_file(tf.io.read_file(path), size, crop_pct, max_pixels)
         except ValueError as error:
             raise ValueError(f"{path!r} is not a readable image: {error}") from None
         images.append(image.numpy().astype(np.uint8))
@@ -77,6 +89,121 @@ def _size(path):
     if path.endswith(".xml") and os.path.isfile(path[: -len(".xml")] + ".bin"):
         size += os.path.getsize(path[: -len(".xml")] + ".bin")
     return size
+
+
+def export(
+    model,
+    output_dir,
+    formats=formats_lib.FORMATS[:2],
+    version=1,
+    representative_images=None,
+    name=None,
+    overwrite=False,
+    max_image_pixels=formats_lib.DEFAULT_MAX_IMAGE_PIXELS,
+    crop_pct=None,
+    input_dtype="uint8",
+    triton=False,
+    serving_runtime="tensorflow",
+):
+    """Writes the chosen formats under `output_dir`; returns `{artifact: path}`.
+
+    The SavedModel is written in TF Serving's layout by `tf_serving.export` (`<name>/<version>/`,
+    the first 4 `representative_images` as warmup requests, `batching_parameters.txt` beside
+    the version folders); see `keras_t2t.export.saved_model_archive` for `max_image_pixels`,
+    `crop_pct` and `serving_runtime` (the SavedModel's; each other format is prepared for its
+    runtime). `representative_images` (uint8 `[n, size, size, 3]`) also calibrate the full
+    int8 TFLite model, which is written only with them.
+    `input_dtype` is that of the ONNX and OpenVINO inputs; `triton` also writes a Triton
+    model repository (`output_dir/triton/<name>/`) around the ONNX model.
+    Each format's output (the SavedModel's version folder, `<name>_tflite/`, `<name>.onnx`,
+    `<name>_openvino/`, `triton/<name>/`) is written under a temporary name and put in place
+    whole, so it holds one export's files only. Where one exists, nothing is written (or
+    converted) unless `overwrite`; then each is replaced whole.
+    """
+    for fmt in formats:
+        if fmt not in formats_lib.FORMATS:
+            raise ValueError(
+                f"Unknown export format {fmt!r}; choose from {', '.join(formats_lib.FORMATS)}."
+            )
+    if not formats and not triton:
+        raise ValueError(
+            f"Nothing to export: no format given; choose from {', '.join(formats_lib.FORMATS)}."
+        )
+    # Refused before anything is written:
+    check_input_dtype(input_dtype)
+    check_serving_runtime(serving_runtime)
+    check_model(model)
+    name = name or model.name
+    paths = {}
+    if "saved_model" in formats and representative_images is not None:
+        tf_serving.prediction_log_protos()  # for the warmup requests
+    if "saved_model" in formats:
+        check_max_image_pixels(max_image_pixels)
+        if crop_pct is not None:
+            check_crop_pct(crop_pct)
+        version = tf_serving.check_version(version)
+        paths["saved_model"] = os.path.join(output_dir, name, str(version))
+    if "tflite" in formats:
+        paths["tflite"] = os.path.join(output_dir, f"{name}_tflite")
+    if "onnx" in formats:
+        paths["onnx"] = os.path.join(output_dir, f"{name}.onnx")
+    if "openvino" in formats:
+        paths["openvino"] = os.path.join(output_dir, f"{name}_openvino")
+    if triton:
+        paths["triton"] = os.path.join(output_dir, "triton", name)
+    existing = [path for path in paths.values() if tf.io.gfile.exists(path)]
+    if existing and not overwrite:
+        raise ValueError(
+            f"{' and '.join(existing)} already exist{'s' if len(existing) == 1 else ''}: "
+            f"nothing was written. Pass overwrite=True (--overwrite) to replace "
+            f"{'it' if len(existing) == 1 else 'each'} whole, or export to another folder."
+        )
+    # Each optional converter is looked for before anything is written.
+    if "onnx" in formats or triton:
+        optional_module("tf2onnx", "onnx", "The ONNX export")
+        optional_module("onnx", "onnx", "The ONNX export")
+    if "openvino" in formats:
+        optional_module("openvino", "openvino", "The OpenVINO export")
+    written = {}
+    if "saved_model" in formats:
+        warmup = None if representative_images is None else representative_images[:4]
+        written["saved_model"] = tf_serving.export(
+            model,
+            output_dir,
+            name,
+            version,
+            warmup,
+            overwrite,
+            max_image_pixels,
+            crop_pct,
+            serving_runtime,
+        )
+        written["tf_serving_batching"] = os.path.join(output_dir, name, tf_serving.BATCHING_FILE)
+    if "tflite" in formats:
+        kinds = formats_lib.TFLITE_KINDS
+        if representative_images is None:
+            kinds = kinds[:3]  # full int8 needs them
+        with replaced_whole(paths["tflite"]) as staging:
+            tf.io.gfile.makedirs(staging)
+            flatbuffers = formats_lib.tflite_models(model, representative_images, kinds)
+            for kind, flatbuffer in flatbuffers.items():
+                with tf.io.gfile.GFile(os.path.join(staging, f"{name}_{kind}.tflite"), "wb") as f:
+                    f.write(flatbuffer)
+        for kind in kinds:
+            written[f"tflite_{kind}"] = os.path.join(paths["tflite"], f"{name}_{kind}.tflite")
+    if "onnx" in formats:
+        os.makedirs(output_dir, exist_ok=True)
+        written["onnx"] = formats_lib.export_onnx(model, paths["onnx"], input_dtype)
+    if triton:
+        written["triton"] = export_triton(
+            model, os.path.dirname(paths["triton"]), name, input_dtype, written.get("onnx")
+        )
+    if "openvino" in formats:
+        with replaced_whole(paths["openvino"]) as staging:
+            os.makedirs(staging)
+            formats_lib.export_openvino(model, os.path.join(staging, f"{name}.xml"), input_dtype)
+        written["openvino"] = os.path.join(paths["openvino"], f"{name}.xml")
+    return written
 
 
 def main(argv=None):
@@ -140,37 +267,31 @@ def main(argv=None):
         "where oneDNN is off)",
     )
     args = parser.parse_args(argv)
-
-    import tensorflow as tf
-
-    from keras_t2t import export
-    from keras_t2t.models import model_for_command_line
-
     formats = [f.strip() for f in args.format.split(",") if f.strip()]
     max_image_pixels = args.max_image_pixels
     if max_image_pixels is None:
-        max_image_pixels = export.DEFAULT_MAX_IMAGE_PIXELS
+        max_image_pixels = formats_lib.DEFAULT_MAX_IMAGE_PIXELS
     try:  # the flags are checked before the model is built
         for fmt in formats:
-            if fmt not in export.FORMATS:
+            if fmt not in formats_lib.FORMATS:
                 raise ValueError(
-                    f"Unknown --format {fmt!r}; choose from {', '.join(export.FORMATS)}."
+                    f"Unknown --format {fmt!r}; choose from {', '.join(formats_lib.FORMATS)}."
                 )
         if not formats and not args.triton:
             raise ValueError(
                 f"--format={args.format!r} names no format; choose from "
-                f"{', '.join(export.FORMATS)}."
+                f"{', '.join(formats_lib.FORMATS)}."
             )
         if "saved_model" in formats:
-            export.check_version(args.version)
-        export.check_max_image_pixels(max_image_pixels)
+            tf_serving.check_version(args.version)
+        check_max_image_pixels(max_image_pixels)
         if args.crop_pct is not None:
-            export.check_crop_pct(args.crop_pct)
+            check_crop_pct(args.crop_pct)
         _check_output(args.output)
         model = model_for_command_line(args.model, args.weights, args.image_size, args.classes)
         crop_pct = args.crop_pct
         if crop_pct is None:
-            crop_pct = export.serving_crop_pct(model, args.weights)
+            crop_pct = serving_crop_pct(model, args.weights)
         samples = None
         if args.representative_data:
             samples = representative_images(
@@ -183,7 +304,7 @@ def main(argv=None):
             print("note: no --representative_data, so no full int8 TFLite model")
         if args.weights is None:
             print("note: no --weights, exporting random weights")
-        written = export.export(
+        written = export(
             model,
             args.output,
             formats,

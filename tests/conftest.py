@@ -97,16 +97,20 @@ def register_tiny_releases(monkeypatch=None, **overrides):
     monkeypatch.setattr(pretrained, "RELEASES", releases)
 
 
-def export_cli():
-    """`savedmodels/export.py` imported as a module, to call its `main(argv)` in this process
-    (its own process is tested by the CLI tests of test_export.py)."""
-    import importlib.util
+def tflite_op_names(flatbuffer):
+    """The operator names of a TFLite model (Flex or custom ops would show here)."""
+    from ai_edge_litert.interpreter import Interpreter
 
-    path = pathlib.Path(__file__).resolve().parents[1] / "savedmodels" / "export.py"
-    spec = importlib.util.spec_from_file_location("export_cli", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    interpreter = Interpreter(model_content=flatbuffer)
+    return sorted({op["op_name"] for op in interpreter._get_ops_details()})
+
+
+def export_cli():
+    """`savedmodels/export.py` as a module, to call its `main(argv)` in this process (its own
+    process is tested by the CLI tests of test_export.py)."""
+    from savedmodels import export
+
+    return export
 
 
 def shared_folder(tmp_path_factory, name, build):

@@ -16,9 +16,13 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import DATA, export_cli, shared_folder, tiny_model
+from conftest import DATA, export_cli, shared_folder, tflite_op_names, tiny_model
 
 from keras_t2t import export, inference
+from keras_t2t.export.image_bytes import GIF_MAX_STEPS
+from keras_t2t.export.serving import image_size
+from savedmodels import export as cli
+from savedmodels import tf_serving
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(ROOT))
@@ -47,7 +51,7 @@ def exported(tmp_path_factory):
     images = photo_crops()
 
     def build(folder):
-        written = export.export(model, str(folder), representative_images=images, name="tiny")
+        written = cli.export(model, str(folder), representative_images=images, name="tiny")
         relative = {artifact: os.path.relpath(path, folder) for artifact, path in written.items()}
         (folder / "written.json").write_text(json.dumps(relative))
 
@@ -62,7 +66,7 @@ def test_tf_serving_layout(exported):
     path = pathlib.Path(exported["written"]["saved_model"])
     assert path == exported["folder"] / "tiny" / "1"
     assert (path / "saved_model.pb").exists() and (path / "variables").is_dir()
-    assert (path / "assets.extra" / export.WARMUP_FILE).exists()
+    assert (path / "assets.extra" / tf_serving.WARMUP_FILE).exists()
 
 
 def test_serving_signatures(exported):
@@ -271,14 +275,12 @@ def other_settings(exported, tmp_path_factory):
     def build(folder):
         export.export_saved_model(
             exported["model"],
-            str(folder),
-            "other",
-            1,
+            str(folder / "other"),
             max_image_pixels=40 * 40,
             serving_runtime="tensorflow_onednn",
         )
 
-    return str(shared_folder(tmp_path_factory, "export_other_settings", build) / "other" / "1")
+    return str(shared_folder(tmp_path_factory, "export_other_settings", build) / "other")
 
 
 def test_max_image_pixels_is_set_at_export(other_settings):
@@ -377,7 +379,7 @@ def test_an_animated_gif_is_decoded_from_its_first_frame():
 def test_a_gif_too_slow_to_read_is_refused_fast():
     """Reading a GIF's structure takes a step per block (a run of equal sub-blocks being one):
     a GIF built of more blocks than GIF_MAX_STEPS is refused, within a bounded time."""
-    comments = b"\x21\xfe\x01c\x00" * export.GIF_MAX_STEPS  # a step each
+    comments = b"\x21\xfe\x01c\x00" * GIF_MAX_STEPS  # a step each
     fewer = _gif([(1, 1)], before=comments[10:])  # the frame and the trailer: 2 steps
     assert export.decode_image_file(fewer, 32).shape == (32, 32, 3)
     start = time.perf_counter()
@@ -456,7 +458,7 @@ def test_saved_model_for_onednn_runs_each_layer_norm_as_one_fused_op(
     assert np.abs(fused - plain).max() <= 1e-6
     assert np.abs(fused - exported["expected"][:6]).max() <= 1e-5
     with pytest.raises(ValueError, match="`serving_runtime` must be one of tensorflow"):
-        export.export(model, str(tmp_path / "refused"), serving_runtime="onednn")
+        cli.export(model, str(tmp_path / "refused"), serving_runtime="onednn")
     assert not (tmp_path / "refused").exists()
 
 
@@ -473,7 +475,7 @@ def test_saved_model_runs_the_last_block_on_the_class_token_only(exported):
         for output in node.output
     ]
     hidden = model.get_layer("blocks_0").mlp.fc1.units
-    tokens = 1 + (export.image_size(model) // 16) ** 2
+    tokens = 1 + (image_size(model) // 16) ** 2
     assert (3, hidden) in shapes and (3 * tokens, hidden) in shapes
     assert np.abs(probabilities - exported["expected"][:3]).max() <= 1e-5
 
@@ -529,7 +531,9 @@ def test_saved_model_runs_without_keras_and_in_saved_model_cli(exported, tmp_pat
 
 def test_warmup_requests_parse_as_prediction_logs(exported):
     apis = pytest.importorskip("tensorflow_serving.apis.prediction_log_pb2")
-    path = pathlib.Path(exported["written"]["saved_model"]) / "assets.extra" / export.WARMUP_FILE
+    path = (
+        pathlib.Path(exported["written"]["saved_model"]) / "assets.extra" / tf_serving.WARMUP_FILE
+    )
     records = list(tf.data.TFRecordDataset(str(path)).as_numpy_iterator())
     assert len(records) == 4
     log = apis.PredictionLog.FromString(records[0])
@@ -562,7 +566,7 @@ def test_tflite_models(exported, kind):
     path = exported["written"][f"tflite_{kind}"]
     flatbuffer = pathlib.Path(path).read_bytes()
     print(f"{kind}: {len(flatbuffer):,} bytes")
-    ops = export.tflite_op_names(flatbuffer)
+    ops = tflite_op_names(flatbuffer)
     assert not [op for op in ops if op.startswith("Flex") or op in ("CUSTOM", "DELEGATE")], ops
     probabilities = _run_tflite(path, exported["images"])
     expected = exported["expected"]
@@ -609,11 +613,11 @@ def test_tflite_twin_has_slices_and_the_same_outputs(exported):
 
 def test_export_refuses_what_it_cannot_export(tmp_path):
     with pytest.raises(ValueError, match="Unknown export format 'coreml'"):
-        export.export(tiny_model(), str(tmp_path), formats=("coreml",))
+        cli.export(tiny_model(), str(tmp_path), formats=("coreml",))
     with pytest.raises(ValueError, match="`input_dtype` must be one of"):
-        export.export(tiny_model(), str(tmp_path), formats=("onnx",), input_dtype="int32")
+        cli.export(tiny_model(), str(tmp_path), formats=("onnx",), input_dtype="int32")
     with pytest.raises(ValueError, match="include_top=True"):
-        export.export(tiny_model(include_top=False), str(tmp_path))
+        cli.export(tiny_model(include_top=False), str(tmp_path))
     with pytest.raises(ValueError, match="needs representative_images"):
         export.tflite_models(tiny_model(), kinds=("int8",))
 
@@ -691,16 +695,19 @@ def test_export_cli_errors(tmp_path, args, match, capsys):
 def test_an_existing_version_is_refused_unless_overwrite(exported, tmp_path):
     model, path = exported["model"], tmp_path / "m" / "1"
     shutil.copytree(exported["written"]["saved_model"], path)  # an export, warmup requests too
-    assert (path / "assets.extra" / export.WARMUP_FILE).exists()
+    assert (path / "assets.extra" / tf_serving.WARMUP_FILE).exists()
     with pytest.raises(ValueError, match=r"m/1 already exists.*overwrite"):
-        export.export_saved_model(model, str(tmp_path), "m", 1)
-    assert (path / "assets.extra" / export.WARMUP_FILE).exists()  # untouched
-    export.export_saved_model(model, str(tmp_path), "m", 1, overwrite=True)
+        tf_serving.export(model, str(tmp_path), "m", 1)
+    assert (path / "assets.extra" / tf_serving.WARMUP_FILE).exists()  # untouched
+    tf_serving.export(model, str(tmp_path), "m", 1, overwrite=True)
     assert not (path / "assets.extra").exists()  # replaced whole: no stale warmup requests
-    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["1"]  # no staging left
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == [  # no staging left
+        "1",
+        tf_serving.BATCHING_FILE,
+    ]
     for version in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="version must be an integer >= 1"):
-            export.export(model, str(tmp_path), formats=("saved_model",), version=version)
+            cli.export(model, str(tmp_path), formats=("saved_model",), version=version)
 
 
 def test_reexport_replaces_each_format_whole(tmp_path, monkeypatch):
@@ -730,7 +737,7 @@ def test_reexport_replaces_each_format_whole(tmp_path, monkeypatch):
     formats = ("tflite", "onnx", "openvino")
 
     def run(**kwargs):
-        return export.export(model, str(out), formats, name="m", triton=True, **kwargs)
+        return cli.export(model, str(out), formats, name="m", triton=True, **kwargs)
 
     def files():
         return sorted(str(p.relative_to(out)) for p in out.rglob("*"))
@@ -850,7 +857,7 @@ def test_export_cli_output_that_cannot_be_created(tmp_path, monkeypatch, capsys)
     def unwritable(*args, **kwargs):  # as a writer fails when the folder is made or written
         raise tf.errors.PermissionDeniedError(None, None, f"{tmp_path}/out; Permission denied")
 
-    monkeypatch.setattr(export, "export", unwritable)
+    monkeypatch.setattr(cli, "export", unwritable)
     assert main([*CLI_ARGS, "--format=saved_model", f"--output={tmp_path / 'out'}"]) == 2
     error = capsys.readouterr().err
     assert re.search(
@@ -880,5 +887,5 @@ def test_export_cli_refuses_an_existing_export_unless_overwrite(cli_run, tmp_pat
     assert written > before["t2t_vit_7/1/saved_model.pb"]
     assert sorted(p.name for p in (out / "t2t_vit_7").iterdir()) == [
         "1",
-        export.BATCHING_FILE,
+        tf_serving.BATCHING_FILE,
     ]

@@ -89,7 +89,7 @@ def test_finetune_from_imagenet_weights_then_serve(mirror, tmp_path, monkeypatch
     model = keras_t2t.create_model("t2t_tiny_performer", weights=str(run))
     assert model.output_shape == (None, CLASSES)
     crop_pct = export.serving_crop_pct(model, str(run))  # as savedmodels/export.py does
-    path = export.export_saved_model(model, str(tmp_path / "exports"), crop_pct=crop_pct)
+    path = export.export_saved_model(model, str(tmp_path / "saved_model"), crop_pct=crop_pct)
     served = tf.saved_model.load(path).signatures["serving_bytes"]
     jpegs, labels = _validation_jpegs(records)
     answer = served(image_bytes=tf.constant(jpegs))

@@ -3,6 +3,7 @@ keras_t2t export code: each format loads in its runtime and gives Keras' logits 
 
 import numpy as np
 import pytest
+from conftest import tflite_op_names
 
 import keras_t2t
 from tests.conftest import TINY_ARCH
@@ -63,8 +64,6 @@ def test_openvino(golden_model, tmp_path):
 def test_litert_with_builtin_ops_only(golden_model, tmp_path):
     pytest.importorskip("ai_edge_litert")
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
-
-    from keras_t2t.export import tflite_op_names
 
     model, images, logits = golden_model
     path = str(tmp_path / "model.tflite")

@@ -4,6 +4,7 @@ The ONNX and OpenVINO models are checked against the Keras model's serving funct
 SavedModel's `serving_default` runs) on the golden checkpoints, whose logits are the official
 model's, at batch 1 and at a larger batch."""
 
+import importlib
 import pathlib
 import re
 
@@ -13,10 +14,15 @@ from conftest import export_cli, register_tiny_releases, shared_folder, tiny_mod
 
 tf = pytest.importorskip("tensorflow")
 from keras_t2t import export  # noqa: E402
+from keras_t2t.export.serving import image_size  # noqa: E402
+from savedmodels import export as cli  # noqa: E402
+from savedmodels import tf_serving  # noqa: E402
 
 ort = pytest.importorskip("onnxruntime")
 ov = pytest.importorskip("openvino")
 pytest.importorskip("tf2onnx")
+pytest.importorskip("onnx")
+from keras_t2t.export import onnx_rewrites  # noqa: E402
 
 TOLERANCE = 1e-4
 
@@ -45,7 +51,7 @@ def served(request, tmp_path_factory):
     core = ov.Core()
     return dict(
         model=model,
-        size=export.image_size(model),
+        size=image_size(model),
         onnx_path=onnx_path,
         onnx=ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"]),
         # The CPU plugin's default precision may be bf16 on CPUs that have it: ask for f32.
@@ -180,7 +186,7 @@ def test_onnx_layer_norm_fusion_keeps_the_values(reduce):
     x = np.random.default_rng(4).normal(scale=2.0, size=(2, 5, 6)).astype("float32")
     proto = _layer_norm_graph(reduce)
     before = ort.InferenceSession(proto.SerializeToString()).run(None, {"x": x})[0]
-    assert export._fuse_onnx_layer_norms(proto) == 1
+    assert onnx_rewrites.fuse_layer_norms(proto) == 1
     assert [n.op_type for n in proto.graph.node] == ["LayerNormalization"]
     onnx.checker.check_model(proto, full_check=True)
     after = ort.InferenceSession(proto.SerializeToString()).run(None, {"x": x})[0]
@@ -194,7 +200,7 @@ def test_onnx_layer_norm_fusion_keeps_the_values(reduce):
 
 def test_onnx_layer_norm_fusion_leaves_a_shared_intermediate_alone():
     proto = _layer_norm_graph(centered_is_output=True)
-    assert export._fuse_onnx_layer_norms(proto) == 0
+    assert onnx_rewrites.fuse_layer_norms(proto) == 0
     assert len(proto.graph.node) == 9
 
 
@@ -215,9 +221,7 @@ def test_float32_pixels_give_the_uint8_answers_and_non_finite_ones_no_class(tmp_
     probabilities said class 0 (F16). The other images of its batch keep their answers."""
     model = tiny_model()
     images = _images(3, 64, seed=5)
-    written = export.export(
-        model, str(tmp_path), formats=("onnx", "openvino"), input_dtype="float32"
-    )
+    written = cli.export(model, str(tmp_path), formats=("onnx", "openvino"), input_dtype="float32")
     session = ort.InferenceSession(written["onnx"], providers=["CPUExecutionProvider"])
     assert session.get_inputs()[0].type == "tensor(float)"
     expected = _reference(model, images)
@@ -259,7 +263,7 @@ def test_export_cli_counts_the_openvino_weights_in_its_size(tmp_path, monkeypatc
         (folder / f"{model.name}.bin").write_bytes(bytes(3 * 2**20))
         return {"openvino": str(folder / f"{model.name}.xml")}
 
-    monkeypatch.setattr(export, "export", fake_export)
+    monkeypatch.setattr(cli, "export", fake_export)
     code = export_cli().main(
         [
             "--model=t2t_vit_7",
@@ -274,16 +278,16 @@ def test_export_cli_counts_the_openvino_weights_in_its_size(tmp_path, monkeypatc
 
 
 def test_a_missing_converter_is_named_before_anything_is_written(tmp_path, monkeypatch):
-    real = export.importlib.import_module
+    real = importlib.import_module
 
     def without_tf2onnx(name, *args):
         if name == "tf2onnx":
             raise ImportError("No module named 'tf2onnx'")
         return real(name, *args)
 
-    monkeypatch.setattr(export.importlib, "import_module", without_tf2onnx)
+    monkeypatch.setattr(importlib, "import_module", without_tf2onnx)
     with pytest.raises(ImportError, match=r"pip install 'keras-t2t\[onnx\]'"):
-        export.export(tiny_model(), str(tmp_path / "out"), formats=("saved_model", "onnx"))
+        cli.export(tiny_model(), str(tmp_path / "out"), formats=("saved_model", "onnx"))
     assert not (tmp_path / "out").exists()
 
 
@@ -335,7 +339,7 @@ def test_export_cli_onnx_openvino_triton_and_batching(tmp_path, monkeypatch, cap
     assert declared == {"images"} | {o.name for o in session.get_outputs()}
     # TF Serving's batching file: fields of its BatchingParameters message
     # (tensorflow_serving/servables/tensorflow/session_bundle_config.proto), in text format.
-    text = (out / name / export.BATCHING_FILE).read_text()
+    text = (out / name / tf_serving.BATCHING_FILE).read_text()
     wrapped = dict(re.findall(r"^(\w+) \{ value: (\d+) \}$", text, re.M))
     allowed = [int(v) for v in re.findall(r"^allowed_batch_sizes: (\d+)$", text, re.M)]
     assert len(wrapped) + len(allowed) == len(text.strip().splitlines())

@@ -25,6 +25,8 @@ if __package__ in (None, ""):
 import numpy as np
 import tensorflow as tf
 
+from keras_t2t.export.image_bytes import op_error_reason
+from keras_t2t.imagenet import decode_rgb
 from training import data as data_lib
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
@@ -161,10 +163,8 @@ def folder_examples(input_dir, label_offset=1):
                 with open(path, "rb") as f:
                     data = f.read()
                 try:
-                    image = tf.io.decode_image(data, channels=3, expand_animations=False)
+                    image = decode_rgb(data)
                 except tf.errors.InvalidArgumentError as error:
-                    from keras_t2t.export import op_error_reason
-
                     reason = op_error_reason(error)
                     raise ValueError(
                         f"{path!r} is not a readable image: {reason.rstrip('.')}. Nothing "

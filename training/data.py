@@ -25,7 +25,7 @@ import time
 
 import tensorflow as tf
 
-from keras_t2t.imagenet import resize_and_center_crop
+from keras_t2t.imagenet import decode_rgb, resize_and_center_crop
 from training import augment
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -123,11 +123,6 @@ def check_label(label, num_classes, label_offset=0):
         return tf.identity(label)
 
 
-def decode(encoded):
-    """JPEG or PNG bytes -> uint8 RGB (grayscale and CMYK are converted)."""
-    return tf.io.decode_image(encoded, channels=3, expand_animations=False)
-
-
 def _crop_window(shape, scale_min, seed):
     """(begin, size) of an Inception-style crop of an image of `shape`: area in
     [scale_min, 1] of the image, aspect ratio in [3/4, 4/3] (`seed`: shape (2,))."""
@@ -156,7 +151,7 @@ def random_resized_crop(image, image_size, scale_min, seed):
             return tf.io.decode_and_crop_jpeg(image, window, channels=3)
 
         def other():
-            decoded = decode(image)
+            decoded = decode_rgb(image)
             begin, size = _crop_window(tf.shape(decoded), scale_min, seed)
             return tf.slice(decoded, begin, size)
 
@@ -280,7 +275,7 @@ def _examples(
 
     def parse(serialized):
         encoded, label = parse_record(serialized, num_classes, label_offset)
-        return (decode(encoded) if decode_images else encoded), label
+        return (decode_rgb(encoded) if decode_images else encoded), label
 
     return dataset.map(parse, num_parallel_calls=AUTOTUNE)
 
@@ -678,7 +673,7 @@ def checked_records(files, expected, cycle_length=16):
     def decoded(data):
         example = tf.io.parse_single_example(data, FEATURES)
         label = tf.cast(example["image/class/label"], tf.int32)
-        return decode(example["image/encoded"]), label
+        return decode_rgb(example["image/encoded"]), label
 
     def attempt(shard, index, record, read):
         one = tf.data.Dataset.from_tensors(record)

@@ -1,0 +1,117 @@
+"""The SavedModel: two signatures, stock TensorFlow ops only, loadable where neither keras nor
+keras_t2t can be imported.
+
+- `serving_default`: `images`, uint8 `[batch, size, size, 3]` RGB in [0, 255];
+- `serving_bytes`: `image_bytes`, string `[batch]` of image files (REST `{"b64": ...}`),
+  checked and preprocessed as the official evaluation (`image_bytes.decode_images`).
+
+Both return the named outputs of `serving.serving_fn`. TF Serving's folder layout, warmup
+requests and batching parameters are in `savedmodels/tf_serving.py`.
+"""
+
+import keras
+import tensorflow as tf
+
+from keras_t2t import inference
+from keras_t2t.export.files import replaced_whole
+from keras_t2t.export.image_bytes import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    check_max_image_pixels,
+    decode_images,
+)
+from keras_t2t.export.serving import (
+    check_crop_pct,
+    check_model,
+    image_size,
+    serving_crop_pct,
+    serving_fn,
+)
+
+# The `keras_t2t.inference.prepare` runtimes a SavedModel may be prepared for.
+SERVING_RUNTIMES = ("tensorflow", "tensorflow_onednn", "generic")
+
+
+def check_serving_runtime(serving_runtime):
+    """`serving_runtime`, checked: one of SERVING_RUNTIMES."""
+    if serving_runtime not in SERVING_RUNTIMES:
+        raise ValueError(
+            f"`serving_runtime` must be one of {', '.join(SERVING_RUNTIMES)}, received "
+            f"{serving_runtime!r}. Use 'tensorflow_onednn' for x86-64 Linux TF Serving or "
+            f"TensorFlow with oneDNN on (their default), 'tensorflow' for any other."
+        )
+    return serving_runtime
+
+
+def saved_model_archive(
+    model,
+    max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS,
+    crop_pct=None,
+    serving_runtime="tensorflow",
+):
+    """The `keras.export.ExportArchive` of `model`'s two signatures, to `write_out`.
+
+    `max_image_pixels` bounds the images `serving_bytes` decodes. `crop_pct` is the center
+    crop of `serving_bytes` (resize the short side to size / crop_pct); default: that of the
+    model's release (`weights="imagenet"`: 0.9; CIFAR: 1.0), else 0.9. Give a training run's
+    `--crop_pct` (`serving.serving_crop_pct`) so that served predictions are its evaluation's.
+    `serving_runtime`: the `keras_t2t.inference.prepare` runtime the signatures are traced
+    for, named for the serving machine (nothing is inferred from the exporting one):
+    "tensorflow" (default) for any TensorFlow or TF Serving host; "tensorflow_onednn" adds the
+    LayerNorm form that oneDNN fuses into one op, faster where oneDNN is on (TensorFlow's and
+    TF Serving's x86-64 Linux default), slower where it is off (Windows and macOS TensorFlow,
+    TF_ENABLE_ONEDNN_OPTS=0, GPUs); "generic" only the portable class-token block. The
+    signatures compute the model's outputs in every runtime.
+    """
+    check_model(model)
+    check_serving_runtime(serving_runtime)
+    max_image_pixels = check_max_image_pixels(max_image_pixels)
+    crop_pct = check_crop_pct(serving_crop_pct(model) if crop_pct is None else crop_pct)
+    size = image_size(model)
+    twin = inference.prepare(model, serving_runtime)
+    serve = serving_fn(twin)
+
+    def serve_pixels(images):
+        # The layers refuse another size too; this says so in the signature's own words.
+        return serve(tf.ensure_shape(images, [None, size, size, 3]))
+
+    def serve_bytes(image_bytes):
+        images = decode_images(image_bytes, size, crop_pct, max_pixels=max_image_pixels)
+        return serve(tf.cast(tf.clip_by_value(tf.round(images), 0, 255), tf.uint8))
+
+    archive = keras.export.ExportArchive()
+    archive.track(twin)
+    archive.add_endpoint(
+        "serving_default",
+        serve_pixels,
+        input_signature=[tf.TensorSpec([None, size, size, 3], tf.uint8, name="images")],
+    )
+    archive.add_endpoint(
+        "serving_bytes",
+        serve_bytes,
+        input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")],
+    )
+    return archive
+
+
+def export_saved_model(
+    model,
+    path,
+    max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS,
+    crop_pct=None,
+    serving_runtime="tensorflow",
+    overwrite=False,
+):
+    """Writes `model`'s SavedModel (`saved_model_archive`, see there for the arguments) to the
+    folder `path`; returns `path`. An existing `path` is refused unless `overwrite`, and then
+    replaced whole: the SavedModel is written under a temporary name and renamed when
+    complete. For TF Serving's `<name>/<version>/` layout with warmup requests, use
+    `savedmodels/tf_serving.py` (or `savedmodels/export.py`)."""
+    if tf.io.gfile.exists(path) and not overwrite:
+        raise ValueError(
+            f"{path} already exists: nothing was written. Pass overwrite=True to replace it, "
+            f"or choose another path."
+        )
+    archive = saved_model_archive(model, max_image_pixels, crop_pct, serving_runtime)
+    with replaced_whole(path) as staging:
+        archive.write_out(staging, verbose=False)
+    return path
