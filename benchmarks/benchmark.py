@@ -170,22 +170,27 @@ def load_official(model, official):
     return model
 
 
-def inference_paths(model, images, min_time):
-    """images/s of `model` on `images` through predict, tf.function and XLA."""
+INFERENCE_PATHS = ("predict", "predict_on_batch", "tf_function", "xla")
+
+
+def inference_paths(model, images, min_time, paths=INFERENCE_PATHS):
+    """images/s of `model` on `images` through `paths`: predict, predict_on_batch,
+    tf.function and XLA."""
     batch = images.shape[0]
-    function = tf.function(lambda x: model(x, training=False))
-    xla = tf.function(lambda x: model(x, training=False), jit_compile=True)
     tensor = tf.constant(images)
-    results = {}
-    results["predict"] = batch / timed(
-        lambda: model.predict(images, batch_size=batch, verbose=0), min_time
-    )
-    # The same compiled predict step, without predict's per-call tf.data pipeline and
-    # callbacks: what a user with one batch in hand should call.
-    results["predict_on_batch"] = batch / timed(lambda: model.predict_on_batch(images), min_time)
-    results["tf_function"] = batch / timed(lambda: function(tensor).numpy(), min_time)
-    results["xla"] = batch / timed(lambda: xla(tensor).numpy(), min_time)
-    return results
+    runners = {
+        "predict": lambda: model.predict(images, batch_size=batch, verbose=0),
+        # The same compiled predict step, without predict's per-call tf.data pipeline and
+        # callbacks: what a user with one batch in hand should call.
+        "predict_on_batch": lambda: model.predict_on_batch(images),
+    }
+    if "tf_function" in paths:
+        function = tf.function(lambda x: model(x, training=False))
+        runners["tf_function"] = lambda: function(tensor).numpy()
+    if "xla" in paths:
+        xla = tf.function(lambda x: model(x, training=False), jit_compile=True)
+        runners["xla"] = lambda: xla(tensor).numpy()
+    return {path: batch / timed(runners[path], min_time) for path in paths}
 
 
 def _without(runtime):
@@ -573,7 +578,15 @@ def run(args):
                     .uniform(0, 255, (batch, args.image_size, args.image_size, 3))
                     .astype("float32")
                 )
-                paths = inference_paths(model, images, args.min_time)
+                # --short: the float32 model through every path, the bfloat16 one through
+                # tf.function only (the same code with another policy).
+                short_bf16 = args.short and dtype == "bfloat16"
+                paths = inference_paths(
+                    model,
+                    images,
+                    args.min_time,
+                    ("tf_function",) if short_bf16 else INFERENCE_PATHS,
+                )
                 for path, ips in paths.items():
                     key = f"{dtype}/{path}/batch_{batch}"
                     entry["inference"][key] = dict(
@@ -683,7 +696,7 @@ def run(args):
             for part in ("model", "t2t"):
                 for side in args.memory_sizes:
                     batches = [args.memory_batch] + (
-                        [args.memory_batch // 2] if part == "model" else []
+                        [args.memory_batch // 2] if part == "model" and not args.short else []
                     )
                     for batch in batches:
                         memory = memory_of_training_step(name, side, batch, part)

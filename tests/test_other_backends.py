@@ -31,7 +31,8 @@ def test_the_portable_tests_pass_under_jax_and_torch(tmp_path):
     for backend in BACKENDS:
         env = dict(os.environ, KERAS_BACKEND=backend, KERAS_T2T_FOREIGN_KERAS=path)
         if backend == "jax":  # two CPU devices, for the DataParallel test
-            env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+            flags = [env.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=2"]
+            env["XLA_FLAGS"] = " ".join(flags).strip()
         processes[backend] = subprocess.Popen(
             [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", str(PORTABLE)],
             env=env,
