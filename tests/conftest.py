@@ -1,3 +1,4 @@
+import http.server
 import json
 import os
 import pathlib
@@ -104,6 +105,33 @@ def register_tiny_releases(monkeypatch=None, **overrides):
     for name, config in configs.items():
         monkeypatch.setitem(models.MODEL_CONFIGS, name, config)
     monkeypatch.setattr(pretrained, "RELEASES", releases)
+
+
+class QuietHTTPHandler(http.server.SimpleHTTPRequestHandler):
+    """A static file server's request handler that logs nothing."""
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def mirror(tmp_path):
+    """A local HTTP server of a folder (a copy of tests/data), a release mirror for
+    KERAS_T2T_WEIGHTS_URL (test_pretrained.py, test_finetune_deploy.py): yields (url, folder)."""
+    import functools
+    import shutil
+    import threading
+
+    folder = tmp_path / "mirror"
+    shutil.copytree(DATA, folder)
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(QuietHTTPHandler, directory=str(folder))
+    )
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/", folder
+    server.shutdown()
+    server.server_close()
 
 
 def tflite_op_names(flatbuffer):

@@ -142,7 +142,7 @@ def test_official_weights_and_the_converter_work_without_torch(tmp_path):
     import subprocess
     import sys
 
-    root = pathlib.Path(__file__).resolve().parents[1]
+    root = pathlib.Path(__file__).resolve().parents[2]
     dst = tmp_path / "tiny.weights.h5"
     result = subprocess.run(
         [sys.executable, "-c", NO_TORCH, str(dst)],

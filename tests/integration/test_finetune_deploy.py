@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from conftest import register_tiny_releases
-from test_pretrained import mirror  # noqa: F401  (a fixture)
 
 import keras_t2t
 from keras_t2t import export, pretrained
@@ -50,7 +49,7 @@ def _validation_jpegs(folder):
     return jpegs, np.array(labels)
 
 
-def test_finetune_from_imagenet_weights_then_serve(mirror, tmp_path, monkeypatch):  # noqa: F811
+def test_finetune_from_imagenet_weights_then_serve(mirror, tmp_path, monkeypatch):
     register_tiny_releases(monkeypatch)
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras_home"))
     monkeypatch.setenv(pretrained.URL_VARIABLE, mirror[0])

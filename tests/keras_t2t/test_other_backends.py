@@ -39,7 +39,7 @@ def test_the_portable_tests_pass_under_jax_and_torch(tmp_path):
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-            cwd=PORTABLE.parent.parent,
+            cwd=PORTABLE.parents[2],  # the repository's root
         )
     outputs = {}
     try:

@@ -1,14 +1,15 @@
 """Checks that need two replicas, in a fresh process with two logical CPU devices (TF's
-device list is fixed at its first use). Prints one JSON object; `tests/test_distributed.py`
-reads it. Usage: python tests/_two_replicas.py [JOBS_JSON]
+device list is fixed at its first use). Prints one JSON object;
+`tests/training/test_distributed.py` reads it. Usage:
+python tests/training/_two_replicas.py [JOBS_JSON]
 
 JOBS_JSON: {"mirrored": [CONFIG, OUT_NPZ], "indivisible": [CONFIG, OUT_NPZ]}, training jobs of
-`tests/_train_worker.py` (CONFIG as there) under the two replicas: "mirrored" is trained
-(its weights saved as there), "indivisible" is expected to be refused."""
+`tests/training/_train_worker.py` (CONFIG as there) under the two replicas: "mirrored" is
+trained (its weights saved as there), "indivisible" is expected to be refused."""
 
 import argparse
 import json
-import os
+import pathlib
 import sys
 
 import numpy as np
@@ -16,7 +17,7 @@ import tensorflow as tf
 
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))  # the repository's root
 
 import keras  # noqa: E402
 

@@ -1,6 +1,6 @@
 """Training on CPU: a few steps, MultiWorkerMirroredStrategy agreement, kill-and-resume,
 preemption, bad input, and the embedded default's accuracy. (MirroredStrategy against one
-device: tests/test_distributed.py.)
+device: tests/training/test_distributed.py.)
 
 Processes of their own only where a fresh process is the point: TF_CONFIG workers, SIGTERM
 and SIGKILL, the README's command. The tests of the loop around the steps (checkpoints,
@@ -31,8 +31,8 @@ from training import checkpoints as checkpoints_lib
 from training.config import Config, checkpoint_interval, recipe, resolve
 from training.errors import Preempted, TrainingError, is_data_error
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-WORKER = ROOT / "tests" / "_train_worker.py"
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+WORKER = pathlib.Path(__file__).resolve().parent / "_train_worker.py"  # beside this file
 TRAIN = ROOT / "training" / "train_imagenet.py"
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(ROOT))
 

@@ -4,6 +4,7 @@ KERAS_BACKEND set). Nothing here may need TensorFlow."""
 
 import gc
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -216,7 +217,7 @@ for module in ("keras_t2t.export", "training.trainer"):
 
 @pytest.mark.skipif(BACKEND == "tensorflow", reason="TensorFlow is the backend here")
 def test_no_tensorflow_imported_and_the_tf_programs_say_so():
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = pathlib.Path(__file__).resolve().parents[2]  # the repository's root
     result = subprocess.run(
         [sys.executable, "-c", NOT_TENSORFLOW],
         capture_output=True,

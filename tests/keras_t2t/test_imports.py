@@ -14,7 +14,7 @@ import pathlib
 import pytest
 
 PACKAGE = "keras_t2t"
-ROOT = pathlib.Path(__file__).resolve().parents[1] / PACKAGE
+ROOT = pathlib.Path(__file__).resolve().parents[2] / PACKAGE
 
 
 def module_files(root=ROOT, package=PACKAGE):

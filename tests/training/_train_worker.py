@@ -1,17 +1,17 @@
 """Runs one training job in its own process, for the tests that need a fresh TensorFlow
-(TF_CONFIG: the workers of tests/test_training.py). Usage:
-python tests/_train_worker.py CONFIG_JSON OUT_NPZ
+(TF_CONFIG: the workers of tests/training/test_training.py). Usage:
+python tests/training/_train_worker.py CONFIG_JSON OUT_NPZ
 
 Prints "REPLICAS r STEP s" when the job ends, or "TrainingError: ..." (exit 3), or the
 `Preempted` message after a SIGTERM (exit 143, as train_imagenet.py). `run_job` is the job
-itself, also called in the tests' own process (tests/test_distributed.py) and by
-tests/_two_replicas.py."""
+itself, also called in the tests' own process (tests/training/test_distributed.py) and by
+tests/training/_two_replicas.py."""
 
 import json
-import os
+import pathlib
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))  # the repository's root
 
 
 def run_job(config, out):

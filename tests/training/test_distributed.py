@@ -1,8 +1,8 @@
 """Correctness with more than one replica (issue #10): loss-scale overflow on one replica,
 per-replica drop-path masks, the per-replica EMA, MirroredStrategy training against one
 device, per-pipeline input seeds and equal evaluation batches on every host. The replica
-checks run in one fresh process with two logical CPU devices (`tests/_two_replicas.py`),
-once per session."""
+checks run in one fresh process with two logical CPU devices
+(`tests/training/_two_replicas.py`), once per session."""
 
 import json
 import os
@@ -18,7 +18,8 @@ from conftest import shared_folder, tiny_train_config
 
 from training import build_tfrecords, data
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+TWO_REPLICAS = pathlib.Path(__file__).resolve().parent / "_two_replicas.py"  # beside this file
 # The same training on one device and on two replicas: the same data and initial weights.
 SAME_RUN = dict(
     mode="train",
@@ -32,7 +33,7 @@ SAME_RUN = dict(
 
 @pytest.fixture(scope="module")
 def two_replicas(tiny_records, tmp_path_factory):
-    """The results of `tests/_two_replicas.py`, with "folder" (where its jobs wrote)."""
+    """The results of `tests/training/_two_replicas.py`, with "folder" (where its jobs wrote)."""
 
     def build(folder):
         jobs = dict(
@@ -49,7 +50,7 @@ def two_replicas(tiny_records, tmp_path_factory):
         )
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(ROOT))
         result = subprocess.run(
-            [sys.executable, str(ROOT / "tests" / "_two_replicas.py"), json.dumps(jobs)],
+            [sys.executable, str(TWO_REPLICAS), json.dumps(jobs)],
             env=env,
             capture_output=True,
             text=True,

@@ -19,7 +19,7 @@ from keras_t2t import layers as t2t_layers
 
 tf = pytest.importorskip("tensorflow")
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 SPEC = tf.TensorSpec((None, 32, 32, 3))  # a SavedModel's unknown batch
 LAST_BLOCK = "blocks_6"  # T2T-ViT-7's
 

@@ -17,7 +17,7 @@ import keras_t2t
 from keras_t2t import explain, reference
 from keras_t2t import weights as weights_lib
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _golden_model(golden, **kwargs):

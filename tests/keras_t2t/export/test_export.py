@@ -24,7 +24,7 @@ from keras_t2t.export.serving import image_size
 from savedmodels import export as cli
 from savedmodels import tf_serving
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[3]
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(ROOT))
 
 

@@ -1,6 +1,5 @@
 """weights="imagenet": the release table, download through a mirror, integrity, the cache."""
 
-import functools
 import hashlib
 import http.server
 import json
@@ -16,12 +15,12 @@ import threading
 
 import numpy as np
 import pytest
-from conftest import DATA, GOLDEN, WITHOUT_TORCH, register_tiny_releases
+from conftest import DATA, GOLDEN, WITHOUT_TORCH, QuietHTTPHandler, register_tiny_releases
 
 import keras_t2t
 from keras_t2t import download, models, pretrained
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 REFERENCE_RELEASES = {  # the paper's table and the official README's links
     ("t2t_vit_7", "imagenet", 224): ("71.7_T2T_ViT_7.pth.tar", 71.7),
     ("t2t_vit_10", "imagenet", 224): ("75.2_T2T_ViT_10.pth.tar", 75.2),
@@ -86,24 +85,7 @@ def test_custom_architecture_cannot_take_a_release_name():
 # --- download, cache, integrity -------------------------------------------------------------
 
 
-class _Quiet(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def mirror(tmp_path):
-    """A local HTTP server of a folder (a copy of tests/data): yields (url, folder)."""
-    folder = tmp_path / "mirror"
-    shutil.copytree(DATA, folder)
-    server = http.server.ThreadingHTTPServer(
-        ("127.0.0.1", 0), functools.partial(_Quiet, directory=str(folder))
-    )
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/", folder
-    server.shutdown()
-    server.server_close()
+# `mirror` (a local HTTP server of a copy of tests/data: (url, folder)) is conftest.py's.
 
 
 def closed_port_url():
@@ -480,7 +462,7 @@ def test_fetch_tries_again_after_a_server_error(tmp_path, monkeypatch):
     body = os.urandom(3000)
     statuses = [503, 200]
 
-    class Flaky(_Quiet):
+    class Flaky(QuietHTTPHandler):
         def do_GET(self):
             status = statuses.pop(0) if statuses else 404
             self.send_response(status)
