@@ -287,7 +287,8 @@ def serving_session(saved_model, inter_op_threads=1):
 def engine_paths(model, batches, min_time, official=None):
     """images/s of the exported model where it is deployed, on uint8 pixels (`batches`: a list
     of float32 image batches): the SavedModel's `serving_default` (what TF Serving runs; loaded
-    with `tf.saved_model.load`, and as TF Serving loads it, `serving_session`), ONNX
+    with `tf.saved_model.load`, and as TF Serving loads it, `serving_session`; float32, and
+    bfloat16 with `compute_dtype="bfloat16"`), ONNX
     Runtime (float32) and OpenVINO (float32, and bfloat16 through INFERENCE_PRECISION_HINT).
     With `official` (the official PyTorch model, `official_model`, holding `model`'s weights):
     it too, eager under `torch.no_grad` and converted to OpenVINO from PyTorch (as OpenVINO's
@@ -308,15 +309,24 @@ def engine_paths(model, batches, min_time, official=None):
     }
     runners = {}
     with tempfile.TemporaryDirectory() as folder:
-        for runtime, suffix in (("tensorflow", ""), ("tensorflow_onednn", "_onednn")):
+        saved_models = (  # (runtime, compute dtype, row suffix)
+            ("tensorflow", "float32", ""),
+            ("tensorflow_onednn", "float32", "_onednn"),
+            ("tensorflow", "bfloat16", ""),
+        )
+        for runtime, dtype, suffix in saved_models:
             saved = export.export_saved_model(
-                model, os.path.join(folder, f"m{suffix}"), serving_runtime=runtime
+                model,
+                os.path.join(folder, f"m_{dtype}{suffix}"),
+                serving_runtime=runtime,
+                compute_dtype=dtype,
             )
             signature = tf.saved_model.load(saved).signatures["serving_default"]
-            runners[f"float32/serving_default{suffix}"] = lambda x, s=signature: s(
+            runners[f"{dtype}/serving_default{suffix}"] = lambda x, s=signature: s(
                 images=tf.constant(x)
             )["probabilities"].numpy()
-            runners[f"float32/serving_session{suffix}"] = serving_session(saved)
+            if dtype == "float32":
+                runners[f"{dtype}/serving_session{suffix}"] = serving_session(saved)
         try:
             import onnxruntime as ort
         except ImportError:

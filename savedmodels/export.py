@@ -36,6 +36,7 @@ from keras_t2t.export.serving import (
     check_model,
     serving_crop_pct,
 )
+from keras_t2t.inference import check_compute_dtype
 from keras_t2t.models import model_for_command_line
 from savedmodels import tf_serving
 from savedmodels.triton import export_triton
@@ -104,15 +105,16 @@ def export(
     input_dtype="uint8",
     triton=False,
     serving_runtime="tensorflow",
+    compute_dtype="float32",
 ):
     """Writes the chosen formats under `output_dir`; returns `{artifact: path}`.
 
     The SavedModel is written in TF Serving's layout by `tf_serving.export` (`<name>/<version>/`,
     the first 4 `representative_images` as warmup requests, `batching_parameters.txt` beside
     the version folders); see `keras_t2t.export.saved_model_archive` for `max_image_pixels`,
-    `crop_pct` and `serving_runtime` (the SavedModel's; each other format is prepared for its
-    runtime). `representative_images` (uint8 `[n, size, size, 3]`) also calibrate the full
-    int8 TFLite model, which is written only with them.
+    `crop_pct`, `serving_runtime` and `compute_dtype` (the SavedModel's; each other format is
+    prepared for its runtime, in float32). `representative_images` (uint8
+    `[n, size, size, 3]`) also calibrate the full int8 TFLite model, written only with them.
     `input_dtype` is that of the ONNX and OpenVINO inputs; `triton` also writes a Triton
     model repository (`output_dir/triton/<name>/`) around the ONNX model.
     Each format's output (the SavedModel's version folder, `<name>_tflite/`, `<name>.onnx`,
@@ -133,6 +135,7 @@ def export(
     check_input_dtype(input_dtype)
     check_serving_runtime(serving_runtime)
     check_model(model)
+    check_compute_dtype(compute_dtype, model)
     name = name or model.name
     paths = {}
     if "saved_model" in formats and representative_images is not None:
@@ -177,6 +180,7 @@ def export(
             max_image_pixels,
             crop_pct,
             serving_runtime,
+            compute_dtype,
         )
         written["tf_serving_batching"] = os.path.join(output_dir, name, tf_serving.BATCHING_FILE)
     if "tflite" in formats:
@@ -266,6 +270,13 @@ def main(argv=None):
         "or TensorFlow with oneDNN on, their default: LayerNorms as one oneDNN op, slower "
         "where oneDNN is off)",
     )
+    parser.add_argument(
+        "--compute_dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="what the SavedModel computes in: bfloat16 for serving CPUs with bfloat16 units "
+        "(AVX-512 BF16, AMX), slower on others; inputs and outputs stay uint8/bytes and float32",
+    )
     args = parser.parse_args(argv)
     formats = [f.strip() for f in args.format.split(",") if f.strip()]
     max_image_pixels = args.max_image_pixels
@@ -316,6 +327,7 @@ def main(argv=None):
             input_dtype=args.input_dtype,
             triton=args.triton,
             serving_runtime=args.serving_runtime,
+            compute_dtype=args.compute_dtype,
         )
     except (ValueError, ImportError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -84,12 +84,13 @@ def export(
     max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS,
     crop_pct=None,
     serving_runtime="tensorflow",
+    compute_dtype="float32",
 ):
     """Writes `export_dir/<name>/<version>/` for TF Serving, and `batching_parameters.txt`
     beside the version folders; returns the version folder.
 
     The SavedModel is `keras_t2t.export.saved_model_archive(model, max_image_pixels,
-    crop_pct, serving_runtime)`. `warmup_images` (uint8 `[n, size, size, 3]`) become
+    crop_pct, serving_runtime, compute_dtype)`. `warmup_images` (uint8 `[n, size, size, 3]`) become
     `assets.extra/` warmup requests. An existing version folder is refused unless
     `overwrite`, and then replaced whole. The folder is written under a temporary name and
     renamed when complete, so TF Serving, which loads numbered folders as they appear, never
@@ -106,7 +107,7 @@ def export(
         )
     if warmup_images is not None:
         prediction_log_protos()  # missing: refused before anything is built or written
-    archive = saved_model_archive(model, max_image_pixels, crop_pct, serving_runtime)
+    archive = saved_model_archive(model, max_image_pixels, crop_pct, serving_runtime, compute_dtype)
     with replaced_whole(path) as staging:
         archive.write_out(staging, verbose=False)
         if warmup_images is not None:

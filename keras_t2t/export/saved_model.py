@@ -47,6 +47,7 @@ def saved_model_archive(
     max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS,
     crop_pct=None,
     serving_runtime="tensorflow",
+    compute_dtype="float32",
 ):
     """The `keras.export.ExportArchive` of `model`'s two signatures, to `write_out`.
 
@@ -61,13 +62,18 @@ def saved_model_archive(
     TF Serving's x86-64 Linux default), slower where it is off (Windows and macOS TensorFlow,
     TF_ENABLE_ONEDNN_OPTS=0, GPUs); "generic" only the portable class-token block. The
     signatures compute the model's outputs in every runtime.
+    `compute_dtype="bfloat16"`: the T2T module and the backbone hold their weights and compute
+    in bfloat16 (`keras_t2t.inference.prepare`), for serving CPUs with bfloat16 units (AVX-512
+    BF16, AMX); the inputs and outputs stay as they are (uint8 images or bytes in, float32
+    probabilities out). On a CPU without bfloat16 units it runs slower than float32.
     """
     check_model(model)
     check_serving_runtime(serving_runtime)
+    inference.check_compute_dtype(compute_dtype, model)
     max_image_pixels = check_max_image_pixels(max_image_pixels)
     crop_pct = check_crop_pct(serving_crop_pct(model) if crop_pct is None else crop_pct)
     size = image_size(model)
-    twin = inference.prepare(model, serving_runtime)
+    twin = inference.prepare(model, serving_runtime, compute_dtype=compute_dtype)
     serve = serving_fn(twin)
 
     def serve_pixels(images):
@@ -100,6 +106,7 @@ def export_saved_model(
     crop_pct=None,
     serving_runtime="tensorflow",
     overwrite=False,
+    compute_dtype="float32",
 ):
     """Writes `model`'s SavedModel (`saved_model_archive`, see there for the arguments) to the
     folder `path`; returns `path`. An existing `path` is refused unless `overwrite`, and then
@@ -111,7 +118,7 @@ def export_saved_model(
             f"{path} already exists: nothing was written. Pass overwrite=True to replace it, "
             f"or choose another path."
         )
-    archive = saved_model_archive(model, max_image_pixels, crop_pct, serving_runtime)
+    archive = saved_model_archive(model, max_image_pixels, crop_pct, serving_runtime, compute_dtype)
     with replaced_whole(path) as staging:
         archive.write_out(staging, verbose=False)
     return path

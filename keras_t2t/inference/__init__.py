@@ -18,6 +18,12 @@ or save it (save `model`). Transforms, each with an ablation row in `benchmarks/
 - `onednn_layer_norm`: LayerNorms in the form TensorFlow's oneDNN build fuses into one op
   (`OneDNNLayerNorm`); 4x slower where oneDNN is off.
 - `split_qkv`: q, k and v from their own matmuls, with no run-time split (OpenVINO, ONNX).
+
+`compute_dtype="bfloat16"` makes a twin whose Tokens-to-Token module and backbone hold their
+weights and compute in bfloat16 (the `"bfloat16"` dtype policy), for CPUs with bfloat16 units
+(AVX-512 BF16, AMX) and TPUs: the layers keep their float32 islands (the performer's random
+features, the softmax, the LayerNorm statistics), and the preprocessing, the final LayerNorm,
+the pooling and the head stay float32, so the outputs are float32.
 """
 
 import keras
@@ -35,6 +41,7 @@ from keras_t2t.inference.layers import (
 from keras_t2t.models import TokenPooling
 
 __all__ = [
+    "COMPUTE_DTYPES",
     "RUNTIMES",
     "TRANSFORMS",
     "ClassTokenBlock",
@@ -49,6 +56,17 @@ __all__ = [
 ]
 
 TRANSFORMS = ("class_token_block", "extract_patches", "slices", "onednn_layer_norm", "split_qkv")
+COMPUTE_DTYPES = ("float32", "bfloat16")
+# The layers of a bfloat16 twin that compute in bfloat16: everything between the
+# preprocessing and the final LayerNorm (the class token, the position table and the dropout
+# after it too, so that the token sequence is bfloat16 from the start).
+_BFLOAT16_LAYERS = (
+    t2t_layers.T2TModule,
+    t2t_layers.TransformerBlock,
+    t2t_layers.ClassToken,
+    t2t_layers.PositionEmbedding,
+    keras.layers.Dropout,
+)
 
 # What each runtime takes. "tensorflow" is for any TensorFlow or TF Serving host;
 # "tensorflow_onednn" for x86-64 Linux ones with oneDNN on (TensorFlow's and TF Serving's
@@ -127,12 +145,39 @@ def class_token_blocks(model):
     return names
 
 
-def _clone_function(model, transforms):
+def check_compute_dtype(compute_dtype, model=None):
+    """`compute_dtype`, checked: one of COMPUTE_DTYPES; "bfloat16" only for a model that is
+    not quantized (its quantized layers compute in their own dtype)."""
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise ValueError(
+            f"`compute_dtype` must be one of {', '.join(COMPUTE_DTYPES)}, received "
+            f"{compute_dtype!r}."
+        )
+    if compute_dtype == "bfloat16" and model is not None:
+        quantized = sorted(
+            {
+                layer.quantization_mode
+                for layer in model._flatten_layers(include_self=False)
+                if getattr(layer, "quantization_mode", None)
+            }
+        )
+        if quantized:
+            raise ValueError(
+                f"compute_dtype='bfloat16' takes a float model; this one is quantized "
+                f"({', '.join(quantized)}). Prepare the model before `quantize`, or keep "
+                f"compute_dtype='float32'."
+            )
+    return compute_dtype
+
+
+def _clone_function(model, transforms, compute_dtype="float32"):
     blocks = set(class_token_blocks(model)) if "class_token_block" in transforms else set()
     soft_splits = [_SOFT_SPLITS[t] for t in transforms if t in _SOFT_SPLITS]
 
     def clone(layer):
         config = layer.get_config()
+        if compute_dtype == "bfloat16" and isinstance(layer, _BFLOAT16_LAYERS):
+            config["dtype"] = "bfloat16"
         if layer.name in blocks:
             return ClassTokenBlock.from_config(config)
         if soft_splits and isinstance(layer, t2t_layers.T2TModule):
@@ -152,13 +197,15 @@ def _swap_classes(twin, transforms):
             layer.__class__ = _SPLIT_QKV[type(layer)]
 
 
-def prepare(model, runtime="generic", transforms=None):
+def prepare(model, runtime="generic", transforms=None, compute_dtype="float32"):
     """A twin of `model` with `runtime`'s transforms (`RUNTIMES`), or with `transforms` (names
     from `TRANSFORMS`) where given: the same outputs (to float rounding), for inference only.
 
     `model` is a functional or Sequential Keras model (every keras_t2t builder's, and models
     built around them); it is left as it is. Transforms that find nothing to change in it are
-    skipped, so `prepare` takes any model.
+    skipped, so `prepare` takes any model. `compute_dtype="bfloat16"`: the T2T module and the
+    backbone in bfloat16 (see the module's docstring); the outputs then differ from
+    float32's by bfloat16 rounding.
     """
     check_runtime(runtime)
     transforms = _check_transforms(RUNTIMES[runtime] if transforms is None else transforms)
@@ -167,7 +214,9 @@ def prepare(model, runtime="generic", transforms=None):
             f"`prepare` takes a functional or Sequential Keras model, received "
             f"{type(model).__name__}."
         )
-    twin = keras.models.clone_model(model, clone_function=_clone_function(model, transforms))
+    check_compute_dtype(compute_dtype, model)
+    clone = _clone_function(model, transforms, compute_dtype)
+    twin = keras.models.clone_model(model, clone_function=clone)
     _swap_classes(twin, transforms)
     twin.set_weights(model.get_weights())
     return twin

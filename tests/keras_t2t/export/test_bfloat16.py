@@ -1,0 +1,102 @@
+"""The bfloat16 SavedModel (#25): its graph computes the backbone's matmuls in bfloat16, and
+its outputs stay those of the float32 SavedModel on the golden checkpoints."""
+
+import numpy as np
+import pytest
+
+import keras_t2t
+from tests.conftest import DATA, GOLDEN, TINY_ARCH
+
+tf = pytest.importorskip("tensorflow")
+from keras_t2t import export, inference  # noqa: E402
+from keras_t2t.imagenet import normalization  # noqa: E402
+
+MATMULS = ("MatMul", "BatchMatMulV2", "BatchMatMulV3", "_FusedMatMul", "Einsum", "Conv2D")
+MIN_COSINE = 0.99  # of the centered log-probabilities (the logits, up to a constant)
+
+
+def _golden_pixels_and_model(name):
+    """The golden checkpoint `name` as a classifier that normalizes inside, and its images as
+    uint8 pixels (the golden images are normalized)."""
+    entry = GOLDEN[name]
+    io = np.load(DATA / entry["io"])
+    normalized = io["images_nchw"].transpose(0, 2, 3, 1)
+    scale, offset = normalization()
+    pixels = np.clip(np.round((normalized - offset) / scale), 0, 255).astype(np.uint8)
+    model = keras_t2t.T2TViT(
+        **TINY_ARCH, tokens_type=entry["tokens_type"], weights=str(DATA / entry["checkpoint"])
+    )
+    return model, pixels
+
+
+def _matmul_dtypes(concrete):
+    """{node name: dtype} of the matmuls and convolutions that `concrete` runs, its function
+    library included."""
+    graph = concrete.graph.as_graph_def()
+    nodes = list(graph.node) + [n for f in graph.library.function for n in f.node_def]
+    found = {}
+    for node in nodes:
+        if node.op in MATMULS:
+            attr = node.attr["T"] if "T" in node.attr else node.attr["Ta"]
+            found[node.name] = tf.as_dtype(attr.type).name
+    return found
+
+
+@pytest.fixture(scope="module", params=sorted(GOLDEN))
+def saved_models(request, tmp_path_factory):
+    model, pixels = _golden_pixels_and_model(request.param)
+    folder = tmp_path_factory.mktemp(f"bf16_{request.param}")
+    paths = {
+        dtype: export.export_saved_model(model, str(folder / dtype), compute_dtype=dtype)
+        for dtype in ("float32", "bfloat16")
+    }
+    return {dtype: tf.saved_model.load(path) for dtype, path in paths.items()}, pixels, model
+
+
+def test_the_bfloat16_saved_model_computes_its_matmuls_in_bfloat16(saved_models):
+    loaded, _, model = saved_models
+    for signature in ("serving_default", "serving_bytes"):
+        dtypes = _matmul_dtypes(loaded["bfloat16"].signatures[signature])
+        in_blocks = {n: d for n, d in dtypes.items() if "blocks_" in n}
+        # qkv, the attention's two batched matmuls, proj, fc1, fc2: per block, bfloat16.
+        assert len(in_blocks) >= 6 * len(
+            [layer for layer in model.layers if layer.name.startswith("blocks_")]
+        ), sorted(dtypes)
+        assert set(in_blocks.values()) == {"bfloat16"}, in_blocks
+        # float32 only in the T2T attention's float32 island and the head.
+        float32 = [n for n, d in dtypes.items() if d == "float32"]
+        assert all("/tokens_to_token" in n or "/head" in n for n in float32), float32
+        assert sum(d == "bfloat16" for d in dtypes.values()) > 2 * len(float32), dtypes
+    assert set(_matmul_dtypes(loaded["float32"].signatures["serving_default"]).values()) == {
+        "float32"
+    }
+
+
+def test_the_bfloat16_saved_model_keeps_the_float32_outputs(saved_models):
+    loaded, pixels, _ = saved_models
+    outputs = {
+        dtype: saved.signatures["serving_default"](images=tf.constant(pixels))
+        for dtype, saved in loaded.items()
+    }
+    assert outputs["bfloat16"]["probabilities"].dtype == tf.float32
+    log_probabilities = []
+    for dtype in ("float32", "bfloat16"):
+        logs = np.log(outputs[dtype]["probabilities"].numpy().astype("float64"))
+        log_probabilities.append(logs - logs.mean(-1, keepdims=True))
+    a, b = log_probabilities
+    cosine = np.sum(a * b, -1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+    assert cosine.min() >= MIN_COSINE, cosine
+    np.testing.assert_allclose(
+        outputs["bfloat16"]["probabilities"].numpy(),
+        outputs["float32"]["probabilities"].numpy(),
+        atol=0.02,
+    )
+
+
+def test_bfloat16_is_refused_for_a_quantized_model_and_an_unknown_dtype():
+    model = keras_t2t.T2TViT(**TINY_ARCH, input_shape=(32, 32, 3), classes=3)
+    with pytest.raises(ValueError, match="`compute_dtype` must be one of float32, bfloat16"):
+        inference.prepare(model, compute_dtype="float16")
+    model.quantize("int8")
+    with pytest.raises(ValueError, match=r"takes a float model; this one is quantized \(int8\)"):
+        inference.prepare(model, compute_dtype="bfloat16")
