@@ -29,6 +29,9 @@ from keras_t2t.export.serving import (
 
 # The `keras_t2t.inference.prepare` runtimes a SavedModel may be prepared for.
 SERVING_RUNTIMES = ("tensorflow", "tensorflow_onednn", "generic")
+# What a bfloat16 SavedModel adds to its runtime's transforms: MatMuls fused with their bias
+# adds and GELUs (in bfloat16 those are slow ops on their own; `benchmarks/op_profile.py`).
+BFLOAT16_TRANSFORMS = ("rows",)
 
 
 def check_serving_runtime(serving_runtime):
@@ -48,6 +51,7 @@ def saved_model_archive(
     crop_pct=None,
     serving_runtime="tensorflow",
     compute_dtype="float32",
+    transforms=None,
 ):
     """The `keras.export.ExportArchive` of `model`'s two signatures, to `write_out`.
 
@@ -66,6 +70,8 @@ def saved_model_archive(
     in bfloat16 (`keras_t2t.inference.prepare`), for serving CPUs with bfloat16 units (AVX-512
     BF16, AMX); the inputs and outputs stay as they are (uint8 images or bytes in, float32
     probabilities out). On a CPU without bfloat16 units it runs slower than float32.
+    `transforms`: the `keras_t2t.inference.TRANSFORMS` to apply instead of the runtime's
+    (`inference.RUNTIMES[serving_runtime]`, plus BFLOAT16_TRANSFORMS in bfloat16).
     """
     check_model(model)
     check_serving_runtime(serving_runtime)
@@ -73,7 +79,11 @@ def saved_model_archive(
     max_image_pixels = check_max_image_pixels(max_image_pixels)
     crop_pct = check_crop_pct(serving_crop_pct(model) if crop_pct is None else crop_pct)
     size = image_size(model)
-    twin = inference.prepare(model, serving_runtime, compute_dtype=compute_dtype)
+    if transforms is None:
+        transforms = inference.RUNTIMES[serving_runtime]
+        if compute_dtype == "bfloat16":
+            transforms += BFLOAT16_TRANSFORMS
+    twin = inference.prepare(model, transforms=transforms, compute_dtype=compute_dtype)
     serve = serving_fn(twin)
 
     def serve_pixels(images):
@@ -107,6 +117,7 @@ def export_saved_model(
     serving_runtime="tensorflow",
     overwrite=False,
     compute_dtype="float32",
+    transforms=None,
 ):
     """Writes `model`'s SavedModel (`saved_model_archive`, see there for the arguments) to the
     folder `path`; returns `path`. An existing `path` is refused unless `overwrite`, and then
@@ -118,7 +129,9 @@ def export_saved_model(
             f"{path} already exists: nothing was written. Pass overwrite=True to replace it, "
             f"or choose another path."
         )
-    archive = saved_model_archive(model, max_image_pixels, crop_pct, serving_runtime, compute_dtype)
+    archive = saved_model_archive(
+        model, max_image_pixels, crop_pct, serving_runtime, compute_dtype, transforms
+    )
     with replaced_whole(path) as staging:
         archive.write_out(staging, verbose=False)
     return path

@@ -178,3 +178,34 @@ def tensorflow_fuses_layer_norm():
     return any(
         node.op == "_MklLayerNorm" for part in metadata.partition_graphs for node in part.node
     )
+
+
+@_register
+class RowsDense(keras.layers.Dense):
+    """A Dense layer that computes on the tokens as 2-D rows `(batch * tokens, channels)`: one
+    MatMul with its bias add beside it, which TensorFlow's oneDNN build fuses into one op
+    (a 3-D input goes through a reshape between the two)."""
+
+    def call(self, inputs, training=None):
+        if len(inputs.shape) <= 2:
+            return super().call(inputs, training=training)
+        shape = ops.shape(inputs)
+        rows = ops.reshape(inputs, (-1, inputs.shape[-1]))
+        outputs = super().call(rows, training=training)
+        return ops.reshape(outputs, (*shape[:-1], self.units))
+
+
+@_register
+class RowsMlp(t2t_layers.Mlp):
+    """`Mlp` on 2-D rows: fc1, its bias and the GELU, then fc2, with no reshape between them,
+    so that TensorFlow's oneDNN build fuses each MatMul with its bias (and the GELU)."""
+
+    def call(self, inputs, training=None):
+        shape = ops.shape(inputs)
+        x = ops.reshape(inputs, (-1, inputs.shape[-1]))
+        x = t2t_layers.gelu(keras.layers.Dense.call(self.fc1, x))
+        if self.hidden_dropout:
+            x = self.dropout(x, training=training)
+        x = keras.layers.Dense.call(self.fc2, x)
+        x = ops.reshape(x, (*shape[:-1], self.fc2.units))
+        return self.dropout(x, training=training)

@@ -113,6 +113,15 @@ def test_prepare_gives_the_models_outputs_for_every_runtime(classifier, runtime)
         assert "Split" in classifier.ops and not {"Split", "SplitV", "Unpack"} & set(ops_)
 
 
+def test_rows_computes_the_dense_layers_on_2d_rows_with_the_same_outputs(classifier):
+    twin = inference.prepare(classifier.model, transforms=("rows",))
+    logits, _, _ = _traced(twin, classifier.images)
+    np.testing.assert_allclose(logits, classifier.logits, rtol=1e-5, atol=1e-5)
+    twin_types = set(_layer_types(twin))
+    assert {inference.RowsMlp, inference.RowsDense} <= twin_types
+    assert t2t_layers.Mlp not in twin_types and keras.layers.Dense not in twin_types
+
+
 def test_class_token_blocks_is_the_last_block_of_a_class_token_reader_only(classifier):
     model = classifier.model
     assert inference.class_token_blocks(model) == [LAST_BLOCK]
