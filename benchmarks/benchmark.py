@@ -313,6 +313,7 @@ def engine_paths(model, batches, min_time, official=None):
             ("tensorflow", "float32", ""),
             ("tensorflow_onednn", "float32", "_onednn"),
             ("tensorflow", "bfloat16", ""),
+            ("tensorflow_onednn", "bfloat16", "_onednn"),
         )
         for runtime, dtype, suffix in saved_models:
             saved = export.export_saved_model(

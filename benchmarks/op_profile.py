@@ -62,6 +62,7 @@ def main(argv=None):
     parser.add_argument("--image_size", type=int, default=224)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--variants", default="float32,bfloat16,bfloat16-rows")
+    parser.add_argument("--serving_runtime", default="tensorflow", choices=list(inference.RUNTIMES))
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=4.0, help="per variant and round")
     parser.add_argument("--top", type=int, default=15, help="op types to list per variant")
@@ -73,7 +74,7 @@ def main(argv=None):
     runners, outputs = {}, {}
     for variant in args.variants.split(","):
         dtype, _, without = variant.partition("-")
-        transforms = inference.RUNTIMES["tensorflow"]
+        transforms = inference.RUNTIMES[args.serving_runtime]
         if dtype == "bfloat16":
             transforms += tuple(t for t in saved_model.BFLOAT16_TRANSFORMS if t != without)
         path = saved_model.export_saved_model(

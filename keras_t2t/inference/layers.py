@@ -127,13 +127,19 @@ class OneDNNLayerNorm(t2t_layers.LayerNorm):
         plain = self.center and self.scale and not getattr(self, "rms_scaling", False)
         if tf is None or not (last and plain) or None not in inputs.shape:
             return super().call(inputs)
+        if self.compute_dtype == "bfloat16":
+            # oneDNN takes bfloat16 rows and computes their statistics in float32: no casts.
+            x = ops.cast(inputs, "bfloat16")
+            gamma, beta = ops.cast(self.gamma, "bfloat16"), ops.cast(self.beta, "bfloat16")
+            return onednn_layer_norm(x, gamma, beta, self.epsilon)
         x = ops.cast(inputs, "float32")
         gamma, beta = ops.cast(self.gamma, "float32"), ops.cast(self.beta, "float32")
         return ops.cast(onednn_layer_norm(x, gamma, beta, self.epsilon), self.compute_dtype)
 
 
 def onednn_layer_norm(x, gamma, beta, epsilon):
-    """LayerNorm over the last axis of float32 `x` as FusedBatchNormV3 over its rows (raw_ops:
+    """LayerNorm over the last axis of float32 or bfloat16 `x` (`gamma` and `beta` of its
+    dtype) as FusedBatchNormV3 over its rows (raw_ops:
     tf.nn's wrapper raises epsilon to 1.001e-5), then `gamma` and `beta`."""
     tf = _tensorflow()
     shape = tf.shape(x)

@@ -42,12 +42,21 @@ def _matmul_dtypes(concrete):
     return found
 
 
-@pytest.fixture(scope="module", params=sorted(GOLDEN))
+# (golden checkpoint, serving runtime): the oneDNN runtime's LayerNorm takes bfloat16 itself.
+CASES = [(name, "tensorflow") for name in sorted(GOLDEN)] + [
+    ("t2t_tiny_performer", "tensorflow_onednn")
+]
+
+
+@pytest.fixture(scope="module", params=CASES, ids=["-".join(case) for case in CASES])
 def saved_models(request, tmp_path_factory):
-    model, pixels = _golden_pixels_and_model(request.param)
-    folder = tmp_path_factory.mktemp(f"bf16_{request.param}")
+    name, runtime = request.param
+    model, pixels = _golden_pixels_and_model(name)
+    folder = tmp_path_factory.mktemp(f"bf16_{name}_{runtime}")
     paths = {
-        dtype: export.export_saved_model(model, str(folder / dtype), compute_dtype=dtype)
+        dtype: export.export_saved_model(
+            model, str(folder / dtype), serving_runtime=runtime, compute_dtype=dtype
+        )
         for dtype in ("float32", "bfloat16")
     }
     return {dtype: tf.saved_model.load(path) for dtype, path in paths.items()}, pixels, model
