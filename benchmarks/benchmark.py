@@ -326,8 +326,7 @@ def engine_paths(model, batches, min_time, official=None):
             runners[f"{dtype}/serving_default{suffix}"] = lambda x, s=signature: s(
                 images=tf.constant(x)
             )["probabilities"].numpy()
-            if dtype == "float32":
-                runners[f"{dtype}/serving_session{suffix}"] = serving_session(saved)
+            runners[f"{dtype}/serving_session{suffix}"] = serving_session(saved)
         try:
             import onnxruntime as ort
         except ImportError:
