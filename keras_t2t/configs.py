@@ -54,6 +54,21 @@ def list_models():
     return sorted(MODEL_CONFIGS)
 
 
+def variant_config(name):
+    """`(key, builder arguments)` of the official variant `name` ("t2t_vit_14", "T2T-ViT-14"):
+    the one place that refuses an unknown name, with a ValueError that lists the known ones.
+
+    >>> variant_config("T2T-ViT-7")[1]["depth"]
+    7
+    """
+    key = name.lower().replace("-", "_") if isinstance(name, str) else name
+    if key not in MODEL_CONFIGS:
+        raise ValueError(
+            f"Unknown T2T-ViT variant {name!r}. Known variants: {', '.join(list_models())}."
+        )
+    return key, dict(MODEL_CONFIGS[key])
+
+
 def variant_of(architecture):
     """The name of the official variant with exactly this architecture, or None."""
     defaults = dict(token_dim=64, qkv_bias=False, qk_scale=None)

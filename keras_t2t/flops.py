@@ -4,7 +4,7 @@ The paper reports MACs; `count_flops(...) / 2` reproduces them (T2T-ViT-14 at 22
 Elementwise work (norms, activations, softmax, exp) is left out, as in the paper's counter.
 """
 
-from keras_t2t.configs import MODEL_CONFIGS, SOFT_SPLITS
+from keras_t2t.configs import SOFT_SPLITS, variant_config
 
 
 def _grid(side, kernel, stride, padding):
@@ -78,12 +78,8 @@ def count_flops(model_or_name, image_size=None, classes=1000):
     4.8
     """
     if isinstance(model_or_name, str):
-        if model_or_name not in MODEL_CONFIGS:
-            raise ValueError(
-                f"Unknown T2T-ViT variant {model_or_name!r}. "
-                f"Known variants: {', '.join(sorted(MODEL_CONFIGS))}."
-            )
-        config = dict(MODEL_CONFIGS[model_or_name], image_size=image_size or 224, classes=classes)
+        config = variant_config(model_or_name)[1]
+        config.update(image_size=image_size or 224, classes=classes)
     else:
         config = _config_of(model_or_name)
     return 2 * count_macs(**config)

@@ -22,6 +22,7 @@ from keras_t2t.configs import (  # noqa: F401 (list_models, variant_of: re-expor
     PATCH_FACTOR,
     POOLING_MODES,
     list_models,
+    variant_config,
     variant_of,
 )
 from keras_t2t.imagenet import IMAGENET_MEAN, IMAGENET_STD, normalization
@@ -321,13 +322,9 @@ def create_model(name, **kwargs):
 
     `kwargs` are those of the variant builders (`include_top`, `weights`, `classes`, ...).
     """
-    key = name.lower().replace("-", "_") if isinstance(name, str) else name
-    if key not in MODEL_CONFIGS:
-        raise ValueError(
-            f"Unknown T2T-ViT variant {name!r}. Known variants: {', '.join(list_models())}."
-        )
+    key, config = variant_config(name)
     kwargs.setdefault("name", key)
-    return T2TViT(**MODEL_CONFIGS[key], **kwargs)
+    return T2TViT(**config, **kwargs)
 
 
 def model_for_command_line(model=None, weights=None, image_size=None, classes=None):

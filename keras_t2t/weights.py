@@ -25,7 +25,7 @@ import re
 import numpy as np
 
 from keras_t2t import pytorch_checkpoint
-from keras_t2t.configs import MODEL_CONFIGS, SOFT_SPLITS, list_models
+from keras_t2t.configs import MODEL_CONFIGS, SOFT_SPLITS, variant_config
 from keras_t2t.layers import patch_permutation
 
 logger = logging.getLogger("keras_t2t")
@@ -251,11 +251,7 @@ def resolve_architecture(found, model=None, num_heads=None, source="the checkpoi
     if model is None:
         model = guess_variant(found)
     if model is not None:
-        if model not in MODEL_CONFIGS:
-            raise ValueError(
-                f"Unknown T2T-ViT variant {model!r}. Known variants: {', '.join(list_models())}."
-            )
-        arch = dict(MODEL_CONFIGS[model])
+        model, arch = variant_config(model)
         if num_heads is not None:
             arch["num_heads"] = num_heads
         return model, arch

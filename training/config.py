@@ -7,8 +7,8 @@ Sections: recipes -> Config -> resolve and the checks -> normalization of a run'
 import dataclasses
 import json
 
-import keras_t2t
 from keras_t2t import pretrained
+from keras_t2t.configs import variant_config
 from keras_t2t.imagenet import IMAGENET_MEAN, IMAGENET_STD
 from training import data as data_lib
 from training.errors import TrainingError
@@ -128,11 +128,10 @@ def resolve(config):
     """Fills the recipe defaults and checks the config; returns a new Config."""
     config = dataclasses.replace(config)
     min_lr_given = config.min_lr is not None
-    if config.model not in keras_t2t.MODEL_CONFIGS:
-        raise TrainingError(
-            f"Unknown --model {config.model!r}. "
-            f"Known variants: {', '.join(keras_t2t.list_models())}."
-        )
+    try:
+        variant_config(config.model)
+    except ValueError as error:
+        raise TrainingError(f"Unknown --model: {error}") from None
     for field, value in recipe(config.model, config.recipe).items():
         if getattr(config, field) is None:
             setattr(config, field, value)
