@@ -892,7 +892,12 @@ def main(argv=None):
         action="store_true",
         help="also time the float32 tf.function with each TF-graph fast path turned off",
     )
-    parser.add_argument("--short", action="store_true", help="a quick run of every path (CI)")
+    parser.add_argument(
+        "--short",
+        action="store_true",
+        help="a quick run of every path (CI): one small model and batch; the bfloat16 Keras "
+        "model through tf.function only",
+    )
     parser.add_argument("--output", help="write the figures to this JSON file")
     args = parser.parse_args(argv)
     if args.short:

@@ -18,7 +18,7 @@ model never saw, and the task is to tell a photo from a patch of it: sky, skin a
 look alike across photos.
 
 T2T-ViT-7 (weights=None) is trained from scratch (AdamW, cosine decay), then exported by
-`keras_t2t.tflite.tflite_models`: float32, dynamic-range int8 and full int8 (calibrated on
+`keras_t2t.export.tflite.tflite_models`: float32, dynamic-range int8 and full int8 (calibrated on
 --calibration training crops, as `savedmodels/export.py --representative_data` would).
 Prints, for each TFLite model on the validation crops: top-1, agreement of its top-1 with the
 float32 TFLite model's, the latency of one image in ai_edge_litert's Interpreter on one

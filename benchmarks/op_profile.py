@@ -5,8 +5,8 @@ in interleaved rounds, then one traced run each, its op time summed by op type.
     python benchmarks/op_profile.py --model=t2t_vit_14 --batch=8 \\
         --variants=float32,bfloat16,bfloat16-rows
 
-A variant is a compute dtype (`export_saved_model(compute_dtype=...)`), with `-rows` for the
-bfloat16 one without its `rows` transform (`keras_t2t.export.saved_model.BFLOAT16_TRANSFORMS`).
+A variant is a compute dtype (`export_saved_model(compute_dtype=...)`); `bfloat16-rows` is the
+bfloat16 one without (`-`) its `rows` transform (`saved_model.BFLOAT16_TRANSFORMS`).
 Random weights: the op times do not depend on them.
 """
 
@@ -62,7 +62,9 @@ def main(argv=None):
     parser.add_argument("--image_size", type=int, default=224)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--variants", default="float32,bfloat16,bfloat16-rows")
-    parser.add_argument("--serving_runtime", default="tensorflow", choices=list(inference.RUNTIMES))
+    parser.add_argument(
+        "--serving_runtime", default="tensorflow", choices=list(saved_model.SERVING_RUNTIMES)
+    )
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=4.0, help="per variant and round")
     parser.add_argument("--top", type=int, default=15, help="op types to list per variant")
@@ -70,15 +72,20 @@ def main(argv=None):
     size = args.image_size
     model = keras_t2t.create_model(args.model, input_shape=(size, size, 3))
     images = np.random.default_rng(0).integers(0, 256, (args.batch, size, size, 3), np.uint8)
-    folder = tempfile.mkdtemp()
+    folder = tempfile.TemporaryDirectory()
     runners, outputs = {}, {}
     for variant in args.variants.split(","):
         dtype, _, without = variant.partition("-")
+        if without and without not in saved_model.BFLOAT16_TRANSFORMS:
+            parser.error(
+                f"variant {variant!r}: '-' names a transform of the bfloat16 SavedModel to leave "
+                f"out, one of {', '.join(saved_model.BFLOAT16_TRANSFORMS)}"
+            )
         transforms = inference.RUNTIMES[args.serving_runtime]
         if dtype == "bfloat16":
             transforms += tuple(t for t in saved_model.BFLOAT16_TRANSFORMS if t != without)
         path = saved_model.export_saved_model(
-            model, os.path.join(folder, variant), compute_dtype=dtype, transforms=transforms
+            model, os.path.join(folder.name, variant), compute_dtype=dtype, transforms=transforms
         )
         runners[variant] = run = session_runner(path)
         outputs[variant] = run(images)

@@ -39,7 +39,7 @@ from keras_t2t.export.serving import (
 from keras_t2t.inference import check_compute_dtype
 from keras_t2t.models import model_for_command_line
 from savedmodels import tf_serving
-from savedmodels.triton import export_triton
+from savedmodels.triton_repository import export_triton
 
 
 def representative_images(folder, size, crop_pct=0.9, limit=64, max_pixels=None):
@@ -106,6 +106,7 @@ def export(
     triton=False,
     serving_runtime="tensorflow",
     compute_dtype="float32",
+    warmup=True,
 ):
     """Writes the chosen formats under `output_dir`; returns `{artifact: path}`.
 
@@ -114,7 +115,8 @@ def export(
     the version folders); see `keras_t2t.export.saved_model_archive` for `max_image_pixels`,
     `crop_pct`, `serving_runtime` and `compute_dtype` (the SavedModel's; each other format is
     prepared for its runtime, in float32). `representative_images` (uint8
-    `[n, size, size, 3]`) also calibrate the full int8 TFLite model, written only with them.
+    `[n, size, size, 3]`) also calibrate the full int8 TFLite model, written only with them;
+    `warmup=False` writes no warmup requests (they need tensorflow-serving-api).
     `input_dtype` is that of the ONNX and OpenVINO inputs; `triton` also writes a Triton
     model repository (`output_dir/triton/<name>/`) around the ONNX model.
     Each format's output (the SavedModel's version folder, `<name>_tflite/`, `<name>.onnx`,
@@ -138,7 +140,8 @@ def export(
     check_compute_dtype(compute_dtype, model)
     name = name or model.name
     paths = {}
-    if "saved_model" in formats and representative_images is not None:
+    warmup = warmup and representative_images is not None
+    if "saved_model" in formats and warmup:
         tf_serving.prediction_log_protos()  # for the warmup requests
     if "saved_model" in formats:
         check_max_image_pixels(max_image_pixels)
@@ -169,13 +172,13 @@ def export(
         optional_module("openvino", "openvino", "The OpenVINO export")
     written = {}
     if "saved_model" in formats:
-        warmup = None if representative_images is None else representative_images[:4]
+        warmup_images = representative_images[:4] if warmup else None
         written["saved_model"] = tf_serving.export(
             model,
             output_dir,
             name,
             version,
-            warmup,
+            warmup_images,
             overwrite,
             max_image_pixels,
             crop_pct,
@@ -313,6 +316,12 @@ def main(argv=None):
             )
         elif "tflite" in formats:
             print("note: no --representative_data, so no full int8 TFLite model")
+        warmup = tf_serving.has_prediction_log_protos()
+        if samples is not None and "saved_model" in formats and not warmup:
+            print(
+                "note: no TF Serving warmup requests: they are written with "
+                "tensorflow-serving-api (pip install --no-deps 'tensorflow-serving-api>=2.20')"
+            )
         if args.weights is None:
             print("note: no --weights, exporting random weights")
         written = export(
@@ -328,6 +337,7 @@ def main(argv=None):
             triton=args.triton,
             serving_runtime=args.serving_runtime,
             compute_dtype=args.compute_dtype,
+            warmup=warmup,
         )
     except (ValueError, ImportError) as error:
         print(f"error: {error}", file=sys.stderr)

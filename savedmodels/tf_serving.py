@@ -40,6 +40,15 @@ def prediction_log_protos():
     return model_pb2, predict_pb2, prediction_log_pb2
 
 
+def has_prediction_log_protos():
+    """Whether `tensorflow_serving.apis` can be imported (warmup requests can be written)."""
+    try:
+        prediction_log_protos()
+    except ImportError:
+        return False
+    return True
+
+
 def write_warmup_requests(saved_model_path, model_name, images):
     """Writes `assets.extra/tf_serving_warmup_requests`: one `serving_default` PredictionLog
     per uint8 image `[size, size, 3]` of `images`. Returns its path."""

@@ -129,6 +129,16 @@ def export_saved_model(
             f"{path} already exists: nothing was written. Pass overwrite=True to replace it, "
             f"or choose another path."
         )
+    if (
+        tf.io.gfile.isdir(path)
+        and tf.io.gfile.listdir(path)
+        and not tf.io.gfile.exists(f"{path}/saved_model.pb")
+    ):
+        raise ValueError(
+            f"{path} is a folder that holds something else than a SavedModel: it is not "
+            f"replaced. `export_saved_model` writes the SavedModel itself at `path`; for TF "
+            f"Serving's `<export_dir>/<name>/<version>/` layout use savedmodels/tf_serving.py."
+        )
     archive = saved_model_archive(
         model, max_image_pixels, crop_pct, serving_runtime, compute_dtype, transforms
     )

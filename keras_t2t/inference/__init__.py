@@ -72,15 +72,14 @@ TRANSFORMS = (
     "rows",
 )
 COMPUTE_DTYPES = ("float32", "bfloat16")
-# The layers of a bfloat16 twin that compute in bfloat16: everything between the
-# preprocessing and the final LayerNorm (the class token, the position table and the dropout
-# after it too, so that the token sequence is bfloat16 from the start).
+# The layers of a bfloat16 twin that compute in bfloat16: the T2T module, the class token,
+# the position table and the blocks (a dropout between them casts and casts back; any layer
+# after the last block, a user's head included, stays as the model has it).
 _BFLOAT16_LAYERS = (
     t2t_layers.T2TModule,
     t2t_layers.TransformerBlock,
     t2t_layers.ClassToken,
     t2t_layers.PositionEmbedding,
-    keras.layers.Dropout,
 )
 
 # What each runtime takes. "tensorflow" is for any TensorFlow or TF Serving host;
@@ -234,6 +233,14 @@ def prepare(model, runtime="generic", transforms=None, compute_dtype="float32"):
             f"{type(model).__name__}."
         )
     check_compute_dtype(compute_dtype, model)
+    if compute_dtype == "bfloat16" and not any(
+        isinstance(layer, _BFLOAT16_LAYERS) for layer in model.layers
+    ):
+        raise ValueError(
+            "compute_dtype='bfloat16' found no keras_t2t layer at the top level of this model "
+            "(a keras_t2t model nested in another is cloned as it is); prepare the keras_t2t "
+            "model itself, then build around its twin."
+        )
     clone = _clone_function(model, transforms, compute_dtype)
     twin = keras.models.clone_model(model, clone_function=clone)
     _swap_classes(twin, transforms)

@@ -209,9 +209,9 @@ class RowsMlp(t2t_layers.Mlp):
     def call(self, inputs, training=None):
         shape = ops.shape(inputs)
         x = ops.reshape(inputs, (-1, inputs.shape[-1]))
-        x = t2t_layers.gelu(keras.layers.Dense.call(self.fc1, x))
+        x = t2t_layers.gelu(self.fc1(x))  # through __call__: a quantized fc1 takes its own call
         if self.hidden_dropout:
             x = self.dropout(x, training=training)
-        x = keras.layers.Dense.call(self.fc2, x)
+        x = self.fc2(x)
         x = ops.reshape(x, (*shape[:-1], self.fc2.units))
         return self.dropout(x, training=training)

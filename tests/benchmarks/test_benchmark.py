@@ -1,5 +1,6 @@
-"""The benchmark's short mode runs every path, so that it cannot rot (figures are not judged
-here: speed targets live in the benchmark's output, not in tests)."""
+"""The benchmark's short mode runs every path (the bfloat16 Keras model through tf.function
+only), so that it cannot rot (figures are not judged here: speed targets live in the
+benchmark's output, not in tests)."""
 
 import json
 import os

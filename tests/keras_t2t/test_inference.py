@@ -168,9 +168,9 @@ def test_prepare_keeps_a_quantized_models_weights_and_outputs(classifier, quanti
     _away_from_zero(model)
     quantize_fast(model, "int8")
     expected = _eager(model, classifier.images)
-    # Between them, these three runtimes take every transform.
-    for runtime in ("tensorflow_onednn", "tflite", "onnx"):
-        twin = inference.prepare(model, runtime)
+    # Between them, these three runtimes (and rows) take every transform.
+    for runtime, extra in (("tensorflow_onednn", ("rows",)), ("tflite", ()), ("onnx", ())):
+        twin = inference.prepare(model, transforms=inference.RUNTIMES[runtime] + extra)
         block = twin.get_layer(LAST_BLOCK)
         assert type(block) is inference.ClassTokenBlock
         assert block.attn.qkv.quantization_mode == "int8"

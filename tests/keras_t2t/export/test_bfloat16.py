@@ -1,11 +1,12 @@
 """The bfloat16 SavedModel (#25): its graph computes the backbone's matmuls in bfloat16, and
 its outputs stay those of the float32 SavedModel on the golden checkpoints."""
 
+import keras
 import numpy as np
 import pytest
+from conftest import DATA, GOLDEN, TINY_ARCH
 
 import keras_t2t
-from tests.conftest import DATA, GOLDEN, TINY_ARCH
 
 tf = pytest.importorskip("tensorflow")
 from keras_t2t import export, inference  # noqa: E402
@@ -102,10 +103,20 @@ def test_the_bfloat16_saved_model_keeps_the_float32_outputs(saved_models):
     )
 
 
-def test_bfloat16_is_refused_for_a_quantized_model_and_an_unknown_dtype():
+def test_bfloat16_is_refused_for_a_quantized_model_and_an_unknown_dtype(tmp_path):
     model = keras_t2t.T2TViT(**TINY_ARCH, input_shape=(32, 32, 3), classes=3)
     with pytest.raises(ValueError, match="`compute_dtype` must be one of float32, bfloat16"):
         inference.prepare(model, compute_dtype="float16")
+    # A keras_t2t model nested in another would be cloned as it is: refused, not float32.
+    inputs = keras.Input((32, 32, 3))
+    wrapped = keras.Model(inputs, model(inputs))
+    with pytest.raises(ValueError, match="found no keras_t2t layer at the top level"):
+        inference.prepare(wrapped, compute_dtype="bfloat16")
+    # export_saved_model writes the SavedModel at `path`: a folder of other files stays.
+    (tmp_path / "exports" / "other_model").mkdir(parents=True)
+    with pytest.raises(ValueError, match="holds something else than a SavedModel"):
+        export.export_saved_model(model, str(tmp_path / "exports"), overwrite=True)
+    assert (tmp_path / "exports" / "other_model").is_dir()
     model.quantize("int8")
     with pytest.raises(ValueError, match=r"takes a float model; this one is quantized \(int8\)"):
         inference.prepare(model, compute_dtype="bfloat16")
