@@ -284,7 +284,7 @@ def serving_session(saved_model, inter_op_threads=1):
     return lambda x: session.run(probabilities, {images: x})
 
 
-def engine_paths(model, batches, min_time, official=None):
+def engine_paths(model, batches, min_time, official=None, short=False):
     """images/s of the exported model where it is deployed, on uint8 pixels (`batches`: a list
     of float32 image batches): the SavedModel's `serving_default` (what TF Serving runs; loaded
     with `tf.saved_model.load`, and as TF Serving loads it, `serving_session`; float32, and
@@ -297,7 +297,7 @@ def engine_paths(model, batches, min_time, official=None):
     precision this CPU does not run gets an error text instead of a figure. Keys:
     "<dtype>/<path>/batch_<n>", and "official_openvino_max_abs_diff": the largest difference
     between the probabilities of our OpenVINO model and the official one's, float32. Each model
-    is exported once."""
+    is exported once; `short`: the bfloat16 SavedModel for one serving runtime only."""
     import tempfile
 
     from keras_t2t import export
@@ -309,12 +309,14 @@ def engine_paths(model, batches, min_time, official=None):
     }
     runners = {}
     with tempfile.TemporaryDirectory() as folder:
-        saved_models = (  # (runtime, compute dtype, row suffix)
+        saved_models = [  # (runtime, compute dtype, row suffix)
             ("tensorflow", "float32", ""),
             ("tensorflow_onednn", "float32", "_onednn"),
             ("tensorflow", "bfloat16", ""),
             ("tensorflow_onednn", "bfloat16", "_onednn"),
-        )
+        ]
+        if short:  # the bfloat16 SavedModel's code, once
+            saved_models.remove(("tensorflow", "bfloat16", ""))
         for runtime, dtype, suffix in saved_models:
             saved = export.export_saved_model(
                 model,
@@ -612,7 +614,7 @@ def run(args):
                     .astype("float32")
                     for batch in args.batch_sizes
                 ]
-                engines = engine_paths(model, batches, args.min_time, official)
+                engines = engine_paths(model, batches, args.min_time, official, args.short)
                 if "official_openvino_max_abs_diff" in engines:
                     entry["official_openvino_max_abs_diff"] = difference = engines.pop(
                         "official_openvino_max_abs_diff"

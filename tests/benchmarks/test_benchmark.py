@@ -45,7 +45,7 @@ def test_benchmark_short_mode(tmp_path):
     # OpenVINO on our graph is the yardstick of the other float32 rows.
     assert entry["inference"]["float32/serving_default/batch_2"]["ratio_to_openvino"] > 0
     assert {key.split("/")[0] for key in entry["inference"]} == {"float32", "bfloat16"}
-    for row in ("serving_default", "serving_default_onednn"):
+    for row in ("serving_default_onednn", "serving_session_onednn"):
         assert entry["inference"][f"bfloat16/{row}/batch_2"]["ratio_to_openvino"] > 0
     for key, figures in entry["inference"].items():
         if "error" in figures:  # only OpenVINO's bfloat16, on a CPU without bf16 units

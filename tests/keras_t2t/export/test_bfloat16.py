@@ -1,5 +1,6 @@
 """The bfloat16 SavedModel (#25): its graph computes the backbone's matmuls in bfloat16, and
-its outputs stay those of the float32 SavedModel on the golden checkpoints."""
+its outputs stay those of the float32 model (what the float32 SavedModel serves) on the golden
+checkpoints."""
 
 import keras
 import numpy as np
@@ -50,23 +51,23 @@ CASES = [(name, "tensorflow") for name in sorted(GOLDEN)] + [
 
 
 @pytest.fixture(scope="module", params=CASES, ids=["-".join(case) for case in CASES])
-def saved_models(request, tmp_path_factory):
+def saved_model(request, tmp_path_factory):
+    """(the bfloat16 SavedModel, loaded; the golden pixels; the float32 model's named outputs
+    on them through the serving function that the float32 SavedModel traces)."""
     name, runtime = request.param
     model, pixels = _golden_pixels_and_model(name)
     folder = tmp_path_factory.mktemp(f"bf16_{name}_{runtime}")
-    paths = {
-        dtype: export.export_saved_model(
-            model, str(folder / dtype), serving_runtime=runtime, compute_dtype=dtype
-        )
-        for dtype in ("float32", "bfloat16")
-    }
-    return {dtype: tf.saved_model.load(path) for dtype, path in paths.items()}, pixels, model
+    path = export.export_saved_model(
+        model, str(folder / "bfloat16"), serving_runtime=runtime, compute_dtype="bfloat16"
+    )
+    float32 = export.serving_fn(model)(tf.constant(pixels))
+    return tf.saved_model.load(path), pixels, model, float32
 
 
-def test_the_bfloat16_saved_model_computes_its_matmuls_in_bfloat16(saved_models):
-    loaded, _, model = saved_models
+def test_the_bfloat16_saved_model_computes_its_matmuls_in_bfloat16(saved_model):
+    loaded, _, model, _ = saved_model
     for signature in ("serving_default", "serving_bytes"):
-        dtypes = _matmul_dtypes(loaded["bfloat16"].signatures[signature])
+        dtypes = _matmul_dtypes(loaded.signatures[signature])
         in_blocks = {n: d for n, d in dtypes.items() if "blocks_" in n}
         # qkv, the attention's two batched matmuls, proj, fc1, fc2: per block, bfloat16.
         assert len(in_blocks) >= 6 * len(
@@ -77,29 +78,21 @@ def test_the_bfloat16_saved_model_computes_its_matmuls_in_bfloat16(saved_models)
         float32 = [n for n, d in dtypes.items() if d == "float32"]
         assert all("/tokens_to_token" in n or "/head" in n for n in float32), float32
         assert sum(d == "bfloat16" for d in dtypes.values()) > 2 * len(float32), dtypes
-    assert set(_matmul_dtypes(loaded["float32"].signatures["serving_default"]).values()) == {
-        "float32"
-    }
 
 
-def test_the_bfloat16_saved_model_keeps_the_float32_outputs(saved_models):
-    loaded, pixels, _ = saved_models
-    outputs = {
-        dtype: saved.signatures["serving_default"](images=tf.constant(pixels))
-        for dtype, saved in loaded.items()
-    }
-    assert outputs["bfloat16"]["probabilities"].dtype == tf.float32
+def test_the_bfloat16_saved_model_keeps_the_float32_outputs(saved_model):
+    loaded, pixels, _, float32 = saved_model
+    bfloat16 = loaded.signatures["serving_default"](images=tf.constant(pixels))
+    assert bfloat16["probabilities"].dtype == tf.float32
     log_probabilities = []
-    for dtype in ("float32", "bfloat16"):
-        logs = np.log(outputs[dtype]["probabilities"].numpy().astype("float64"))
+    for outputs in (float32, bfloat16):
+        logs = np.log(outputs["probabilities"].numpy().astype("float64"))
         log_probabilities.append(logs - logs.mean(-1, keepdims=True))
     a, b = log_probabilities
     cosine = np.sum(a * b, -1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
     assert cosine.min() >= MIN_COSINE, cosine
     np.testing.assert_allclose(
-        outputs["bfloat16"]["probabilities"].numpy(),
-        outputs["float32"]["probabilities"].numpy(),
-        atol=0.02,
+        bfloat16["probabilities"].numpy(), float32["probabilities"].numpy(), atol=0.02
     )
 
 
