@@ -128,8 +128,8 @@ def resolve(config):
     """Fills the recipe defaults and checks the config; returns a new Config."""
     config = dataclasses.replace(config)
     min_lr_given = config.min_lr is not None
-    try:
-        variant_config(config.model)
+    try:  # the official snake-case name ("T2T-ViT-7" -> "t2t_vit_7"), which recipes key on
+        config.model = variant_config(config.model)[0]
     except ValueError as error:
         raise TrainingError(f"Unknown --model: {error}") from None
     for field, value in recipe(config.model, config.recipe).items():
