@@ -75,7 +75,6 @@ def saved_model_archive(
     """
     check_model(model)
     check_serving_runtime(serving_runtime)
-    inference.check_compute_dtype(compute_dtype, model)
     max_image_pixels = check_max_image_pixels(max_image_pixels)
     crop_pct = check_crop_pct(serving_crop_pct(model) if crop_pct is None else crop_pct)
     size = image_size(model)
