@@ -889,3 +889,18 @@ def test_export_cli_refuses_an_existing_export_unless_overwrite(cli_run, tmp_pat
         "1",
         tf_serving.BATCHING_FILE,
     ]
+
+
+def test_export_cli_without_tensorflow_serving_api_writes_no_warmup_requests(
+    cli_run, tmp_path, capsys, monkeypatch
+):
+    """--representative_data still calibrates; the warmup requests, which need
+    tensorflow-serving-api, are left out with a note instead of stopping the export."""
+    _, _, photos = cli_run
+    monkeypatch.setattr(tf_serving, "has_prediction_log_protos", lambda: False)
+    out = tmp_path / "out"
+    args = [*CLI_ARGS, f"--output={out}", "--format=saved_model", f"--representative_data={photos}"]
+    assert export_cli().main(args) == 0
+    assert "note: no TF Serving warmup requests" in capsys.readouterr().out
+    assert (out / "t2t_vit_7" / "1" / "saved_model.pb").exists()
+    assert not (out / "t2t_vit_7" / "1" / "assets.extra").exists()
