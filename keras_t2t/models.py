@@ -327,14 +327,67 @@ def create_model(name, **kwargs):
     return T2TViT(**config, **kwargs)
 
 
-def model_for_command_line(model=None, weights=None, image_size=None, classes=None):
-    """The model that a command line's `--model`, `--weights`, `--image_size` and `--classes`
-    name; those left out come from the training run when `--weights` is its model_dir."""
-    name, size, classes = weights_lib.run_architecture(weights, model, image_size, classes)
-    if name is None:
-        raise ValueError("--model is required (unless --weights is a run's --model_dir).")
-    shape = None if size is None else (size, size, 3)
-    return create_model(name, weights=weights, input_shape=shape, classes=classes)
+def model_for_command_line(
+    model=None,
+    weights=None,
+    image_size=None,
+    classes=None,
+    num_heads=None,
+    classifier_activation="softmax",
+):
+    """The classifier that a command line's `--model`, `--weights`, `--image_size`,
+    `--classes` and `--num_heads` name (the export, evaluation and explain commands).
+
+    `weights`: None, a release name (`"imagenet"`, needs `--model`), a training run's
+    model_dir (the variant, size and classes left out come from its config), a Keras
+    `.weights.h5` (needs `--model`), or an official checkpoint, whose variant is read from
+    its tensors when `--model` is left out (`--num_heads` describes a custom architecture).
+    A weights file must hold a classification head: a random one would answer at random.
+    """
+    if weights is None or pretrained.is_release_name(weights):
+        if model is None:
+            raise ValueError(
+                f"--weights={weights} needs --model (e.g. --model=t2t_vit_14)."
+                if weights
+                else "--model is required (unless --weights is a run's --model_dir)."
+            )
+        builder, arch = create_model, dict(name=model)
+    else:
+        model, image_size, classes = weights_lib.run_architecture(
+            weights, model, image_size, classes
+        )
+        path = weights_lib.check_path(weights)  # a run's model_dir: its weights file
+        if path.lower().endswith(weights_lib.KERAS_SUFFIX):
+            head = weights_lib.keras_weights_info(path)[1]
+            found = dict(classes=head[1] if head else None)
+        else:
+            found = weights_lib.infer_config(weights_lib.read_official_checkpoint(path))
+        if not found["classes"]:
+            raise ValueError(
+                f"{path!r} has no classification head (it was saved without one); this "
+                f"command needs a classifier: give weights that have a head."
+            )
+        if model is None and "tokens_type" not in found:
+            raise ValueError(f"{path!r} does not say its variant: pass --model (e.g. t2t_vit_14).")
+        if num_heads is not None and "tokens_type" not in found:
+            raise ValueError(
+                f"--num_heads describes a custom architecture of an official checkpoint; "
+                f"{path!r} is not one: leave --num_heads out."
+            )
+        if "tokens_type" in found:  # an official checkpoint
+            name, arch = weights_lib.resolve_architecture(found, model, num_heads, source=path)
+            builder, arch = T2TViT, dict(arch, name=name or "t2t_vit")
+        else:
+            builder, arch = create_model, dict(name=model)
+        classes = classes or found["classes"]
+    shape = None if image_size is None else (image_size, image_size, 3)
+    return builder(
+        **arch,
+        weights=weights,
+        input_shape=shape,
+        classes=classes,
+        classifier_activation=classifier_activation,
+    )
 
 
 BASE_DOCSTRING = """Instantiates the {title} model (Yuan et al., "Tokens-to-Token ViT", ICCV 2021).

@@ -216,7 +216,9 @@ def export(
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--model", help="variant, e.g. t2t_vit_14 (default: the run's, with a --model_dir)"
+        "--model",
+        help="variant, e.g. t2t_vit_14 (default: the run's, with a --model_dir, or read from "
+        "an official checkpoint)",
     )
     parser.add_argument(
         "--weights",
@@ -243,6 +245,9 @@ def main(argv=None):
     )
     parser.add_argument("--image_size", type=int, help="default: 224, or the size of --weights")
     parser.add_argument("--classes", type=int, help="default: the run's, or 1000")
+    parser.add_argument(
+        "--num_heads", type=int, help="heads of a custom architecture (an official checkpoint)"
+    )
     parser.add_argument("--version", type=int, default=1, help="SavedModel version folder (>= 1)")
     parser.add_argument(
         "--overwrite",
@@ -302,7 +307,9 @@ def main(argv=None):
         if args.crop_pct is not None:
             check_crop_pct(args.crop_pct)
         _check_output(args.output)
-        model = model_for_command_line(args.model, args.weights, args.image_size, args.classes)
+        model = model_for_command_line(
+            args.model, args.weights, args.image_size, args.classes, args.num_heads
+        )
         crop_pct = args.crop_pct
         if crop_pct is None:
             crop_pct = serving_crop_pct(model, args.weights)

@@ -22,44 +22,17 @@ import argparse
 
 import tensorflow as tf
 
-import keras_t2t
-from keras_t2t import export, pretrained
-from keras_t2t import weights as weights_lib
+from keras_t2t import export
+from keras_t2t.models import model_for_command_line
 from training import data as data_lib
 from training import errors
 from training.evaluation import evaluate_model
 
 
 def build_model(weights, model=None, num_heads=None, image_size=None):
-    """The model for `weights`: the variant is named, or read from an official checkpoint or
-    from the training run whose --model_dir `weights` is."""
-    shape = None if image_size is None else (image_size, image_size, 3)
-    if pretrained.is_release_name(weights):
-        if model is None:
-            raise ValueError(f"--weights={weights} needs --model (e.g. --model=t2t_vit_14).")
-        return keras_t2t.create_model(
-            model, weights=weights, input_shape=shape, classifier_activation=None
-        )
-    model, image_size, _ = weights_lib.run_architecture(weights, model, image_size)
-    weights = weights_lib.check_path(weights)  # a run's model_dir: its best weights file
-    if weights.lower().endswith(weights_lib.KERAS_SUFFIX):
-        if model is None:
-            raise ValueError("A .weights.h5 file does not say its variant: pass --model.")
-        head = weights_lib.keras_weights_info(weights)[1]
-        found = dict(classes=head[1] if head else None)
-    else:
-        found = weights_lib.infer_config(weights_lib.read_official_checkpoint(weights))
-    if not found["classes"]:
-        raise ValueError(f"{weights!r} has no classification head to evaluate.")
-    name, arch = weights_lib.resolve_architecture(found, model, num_heads, source=weights)
-    shape = None if image_size is None else (image_size, image_size, 3)
-    return keras_t2t.T2TViT(
-        **arch,
-        weights=weights,
-        input_shape=shape,
-        classes=found["classes"],
-        classifier_activation=None,
-        name=name or "t2t_vit",
+    """The model to evaluate, logits out (see `keras_t2t.models.model_for_command_line`)."""
+    return model_for_command_line(
+        model, weights, image_size, num_heads=num_heads, classifier_activation=None
     )
 
 

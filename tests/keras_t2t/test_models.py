@@ -286,3 +286,29 @@ def test_pyramid_model_feeds_an_fpn_segmentation_head():
     history = segmenter.fit(images, masks, batch_size=8, epochs=6, verbose=0).history["loss"]
     assert segmenter.output_shape == (None, 64, 64, 2)
     assert history[-1] < 0.7 * history[0], history
+
+
+def test_the_command_line_model(tmp_path):
+    """The one function behind --model/--weights/--num_heads of the export, evaluate and
+    explain commands: official checkpoints name their variant, other files need --model, and
+    a file without a head is refused (its classifier would answer at random)."""
+    from keras_t2t.models import model_for_command_line
+
+    checkpoint = str(pathlib.Path(__file__).parents[1] / "data" / "t2t_tiny_performer.pth.tar")
+    with pytest.raises(ValueError, match="matches no official variant"):
+        model_for_command_line(weights=checkpoint)
+    model = model_for_command_line(weights=checkpoint, num_heads=2, classifier_activation=None)
+    assert model.output_shape == (None, 10) and model.input_shape == (None, 64, 64, 3)
+    headed, headless = str(tmp_path / "headed.weights.h5"), str(tmp_path / "headless.weights.h5")
+    tiny_model().save_weights(headed)
+    tiny_model(include_top=False).save_weights(headless)
+    for kwargs, message in (
+        (dict(), "does not say its variant"),
+        (dict(model="t2t_vit_7", num_heads=2), "leave --num_heads out"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            model_for_command_line(weights=headed, **kwargs)
+    with pytest.raises(ValueError, match="has no classification head"):
+        model_for_command_line(model="t2t_vit_7", weights=headless)
+    with pytest.raises(ValueError, match="needs --model"):
+        model_for_command_line(weights="imagenet")
