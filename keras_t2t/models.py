@@ -366,7 +366,8 @@ BASE_DOCSTRING = """Instantiates the {title} model (Yuan et al., "Tokens-to-Toke
     {description} ImageNet top-1 of the released weights: {top1}%.
 
     By default the model takes RGB images with values in [0, 255] and normalizes them inside
-    (`include_preprocessing=True`).
+    (`include_preprocessing=True`). `{builder}.from_preset(uri, **overrides)` builds it from a
+    preset instead (`keras_t2t.presets`: converted weights, with no torch and no conversion).
 
     Args:
         include_top: whether to include the classification head.

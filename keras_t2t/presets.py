@@ -273,18 +273,22 @@ def _arguments(config, overrides, folder):
 
 def _load(uri, overrides, variant=None):
     folder, downloaded = local_folder(uri)
+
+    def damaged(error):
+        if not downloaded:
+            return error
+        for name in PRESET_FILES:  # a damaged copy is not used again
+            remove_file(_in(folder, name))
+        return ValueError(
+            f"{error} (The copy downloaded from {uri} into {folder} was removed: the next call "
+            f"downloads it again.)"
+        )
+
     try:
         config, metadata = read_preset(folder)
         release = _release(metadata, folder)
     except ValueError as error:
-        if not downloaded:
-            raise
-        for name in PRESET_FILES:  # a damaged copy is not used again
-            remove_file(_in(folder, name))
-        raise ValueError(
-            f"{error} (The copy downloaded from {uri} into {folder} was removed: the next call "
-            f"downloads it again.)"
-        ) from None
+        raise damaged(error) from None
     arguments = _arguments(config, overrides, folder)
     if variant is not None:
         found = variant_of({key: arguments.get(key) for key in ARCHITECTURE})
@@ -295,7 +299,10 @@ def _load(uri, overrides, variant=None):
                 f"The preset at {uri!r} is {'a ' + found if found else 'no official variant'}"
                 f", not {variant}: load it with {other}.from_preset({uri!r})."
             )
-    state = weights_lib.read_keras_weights(_in(folder, WEIGHTS_FILE), arguments)
+    try:
+        state = weights_lib.read_keras_weights(_in(folder, WEIGHTS_FILE), arguments)
+    except ValueError as error:
+        raise damaged(error) from None
     state.release = release
     return models.T2TViT(**arguments, weights=state)
 
