@@ -16,7 +16,7 @@ import pytest
 from conftest import DATA, GOLDEN, WITHOUT_TORCH, register_tiny_releases
 
 import keras_t2t
-from keras_t2t import convert, pretrained
+from keras_t2t import convert, presets, pretrained
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 TOLERANCE = 1e-4  # max abs difference on the official logits, as in test_weights.py
@@ -107,8 +107,15 @@ def test_a_converted_preset_loads_from_a_folder_file_and_http_without_torch(
     with pytest.raises(ValueError, match=r"model.weights.h5 is not the file this preset was"):
         keras_t2t.from_preset(str(damaged))
 
-    # In one fresh process where torch cannot be imported: the folder, file:// and the mirror.
+    # gs:// copies through tf.io.gfile: its calls, on a local folder here.
     home = tmp_path / "home"
+    monkeypatch.setenv("KERAS_HOME", str(home))
+    copied = presets._download(str(folder), presets._gfile_copy)
+    assert sorted(os.listdir(copied)) == PRESET_FILES
+    assert presets.read_preset(copied)[1] == metadata
+    shutil.rmtree(home)
+
+    # In one fresh process where torch cannot be imported: the folder, file:// and the mirror.
     http = f"{url}presets/{folder.name}"
     result = subprocess.run(
         [sys.executable, "-c", LOAD_WITHOUT_TORCH, str(DATA / PERFORMER["io"])]
