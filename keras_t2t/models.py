@@ -9,7 +9,6 @@ Every variant is a row of `MODEL_CONFIGS`, built by the one generic `T2TViT`.
 """
 
 import os
-import types
 
 import keras
 from keras import ops
@@ -107,7 +106,7 @@ def T2TViT(
         dtype: see `T2TViT14`.
 
     Returns:
-        A functional `keras.Model`. Its `builder_config` (read-only) holds the arguments of
+        A functional `keras.Model`. Its `builder_config` (a dict) holds the arguments of
         this call, resolved (`input_shape`, `classes`) and without `weights` and
         `input_tensor`: `T2TViT(**model.builder_config)` builds the same model again, and
         `keras_t2t.save_preset` writes them as the preset's config.json.
@@ -202,21 +201,19 @@ def T2TViT(
 
     inputs = keras.utils.get_source_inputs(input_tensor) if input_tensor is not None else images
     model = keras.Model(inputs, x, name=name)
-    model.builder_config = types.MappingProxyType(
-        dict(
-            architecture,
-            include_top=include_top,
-            input_shape=input_shape,
-            pooling=pooling,
-            classes=classes,
-            classifier_activation=classifier_activation,
-            name=name,
-            include_preprocessing=include_preprocessing,
-            drop_path_rate=drop_path_rate,
-            dropout_rate=dropout_rate,
-            soft_split_implementation=soft_split_implementation,
-            dtype=dtype,
-        )
+    model.builder_config = dict(
+        architecture,
+        include_top=include_top,
+        input_shape=input_shape,
+        pooling=pooling,
+        classes=classes,
+        classifier_activation=classifier_activation,
+        name=name,
+        include_preprocessing=include_preprocessing,
+        drop_path_rate=drop_path_rate,
+        dropout_rate=dropout_rate,
+        soft_split_implementation=soft_split_implementation,
+        dtype=dtype,
     )
     if state is not None:  # into this model: `weights=` builds no other
         weights_lib.assign_state(model, state)
