@@ -92,8 +92,8 @@ from keras_t2t.models import (  # noqa: E402
     list_models,
     pyramid_model,
 )
-
-__version__ = "0.1.0"
+from keras_t2t.presets import from_preset, save_preset  # noqa: E402
+from keras_t2t.version import __version__  # noqa: E402, F401
 
 __all__ = [
     "MODEL_CONFIGS",
@@ -111,8 +111,10 @@ __all__ = [
     "create_model",
     "decode_predictions",
     "feature_maps_model",
+    "from_preset",
     "layers",
     "list_models",
     "preprocess_input",
     "pyramid_model",
+    "save_preset",
 ]

@@ -94,6 +94,8 @@ def T2TViT(
         qk_scale: backbone attention scale; None means `head_dim ** -0.5`.
         include_top, weights, input_tensor, input_shape, pooling, classes,
         classifier_activation, name: as in `keras.applications`; see `T2TViT14`.
+            `weights` may also be a `keras_t2t.weights.WeightsState` already read (as
+            `keras_t2t.from_preset` passes a preset's), with the release it was made from.
         include_preprocessing, drop_path_rate, dropout_rate: see `T2TViT14`.
         soft_split_implementation: `"auto"` (default), resolved from the backend only: on
             TensorFlow a one-hot convolution for the image and strided slices for the token
@@ -104,7 +106,10 @@ def T2TViT(
         dtype: see `T2TViT14`.
 
     Returns:
-        A functional `keras.Model`.
+        A functional `keras.Model`. Its `builder_config` (a dict) holds the arguments of
+        this call, resolved (`input_shape`, `classes`) and without `weights` and
+        `input_tensor`: `T2TViT(**model.builder_config)` builds the same model again, and
+        `keras_t2t.save_preset` writes them as the preset's config.json.
     """
     if pooling not in POOLING_MODES:
         raise ValueError(
@@ -119,17 +124,17 @@ def T2TViT(
     state = release = None
     default_size = DEFAULT_IMAGE_SIZE
     mean, std = IMAGENET_MEAN, IMAGENET_STD
+    architecture = dict(
+        tokens_type=tokens_type,
+        embed_dim=embed_dim,
+        depth=depth,
+        num_heads=num_heads,
+        mlp_ratio=mlp_ratio,
+        token_dim=token_dim,
+        qkv_bias=qkv_bias,
+        qk_scale=qk_scale,
+    )
     if weights is not None:
-        architecture = dict(
-            tokens_type=tokens_type,
-            embed_dim=embed_dim,
-            depth=depth,
-            num_heads=num_heads,
-            mlp_ratio=mlp_ratio,
-            token_dim=token_dim,
-            qkv_bias=qkv_bias,
-            qk_scale=qk_scale,
-        )
         state, release = _read_weights(weights, architecture, input_shape, input_tensor)
         default_size = state.image_size or default_size
         if release is not None:  # the normalization these weights were trained with
@@ -196,6 +201,20 @@ def T2TViT(
 
     inputs = keras.utils.get_source_inputs(input_tensor) if input_tensor is not None else images
     model = keras.Model(inputs, x, name=name)
+    model.builder_config = dict(
+        architecture,
+        include_top=include_top,
+        input_shape=input_shape,
+        pooling=pooling,
+        classes=classes,
+        classifier_activation=classifier_activation,
+        name=name,
+        include_preprocessing=include_preprocessing,
+        drop_path_rate=drop_path_rate,
+        dropout_rate=dropout_rate,
+        soft_split_implementation=soft_split_implementation,
+        dtype=dtype,
+    )
     if state is not None:  # into this model: `weights=` builds no other
         weights_lib.assign_state(model, state)
         if release is not None:
@@ -216,8 +235,10 @@ def _run_release(weights):
 
 
 def _read_weights(weights, architecture, input_shape, input_tensor):
-    """(WeightsState, release or None) for `weights`: a path, or a release name. Reading a
-    file builds no model: the state goes into the one that `T2TViT` builds."""
+    """(WeightsState, release or None) for `weights`: a path, a release name, or a state read
+    already. Reading a file builds no model: the state goes into the one that `T2TViT` builds."""
+    if isinstance(weights, weights_lib.WeightsState):
+        return weights, weights.release
     if not pretrained.is_release_name(weights):
         state = weights_lib.read_weights(weights, architecture)
         return state, _run_release(weights)
@@ -395,7 +416,8 @@ BASE_DOCSTRING = """Instantiates the {title} model (Yuan et al., "Tokens-to-Toke
     {description} ImageNet top-1 of the released weights: {top1}%.
 
     By default the model takes RGB images with values in [0, 255] and normalizes them inside
-    (`include_preprocessing=True`).
+    (`include_preprocessing=True`). `{builder}.from_preset(uri, **overrides)` builds it from a
+    preset instead (`keras_t2t.presets`: converted weights, with no torch and no conversion).
 
     Args:
         include_top: whether to include the classification head.
@@ -441,6 +463,9 @@ _DESCRIPTIONS = {
 }
 
 
+BUILDERS = {}  # variant -> its builder (T2TViT7, ...)
+
+
 def _builder(config_name, builder_name, title, top1):
     def builder(
         include_top=True,
@@ -479,6 +504,7 @@ def _builder(config_name, builder_name, title, top1):
         top1=top1,
         builder=builder_name,
     )
+    BUILDERS[config_name] = builder
     return builder
 
 

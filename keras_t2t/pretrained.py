@@ -35,6 +35,11 @@ URL_VARIABLE = "KERAS_T2T_WEIGHTS_URL"
 CACHE_SUBDIR = os.path.join("models", "keras_t2t")
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)  # the official transfer_learning.py
 CIFAR_STD = (0.2023, 0.1994, 0.2010)
+# The license of the official weights (SPDX: The Clear BSD License), that of the official
+# repository (https://github.com/yitu-opensource/T2T-ViT/blob/main/LICENSE). keras-t2t's own
+# code is Apache-2.0; the weights keep their license, whatever format they are converted to.
+OFFICIAL_LICENSE = "BSD-3-Clause-Clear"
+UNKNOWN_LICENSE = "unknown"  # the license of a file that is no known release
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +58,12 @@ class Release:
     std: tuple = IMAGENET_STD
     file_size: int = None  # bytes, where published
     sha384: str = None  # where published
+    license: str = UNKNOWN_LICENSE  # an SPDX identifier; the official files: OFFICIAL_LICENSE
+
+    @property
+    def source_url(self):
+        """The official address of the file (a mirror, `KERAS_T2T_WEIGHTS_URL`, aside)."""
+        return f"{BASE_URL}/{self.file_name}"
 
     @property
     def stem(self):
@@ -63,7 +74,7 @@ class Release:
 
 
 def _imagenet(model, file_name, top1, **kwargs):
-    return Release(model, "imagenet", file_name, top1, **kwargs)
+    return Release(model, "imagenet", file_name, top1, license=OFFICIAL_LICENSE, **kwargs)
 
 
 def _cifar(model, classes, file_name, top1):
@@ -77,6 +88,7 @@ def _cifar(model, classes, file_name, top1):
         interpolation="bilinear",
         mean=CIFAR_MEAN,
         std=CIFAR_STD,
+        license=OFFICIAL_LICENSE,
     )
 
 
@@ -148,6 +160,21 @@ def find_release(model, weights, image_size=None):
         if release.image_size == image_size:
             return release
     return candidates[0]
+
+
+def match_release(path, digest=None):
+    """The release that the file at `path` is, or None: by its sha384 (`digest`, computed if
+    not given) where the table publishes one, else by its file name. A file named as a
+    release whose published sha384 differs is not that release."""
+    digest = digest or sha384(path)
+    name = os.path.basename(os.fspath(path))
+    for release in RELEASES:
+        if release.sha384 is not None and release.sha384 == digest:
+            return release
+    for release in RELEASES:
+        if release.file_name == name and release.sha384 in (None, digest):
+            return release
+    return None
 
 
 def base_url():

@@ -53,6 +53,9 @@ class WeightsState:
     image_size: int = None
     classes: int = None
     config: dict = None  # architecture inferred from the tensors (num_heads excluded)
+    # The `pretrained.Release` the model is made from, where known: the builder takes the
+    # normalization of its inputs from it (a preset's metadata.json records it).
+    release: object = None
 
     @property
     def variant(self):

@@ -1,6 +1,6 @@
 """Runs `test_portable.py` under JAX and PyTorch (#13), each in its own process (a Keras
-backend is chosen once per process; the two run side by side), with a `.keras` file written
-here on TensorFlow for them to load."""
+backend is chosen once per process; the two run side by side), with a `.keras` file and a
+preset written here on TensorFlow for them to load."""
 
 import importlib.util
 import os
@@ -12,7 +12,8 @@ import keras
 import numpy as np
 import pytest
 
-from tests.conftest import tiny_model
+from keras_t2t import convert, presets
+from tests.conftest import DATA, GOLDEN, tiny_model
 
 PORTABLE = pathlib.Path(__file__).parent / "test_portable.py"
 BACKENDS = [b for b in ("jax", "torch") if importlib.util.find_spec(b) is not None]
@@ -27,9 +28,19 @@ def test_the_portable_tests_pass_under_jax_and_torch(tmp_path):
     path = str(tmp_path / "written_on_tensorflow.keras")
     model.save(path)
     np.savez(path + ".npz", images=images, outputs=np.asarray(model(images)))
+    # Beside it, the golden checkpoint as a preset (convert --preset), to load there.
+    checkpoint = DATA / GOLDEN["t2t_tiny_performer"]["checkpoint"]
+    argv = [str(checkpoint), "--preset", str(tmp_path), "--num_heads=2", "--no_check"]
+    assert convert.main(argv) == 0
+    preset = str(tmp_path / presets.preset_name(source=checkpoint))
     processes = {}
     for backend in BACKENDS:
-        env = dict(os.environ, KERAS_BACKEND=backend, KERAS_T2T_FOREIGN_KERAS=path)
+        env = dict(
+            os.environ,
+            KERAS_BACKEND=backend,
+            KERAS_T2T_FOREIGN_KERAS=path,
+            KERAS_T2T_FOREIGN_PRESET=preset,
+        )
         if backend == "jax":  # two CPU devices, for the DataParallel test
             flags = [env.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=2"]
             env["XLA_FLAGS"] = " ".join(flags).strip()

@@ -98,7 +98,9 @@ def _golden(name):
     entry = GOLDEN[name]
     io = np.load(DATA / entry["io"])
     images = io["images_nchw"].transpose(0, 2, 3, 1)
-    return dict(entry, checkpoint=str(DATA / entry["checkpoint"]), images=images)
+    return dict(
+        entry, checkpoint=str(DATA / entry["checkpoint"]), images=images, logits=io["logits"]
+    )
 
 
 GOLDEN_PERFORMER = _golden("t2t_tiny_performer")
@@ -182,6 +184,18 @@ def test_a_keras_file_written_by_another_backend_loads():
     model = keras.saving.load_model(path)
     outputs = keras.ops.convert_to_numpy(model(io["images"]))
     np.testing.assert_allclose(outputs, io["outputs"], atol=1e-5)
+
+
+def test_a_preset_written_on_another_backend_loads():
+    """The runner (on TensorFlow) converts the golden checkpoint to a preset (`convert
+    --preset`); under JAX and PyTorch it loads and gives the official logits."""
+    path = os.environ.get("KERAS_T2T_FOREIGN_PRESET")
+    if not path:
+        pytest.skip("run by test_other_backends.py, with a preset written on TensorFlow")
+    model = keras_t2t.from_preset(path, include_preprocessing=False, classifier_activation=None)
+    golden = GOLDEN_PERFORMER
+    logits = keras.ops.convert_to_numpy(model(golden["images"]))
+    assert np.abs(logits - golden["logits"]).max() <= TOLERANCE
 
 
 def test_the_model_carries_a_mixed_policy_with_a_float32_island():

@@ -49,6 +49,11 @@ def test_release_table_is_the_official_list():
         assert release.model in models.MODEL_CONFIGS
         expected_classes = {"imagenet": 1000, "cifar10": 10, "cifar100": 100}[release.weights]
         assert release.classes == expected_classes
+        # The official repository's LICENSE (The Clear BSD License) covers its released files.
+        assert release.license == "BSD-3-Clause-Clear"
+        assert release.source_url == (
+            f"https://github.com/yitu-opensource/T2T-ViT/releases/download/main/{release.file_name}"
+        )
     t2t14 = pretrained.find_release("t2t_vit_14", "imagenet")
     assert t2t14.file_size == 86_212_823 and t2t14.sha384.startswith("98c8ae06a1e9997f")
     assert len(t2t14.sha384) == 96
