@@ -5,13 +5,18 @@ second TensorFlow distribution on top of the one you have (tensorflow, tensorflo
 tensorflow-tpu). Pick it with an extra: `pip install -e .[cpu]`, `.[gpu]` or `.[tpu]`.
 """
 
+import re
+
 from setuptools import find_packages, setup
 
 TF = ">=2.20,<2.22"
+# The one home of the version is keras_t2t/version.py (read, not imported: no TF at setup).
+with open("keras_t2t/version.py", encoding="utf-8") as f:
+    VERSION = re.search(r'^__version__ = "([^"]+)"', f.read(), re.M).group(1)
 
 setup(
     name="keras-t2t",
-    version="0.1.0",
+    version=VERSION,
     description="T2T-ViT (Tokens-to-Token Vision Transformer) for Keras 3 and TensorFlow",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
