@@ -2,7 +2,7 @@
 
     python benchmarks/benchmark.py                         # T2T-ViT-14 at 224, the full run
     python benchmarks/benchmark.py --models=t2t_vit_7,t2t_vit_14,t2t_vit_t_14 --output=bench.json
-    python benchmarks/benchmark.py --short                 # seconds; what CI runs
+    python benchmarks/benchmark.py --short                 # every path once, T2T-ViT-7 with one block (CI)
     python benchmarks/benchmark.py --backend=jax           # the same model on JAX (or torch)
 
 Prints, and writes to --output as JSON:
@@ -504,20 +504,31 @@ def t2t_module_train_step(name, image_size, batch):
         step(images)
 
 
-def memory_of_training_step(name, image_size, batch, part="model"):
+def memory_of_training_step(name, image_size, batch, part="model", depth=None):
     """Peak resident memory (GiB) of a fresh process that runs training steps of `name`
-    (`part="t2t"`: of its T2T module alone)."""
+    (`depth`: with that many blocks; `part="t2t"`: of its T2T module alone)."""
     code = (
         "import sys, resource; sys.path.insert(0, sys.argv[1]);"
         "from benchmarks.benchmark import build, train_step_throughput, t2t_module_train_step;"
         "name, size, batch = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]);"
+        "arch = {'depth': int(sys.argv[6])} if sys.argv[6] else {};"
         "(t2t_module_train_step(name, size, batch) if sys.argv[5] == 't2t' else "
-        "train_step_throughput(build(name, size, 'float32'), batch, 0.0));"
+        "train_step_throughput(build(name, size, 'float32', **arch), batch, 0.0));"
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
     )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     result = subprocess.run(
-        [sys.executable, "-c", code, root, name, str(image_size), str(batch), part],
+        [
+            sys.executable,
+            "-c",
+            code,
+            root,
+            name,
+            str(image_size),
+            str(batch),
+            part,
+            str(depth or ""),
+        ],
         capture_output=True,
         text=True,
         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
@@ -544,9 +555,18 @@ def _peaks(report, args, measure):
     return peaks
 
 
+def _architecture(args):
+    """The variant's architecture overrides of the command line (`--depth`)."""
+    return {} if args.depth is None else dict(depth=args.depth)
+
+
 def _model_entry(report, name, args, peaks):
     """(the report entry of model `name`, pct(images/s, dtype) -> % of that dtype's peak)."""
-    flops = keras_t2t.count_flops(name, args.image_size)
+    counted = name
+    if args.depth is not None:  # not the variant: count the model with its blocks
+        shape = (args.image_size, args.image_size, 3)
+        counted = keras_t2t.create_model(name, input_shape=shape, **_architecture(args))
+    flops = keras_t2t.count_flops(counted, args.image_size)
     entry = dict(image_size=args.image_size, gflops_per_image=flops / 1e9, inference={})
     report["models"][name] = entry
     print(
@@ -581,7 +601,7 @@ def run(args):
             official = official_model(args.official_dir, name, args.image_size)
 
         for policy, dtype in _policies(args.dtypes):
-            model = build(name, args.image_size, policy)
+            model = build(name, args.image_size, policy, **_architecture(args))
             if official is not None:
                 load_official(model, official)
             for batch in args.batch_sizes:
@@ -711,7 +731,7 @@ def run(args):
                         [args.memory_batch // 2] if part == "model" and not args.short else []
                     )
                     for batch in batches:
-                        memory = memory_of_training_step(name, side, batch, part)
+                        memory = memory_of_training_step(name, side, batch, part, args.depth)
                         key = f"train_memory_{part}_{side}_batch_{batch}"
                         entry[key] = memory
                         what = "training step" if part == "model" else "T2T module fwd+bwd"
@@ -790,6 +810,7 @@ def _portable_rows(name, policy, dtype, args, entry, pct):
         input_shape=(args.image_size, args.image_size, 3),
         classifier_activation=None,
         dtype=policy,
+        **_architecture(args),
     )
     call = compiled_forward(model)
     for batch in args.batch_sizes:
@@ -897,8 +918,14 @@ def main(argv=None):
     parser.add_argument(
         "--short",
         action="store_true",
-        help="a quick run of every path (CI): one small model and batch; the bfloat16 Keras "
-        "model through tf.function only",
+        help="a quick run of every path (CI): T2T-ViT-7 with one block (--depth=1) at 32x32, "
+        "batch 2; the bfloat16 Keras model through tf.function only",
+    )
+    parser.add_argument(
+        "--depth",
+        type=int,
+        help="blocks of each model (default: the variant's; 1 with --short): a quick run of "
+        "every path, whose figures are not the variant's",
     )
     parser.add_argument("--output", help="write the figures to this JSON file")
     args = parser.parse_args(argv)
@@ -908,6 +935,7 @@ def main(argv=None):
         args.models, args.image_size, args.batch_sizes = "t2t_vit_7", 32, "2"
         args.train_batch, args.memory_batch, args.memory_sizes = 2, 2, "32"
         args.min_time, args.peak_size = 0.0, 1024
+        args.depth = 1 if args.depth is None else args.depth
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     args.batch_sizes = [int(b) for b in str(args.batch_sizes).split(",")]
     args.dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
@@ -924,6 +952,10 @@ def main(argv=None):
             f"{keras.backend.backend()} backend; run this script with --backend on its "
             f"command line (or KERAS_BACKEND={args.backend})"
         )
+    if args.depth is not None and args.depth < 1:
+        parser.error(f"--depth must be at least 1, received {args.depth}")
+    if args.depth is not None and args.official_dir:
+        parser.error("--depth changes the variant, which the official model then does not match")
     if args.official_dir and not os.path.isfile(
         os.path.join(args.official_dir, "models", "t2t_vit.py")
     ):

@@ -341,11 +341,16 @@ class TokenPatches(keras.layers.Layer):
 def create_model(name, **kwargs):
     """Builds a variant by its official name, e.g. `create_model("t2t_vit_t_14", classes=10)`.
 
-    `kwargs` are those of the variant builders (`include_top`, `weights`, `classes`, ...).
+    `kwargs` are those of the variant builders (`include_top`, `weights`, `classes`, ...), and
+    may override the variant's architecture (`depth=2`: a shallower T2T-ViT-14, as timm's
+    `create_model` takes), which official weights then no longer fit.
+
+    >>> create_model("t2t_vit_7", depth=1, input_shape=(32, 32, 3)).get_layer("blocks_0").name
+    'blocks_0'
     """
     key, config = variant_config(name)
     kwargs.setdefault("name", key)
-    return T2TViT(**config, **kwargs)
+    return T2TViT(**{**config, **kwargs})
 
 
 def model_for_command_line(
