@@ -152,6 +152,7 @@ def test_benchmark_rejects_unknown_model(capsys):
     assert "unknown model 't2t_vit_15'" in _refusal(["--models=t2t_vit_15"], capsys)
 
 
+@pytest.mark.slow
 def test_fidelity_benchmark_runs_ours_on_its_own_data(tmp_path):
     result = subprocess.run(
         [

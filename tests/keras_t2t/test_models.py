@@ -230,6 +230,7 @@ def test_mixed_precision_trains_without_nan(policy, tokens_type):
     assert all(np.all(np.isfinite(w)) for w in model.get_weights())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tokens_type", ["performer", "transformer"])
 def test_xla_forward_and_train_step(tokens_type):
     model = tiny_model(tokens_type, input_shape=(32, 32, 3), drop_path_rate=0.1, dropout_rate=0.1)

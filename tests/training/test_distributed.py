@@ -64,6 +64,7 @@ def two_replicas(tiny_records, tmp_path_factory):
     return dict(json.loads((folder / "results.json").read_text()), folder=folder)
 
 
+@pytest.mark.slow
 def test_float16_overflow_on_one_replica_skips_the_step_on_all(two_replicas):
     # Keras checks replica 0 alone: the inf of replica 1 entered the sum (NaN weights).
     result = two_replicas["loss_scale"]

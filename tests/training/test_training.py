@@ -151,6 +151,7 @@ def _finish(processes, timeout=300):
     return outputs
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_worker_stops_both_then_both_resume_from_the_chiefs_checkpoint(
     tiny_records, tmp_path
 ):
@@ -247,6 +248,7 @@ def _latest_step(model_dir):
     return int(latest.rsplit("-", 1)[1])
 
 
+@pytest.mark.slow
 def test_kill_and_resume_continues_from_the_checkpoint(tiny_records, tmp_path):
     # 80 steps, 4 an epoch: the first checkpoint comes after 4, the kill 1 s (~10 steps) later.
     args = ["--epochs=20", "--mode=train_and_eval", "--eval_every_epochs=20"]
