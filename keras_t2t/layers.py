@@ -643,6 +643,8 @@ class T2TModule(_Composite):
         >>> T2TModule().grid_sizes(224, 160)
         ((56, 40), (28, 20), (14, 10))
         """
+        if ops.is_tensor(height) or ops.is_tensor(width):  # both tensors: Keras takes no mix
+            height, width = (ops.convert_to_tensor(side, "int32") for side in (height, width))
         sizes = []
         for split in (self.soft_split0, self.soft_split1, self.soft_split2):
             height, width = split.output_size(height), split.output_size(width)

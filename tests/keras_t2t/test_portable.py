@@ -98,7 +98,9 @@ def _golden(name):
     entry = GOLDEN[name]
     io = np.load(DATA / entry["io"])
     images = io["images_nchw"].transpose(0, 2, 3, 1)
-    return dict(entry, checkpoint=str(DATA / entry["checkpoint"]), images=images)
+    return dict(
+        entry, checkpoint=str(DATA / entry["checkpoint"]), images=images, logits=io["logits"]
+    )
 
 
 GOLDEN_PERFORMER = _golden("t2t_tiny_performer")
@@ -134,6 +136,21 @@ def test_weights_h5_and_keras_files_round_trip(golden, tmp_path):
     np.testing.assert_allclose(
         keras.ops.convert_to_numpy(revived(golden["images"])), expected, atol=1e-5
     )
+
+
+def test_a_model_of_any_size_runs_on_this_backend():
+    """A model built with input_shape=(None, None, 3) from the golden checkpoint gives at
+    64x96 the logits of a model built at 64x96 from the same file (its table resized by the
+    NumPy reference as the file loads), and refuses a side of 72. (`test_models.py` checks
+    more sizes on TensorFlow; on JAX each size is a compilation.)"""
+    golden = GOLDEN_PERFORMER
+    model = _golden_model(golden, input_shape=(None, None, 3))
+    images = np.random.default_rng(5).normal(size=(2, 64, 96, 3)).astype("float32")
+    expected = _golden_model(golden, input_shape=(64, 96, 3)).predict(images, verbose=0)
+    assert np.abs(model.predict(images, verbose=0) - expected).max() <= TOLERANCE
+    # A ValueError where the sizes are static when traced; TensorFlow's assertion otherwise.
+    with pytest.raises(Exception, match=r"multiples of 16, received\W+72\W+x\W+64"):
+        model.predict(np.zeros((1, 72, 64, 3), "float32"), verbose=0)
 
 
 QUANTIZATION_MODES = ["int8", "float8", "int4"]  # Keras >= 3.13 has each on every backend
