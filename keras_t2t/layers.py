@@ -1074,13 +1074,13 @@ class PositionEmbedding(keras.layers.Layer):
         return height // p, width // p
 
     def table(self, grid=None):
-        """The position table `(1, 1 + h * w, dim)` float32 for the token grid `grid`: the
-        table itself where `grid` is None or its own grid, else its grid resized (PyTorch's
-        bicubic, class row kept)."""
-        table = ops.cast(self.pos_embed, "float32")
+        """The position table `(1, 1 + h * w, dim)` for the token grid `grid`: the table
+        itself (in its dtype) where `grid` is None or its own grid, else its grid resized in
+        float32 (PyTorch's bicubic, class row kept)."""
         static = grid is not None and all(isinstance(side, int) for side in grid)
         if grid is None or static and tuple(grid) == self.grid_size:
-            return table
+            return self.pos_embed
+        table = ops.cast(self.pos_embed, "float32")
         if self.grid_size is None:
             raise ValueError(
                 "This PositionEmbedding has no `grid_size`: its table cannot be resized to "
@@ -1092,16 +1092,15 @@ class PositionEmbedding(keras.layers.Layer):
         return ops.expand_dims(ops.concatenate([table[0, :1], resized], axis=0), 0)
 
     def call(self, inputs, images=None):
-        grid = None if images is None else self.token_grid(images)
-        if inputs.shape[1] is not None and inputs.shape[1] == self.pos_embed.shape[1]:
-            return inputs + ops.cast(self.pos_embed, inputs.dtype)
-        if grid is None:
+        if images is not None:  # the table for the images' grid (itself where it is its own)
+            return inputs + ops.cast(self.table(self.token_grid(images)), inputs.dtype)
+        if inputs.shape[1] != self.pos_embed.shape[1]:
             raise ValueError(
                 f"PositionEmbedding has a table of {self.pos_embed.shape[1]} rows and received "
                 f"{inputs.shape[1]} tokens: call it with the images too, `layer(tokens, "
                 f"images)`, to resize its table to their token grid."
             )
-        return inputs + ops.cast(self.table(grid), inputs.dtype)
+        return inputs + ops.cast(self.pos_embed, inputs.dtype)
 
     def get_config(self):
         config = super().get_config()

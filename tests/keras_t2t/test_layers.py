@@ -260,6 +260,29 @@ def test_class_token_and_position_embedding():
     np.testing.assert_allclose(out[0, 1:], layers.sinusoid_table(5, 8)[1:], atol=1e-6)
 
 
+def test_position_embedding_resizes_its_table_to_the_images_grid():
+    """A table of a 2x8 grid, called with images: at 32x128 (its own grid) the table as it is;
+    at 64x64 its grid resized to 4x4 (though 4x4 holds its 16 tokens too) as the NumPy
+    reference resizes a checkpoint's; a side of 72 and tokens without images are refused."""
+    from keras_t2t import weights
+
+    layer = layers.PositionEmbedding(grid_size=(2, 8), patch_size=16)
+    tokens = np.zeros((1, 17, 6), "float32")
+    layer.build(tokens.shape)
+    table = np.random.default_rng(8).normal(size=(1, 17, 6)).astype("float32")
+    layer.pos_embed.assign(table)
+    own = np.asarray(layer(tokens, np.zeros((1, 32, 128, 3), "float32")))
+    np.testing.assert_array_equal(own, table)
+    resized = np.asarray(layer(tokens, np.zeros((1, 64, 64, 3), "float32")))
+    expected = weights.interpolate_pos_embed(table, 16, grid=(4, 4), old_grid=(2, 8))
+    np.testing.assert_allclose(resized, expected, atol=1e-5)
+    assert np.abs(resized - table).max() > 0.1
+    with pytest.raises(ValueError, match="multiples of 16, received 72 x 64"):
+        layer(tokens, np.zeros((1, 72, 64, 3), "float32"))
+    with pytest.raises(ValueError, match="table of 17 rows and received 10 tokens"):
+        layer(np.zeros((1, 10, 6), "float32"))
+
+
 LAYER_CASES = [
     (
         layers.SoftSplit,
