@@ -55,7 +55,15 @@ def _side(model):
             f"`model` must be a keras_t2t T2T-ViT (keras_t2t.T2TViT7(...), create_model(...), "
             f"with or without its head); received {received}."
         )
-    return int(model.input_shape[1])
+    height, width = model.input_shape[1:3]
+    if height is None or height != width:
+        size = "any size" if height is None else f"{height}x{width} images"
+        raise ValueError(
+            f"keras_t2t.explain takes a model of square images of a fixed size; "
+            f"{model.name!r} takes {size}. Build one with input_shape=(side, side, 3) from the "
+            f"same weights."
+        )
+    return int(height)
 
 
 def _checked_images(model, images):

@@ -71,7 +71,8 @@ def count_flops(model_or_name, image_size=None, classes=1000):
 
     Args:
         model_or_name: a model built by keras_t2t, or a variant name (`"t2t_vit_14"`).
-        image_size: input side, for a name (default 224); taken from the model otherwise.
+        image_size: input side, for a name (default 224) or a model of any size; taken from
+            a model of a fixed size.
         classes: head width, for a name.
 
     >>> round(count_flops("t2t_vit_14") / 2e9, 1)
@@ -82,4 +83,18 @@ def count_flops(model_or_name, image_size=None, classes=1000):
         config.update(image_size=image_size or 224, classes=classes)
     else:
         config = _config_of(model_or_name)
+        height, width = model_or_name.input_shape[1:3]
+        if height is None and image_size is None:
+            raise ValueError(
+                f"{model_or_name.name!r} takes images of any size: pass the `image_size` to "
+                f"count at (224, 384, ...)."
+            )
+        if height is None:
+            config.update(image_size=image_size)
+        elif height != width:
+            raise ValueError(
+                f"count_flops counts square images; {model_or_name.name!r} takes "
+                f"{height}x{width}. Count a square model, or the variant's name with "
+                f"`image_size`."
+            )
     return 2 * count_macs(**config)

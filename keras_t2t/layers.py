@@ -61,6 +61,13 @@ def _tensorflow():
     return tf
 
 
+def _dim(x, axis):
+    """The size of `x` along `axis`: its static int where known (the graph then holds no
+    shape op, as in a model of fixed size), else a scalar tensor (a dynamic image size)."""
+    size = x.shape[axis]
+    return size if size is not None else ops.shape(x)[axis]
+
+
 def _check_int(name, value, minimum=1):
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise ValueError(f"`{name}` must be an integer >= {minimum}, received {value!r}.")
@@ -195,23 +202,28 @@ class SoftSplit(keras.layers.Layer):
             )
         self.implementation = implementation
 
-    def _out_size(self, size):
+    def output_size(self, size):
+        """Windows along an axis of `size` pixels, `(size + 2p - k) // s + 1`: for a Python
+        int (None stays None) or a scalar tensor (a dynamic side)."""
+        if size is None:
+            return None
         return (size + 2 * self.padding - self.kernel_size) // self.strides + 1
 
     def compute_output_shape(self, input_shape):
         batch, height, width, channels = input_shape
-        if height is None or width is None or channels is None:
+        if channels is None:
             raise ValueError(
-                f"SoftSplit needs a static height, width and channel count, received input "
-                f"shape {tuple(input_shape)}."
+                f"SoftSplit needs a static channel count, received input shape "
+                f"{tuple(input_shape)}."
             )
-        tokens = self._out_size(height) * self._out_size(width)
+        out_h, out_w = self.output_size(height), self.output_size(width)
+        tokens = None if out_h is None or out_w is None else out_h * out_w
         return (batch, tokens, self.kernel_size * self.kernel_size * channels)
 
     def call(self, inputs):
-        _, height, width, channels = inputs.shape
+        height, width, channels = _dim(inputs, 1), _dim(inputs, 2), inputs.shape[-1]
         k, s, p = self.kernel_size, self.strides, self.padding
-        out_h, out_w = self._out_size(height), self._out_size(width)
+        out_h, out_w = self.output_size(height), self.output_size(width)
         x = ops.pad(inputs, [[0, 0], [p, p], [p, p], [0, 0]]) if p else inputs
         implementation = self.implementation
         if implementation == "patches" and _tensorflow() is None:
@@ -229,7 +241,7 @@ class SoftSplit(keras.layers.Layer):
             # Each slice ends k - 1 - i rows before the end of the padded map, not at an index
             # computed from the static size: on a larger map than the graph was built for, the
             # slices grow with it (and the reshape below refuses it) instead of silently
-            # reading the top-left corner.
+            # reading the top-left corner; and a map of dynamic size takes the same slices.
             def window(offset):
                 end = offset - (k - 1)
                 return slice(offset, end if end < 0 else None, s)
@@ -239,7 +251,8 @@ class SoftSplit(keras.layers.Layer):
             )
         # The batch is given, not inferred (-1): an image larger than the graph's static size
         # (an exported graph receives any size) makes more patches, which a -1 would fold into
-        # extra rows of the batch, a wrong answer; this way the reshape refuses them.
+        # extra rows of the batch, a wrong answer; this way the reshape refuses them. Where the
+        # height and width are dynamic, the token count is computed from them in the graph.
         return ops.reshape(patches, (ops.shape(inputs)[0], out_h * out_w, k * k * channels))
 
     def get_config(self):
@@ -257,14 +270,20 @@ class SoftSplit(keras.layers.Layer):
 class Restructure(keras.layers.Layer):
     """Re-structurization: row-major tokens `(batch, h * w, C)` back to a map `(batch, h, w, C)`.
 
-    The token grid must be square (as every T2T-ViT grid is).
+    Call it with `grid_size=(h, w)` (Python ints, or scalar tensors where the map's size is
+    dynamic, as `T2TModule` does); without it, the grid is the square of a static token count.
+
+    >>> import numpy as np
+    >>> tuple(Restructure()(np.zeros((1, 6, 4), "float32"), grid_size=(2, 3)).shape)
+    (1, 2, 3, 4)
     """
 
     def _side(self, tokens):
         side = math.isqrt(tokens) if tokens is not None else None
         if side is None or side * side != tokens:
             raise ValueError(
-                f"Restructure needs a square number of tokens, received {tokens} tokens."
+                f"Restructure needs a square number of tokens, received {tokens} tokens; pass "
+                f"`grid_size=(height, width)` for another grid."
             )
         return side
 
@@ -272,9 +291,9 @@ class Restructure(keras.layers.Layer):
         side = self._side(input_shape[1])
         return (input_shape[0], side, side, input_shape[2])
 
-    def call(self, inputs):
-        side = self._side(inputs.shape[1])
-        return ops.reshape(inputs, (ops.shape(inputs)[0], side, side, inputs.shape[2]))
+    def call(self, inputs, grid_size=None):
+        height, width = (self._side(inputs.shape[1]),) * 2 if grid_size is None else grid_size
+        return ops.reshape(inputs, (ops.shape(inputs)[0], height, width, inputs.shape[2]))
 
 
 @_register
@@ -611,17 +630,35 @@ class T2TModule(_Composite):
         return implementations
 
     def build(self, input_shape):
-        shape = self.soft_split0.compute_output_shape(input_shape)
-        self.attention1.build(shape)
-        shape = self.restructure.compute_output_shape(self.attention1.compute_output_shape(shape))
-        shape = self.soft_split1.compute_output_shape(shape)
-        self.attention2.build(shape)
-        shape = self.restructure.compute_output_shape(self.attention2.compute_output_shape(shape))
-        self.project.build(self.soft_split2.compute_output_shape(shape))
+        self.attention1.build(self.soft_split0.compute_output_shape(input_shape))
+        token_map = (input_shape[0], None, None, self.token_dim)  # weights need the width only
+        self.attention2.build(self.soft_split1.compute_output_shape(token_map))
+        self.project.build(self.soft_split2.compute_output_shape(token_map))
+
+    def grid_sizes(self, height, width):
+        """The `(height, width)` of the two T2T maps and of the token grid, for an image of
+        `height` x `width` (Python ints, or scalar tensors in a graph of dynamic size): the
+        soft splits' `output_size`, one after the other.
+
+        >>> T2TModule().grid_sizes(224, 160)
+        ((56, 40), (28, 20), (14, 10))
+        """
+        if ops.is_tensor(height) or ops.is_tensor(width):  # both tensors: Keras takes no mix
+            height, width = (ops.convert_to_tensor(side, "int32") for side in (height, width))
+        sizes = []
+        for split in (self.soft_split0, self.soft_split1, self.soft_split2):
+            height, width = split.output_size(height), split.output_size(width)
+            sizes.append((height, width))
+        return tuple(sizes)
 
     def call(self, inputs, training=None, return_feature_maps=False):
-        map1 = self.restructure(self.attention1(self.soft_split0(inputs), training=training))
-        map2 = self.restructure(self.attention2(self.soft_split1(map1), training=training))
+        # The maps' sizes flow through from the image's: static ints in a graph of fixed size
+        # (the same reshapes as a square token count gives), scalar tensors otherwise.
+        grid1, grid2, _ = self.grid_sizes(_dim(inputs, 1), _dim(inputs, 2))
+        x = self.attention1(self.soft_split0(inputs), training=training)
+        map1 = self.restructure(x, grid_size=grid1)
+        x = self.attention2(self.soft_split1(map1), training=training)
+        map2 = self.restructure(x, grid_size=grid2)
         tokens = self.project(self.soft_split2(map2))
         return (tokens, (map1, map2)) if return_feature_maps else tokens
 
@@ -684,13 +721,13 @@ class MultiHeadSelfAttention(_Composite):
 
     def _heads(self, t):
         """(B, T, heads * head_dim) -> (B, heads, T, head_dim)."""
-        shape = (-1, t.shape[1], self.num_heads, self.head_dim)
+        shape = (-1, _dim(t, 1), self.num_heads, self.head_dim)
         return ops.transpose(ops.reshape(t, shape), (0, 2, 1, 3))
 
     def _stacked_heads(self, t, parts):
         """(B, T, parts * heads * head_dim) -> `parts` tensors (B, heads, T, head_dim), with
         one transpose."""
-        t = ops.reshape(t, (-1, t.shape[1], parts, self.num_heads, self.head_dim))
+        t = ops.reshape(t, (-1, _dim(t, 1), parts, self.num_heads, self.head_dim))
         return ops.unstack(ops.transpose(t, (2, 0, 3, 1, 4)), parts, axis=0)
 
     def _weights(self, q, k):
@@ -699,7 +736,7 @@ class MultiHeadSelfAttention(_Composite):
     def _project(self, attention, v):
         """The heads' outputs, joined again to (B, T, dim), through `proj`."""
         y = ops.transpose(ops.matmul(attention, v), (0, 2, 1, 3))  # (B, T, heads, head_dim)
-        y = ops.reshape(y, (-1, y.shape[1], self.num_heads * self.head_dim))
+        y = ops.reshape(y, (-1, _dim(y, 1), self.num_heads * self.head_dim))
         return self.proj(y)
 
     def attention_weights(self, inputs):
@@ -880,19 +917,125 @@ def _sinusoid_initializer(shape, dtype=None):
     return ops.cast(sinusoid_table(shape[-2], shape[-1])[None], dtype or "float32")
 
 
+# PyTorch's bicubic (`F.interpolate(mode="bicubic")`) is Keys' cubic convolution with this
+# coefficient (TensorFlow's and PIL's take -0.5): the official fine-tuning resize of the
+# position table. `bicubic_matrix` is its graph form, `weights.bicubic_resize` its NumPy one.
+TORCH_BICUBIC_A = -0.75
+
+
+def bicubic_matrix(out_size, in_size, a=TORCH_BICUBIC_A):
+    """The `(out_size, in_size)` float32 matrix of PyTorch's bicubic resize along one axis.
+
+    `matrix @ x` resizes the first axis of `x` from `in_size` to `out_size` as
+    `torch.nn.functional.interpolate(mode="bicubic", align_corners=False)`: the source
+    coordinate of output `o` is `(o + 0.5) * in_size / out_size - 0.5`, its four taps
+    `floor - 1 .. floor + 2` are clamped to `[0, in_size - 1]` and weighted by Keys' cubic
+    convolution with coefficient `a`. `in_size` is a Python int; `out_size` an int or a scalar
+    integer tensor (a size known only at run time): the matrix is built of `keras.ops`
+    (arange, floor, a one-hot by comparison), on every backend and in ONNX.
+
+    >>> import numpy as np
+    >>> np.asarray(bicubic_matrix(3, 2)).astype(float).round(4).tolist()
+    [[1.0868, -0.0868], [0.5, 0.5], [-0.0868, 1.0868]]
+    """
+    out_float = ops.cast(out_size, "float32")
+    positions = ops.cast(ops.arange(out_size), "float32")
+    # (o + 0.5) * in / out - 0.5 with one rounding: the numerator is an exact integer.
+    source = ((2.0 * positions + 1.0) * in_size - out_float) / (2.0 * out_float)
+    base = ops.floor(source)
+    t = source - base
+    base = ops.cast(base, "int32")
+    columns = ops.expand_dims(ops.arange(in_size, dtype="int32"), 0)
+
+    def near(d):  # |d| <= 1
+        return ((a + 2.0) * d - (a + 3.0)) * d * d + 1.0
+
+    def far(d):  # 1 < |d| < 2
+        return ((a * d - 5.0 * a) * d + 8.0 * a) * d - 4.0 * a
+
+    matrix = 0.0
+    for offset, weight in ((-1, far(t + 1.0)), (0, near(t)), (1, near(1.0 - t)), (2, far(2.0 - t))):
+        tap = ops.expand_dims(ops.clip(base + offset, 0, in_size - 1), 1)
+        one_hot = ops.cast(ops.equal(tap, columns), "float32")
+        matrix = matrix + ops.expand_dims(weight, 1) * one_hot
+    return matrix
+
+
+def bicubic_resize_grid(grid, size):
+    """`grid` `(height, width, channels)` resized to `size` `(out_height, out_width)` (ints
+    or scalar tensors) as PyTorch's bicubic does (`bicubic_matrix`): two matmuls, float32."""
+    in_height, in_width, channels = grid.shape
+    out_height, out_width = size
+    grid = ops.reshape(ops.cast(grid, "float32"), (in_height, in_width * channels))
+    grid = ops.matmul(bicubic_matrix(out_height, in_height), grid)
+    grid = ops.reshape(grid, (-1, in_width, channels))  # (out_height, in_width, channels)
+    # (1, out_width, in_width) @ (out_height, in_width, channels), broadcast over the rows.
+    return ops.matmul(ops.expand_dims(bicubic_matrix(out_width, in_width), 0), grid)
+
+
+def _check_grid_size(grid_size):
+    if grid_size is None:
+        return None
+    if (
+        isinstance(grid_size, (str, bytes))
+        or not hasattr(grid_size, "__len__")
+        or len(grid_size) != 2
+    ):
+        raise ValueError(
+            f"`grid_size` must be None or (height, width) of the token grid, received "
+            f"{grid_size!r}."
+        )
+    return tuple(_check_int("grid_size", side) for side in grid_size)
+
+
 @_register
 class PositionEmbedding(keras.layers.Layer):
     """Adds the fixed sinusoid position table (a frozen weight, row 0 for the class token).
 
     The table is a non-trainable weight, so that it is saved and loaded with the model (the
-    official checkpoints store it as `pos_embed`); its length follows the input.
+    official checkpoints store it as `pos_embed`): `(1, 1 + h * w, dim)` for the token grid
+    `grid_size=(h, w)`, or as long as the input it is built for where `grid_size` is None.
+
+    Tokens of another grid (a model built with `input_shape=(None, None, 3)` takes any image
+    size): call the layer with the images too, `layer(tokens, images)`, and the table's grid
+    is resized in the graph to the images' token grid `(height / patch_size, width /
+    patch_size)` with the official fine-tuning resize, PyTorch's bicubic with the class row
+    kept (`bicubic_matrix`; `weights.interpolate_pos_embed` does the same to a file at load
+    time). Where the token count is static and the table's, the table is added as it is: a
+    graph of fixed size holds no resize. Images whose sides are not multiples of
+    `patch_size` are refused (a ValueError where the sizes are static; on TensorFlow, an
+    assertion in the graph where they are dynamic).
+
+    Args:
+        grid_size: `(h, w)` of the table's token grid, or None: the token count of the input
+            that builds the layer.
+        patch_size: the pixels per token along each side of the images (16 in T2T-ViT: the
+            product of its soft splits' strides); required to take `images`.
+
+    >>> import numpy as np
+    >>> layer = PositionEmbedding(grid_size=(2, 2), patch_size=16)
+    >>> tokens = np.zeros((1, 1 + 3 * 4, 8), "float32")  # class token and a 3 x 4 grid
+    >>> tuple(layer(tokens, np.zeros((1, 48, 64, 3), "float32")).shape)
+    (1, 13, 8)
     """
 
+    def __init__(self, grid_size=None, patch_size=None, **kwargs):
+        super().__init__(**kwargs)
+        self.grid_size = _check_grid_size(grid_size)
+        self.patch_size = None if patch_size is None else _check_int("patch_size", patch_size)
+
     def build(self, input_shape):
-        if input_shape[1] is None:
-            raise ValueError("PositionEmbedding needs a static number of tokens.")
+        if self.grid_size is not None:
+            rows = 1 + self.grid_size[0] * self.grid_size[1]
+        elif input_shape[1] is None:
+            raise ValueError(
+                "PositionEmbedding needs a static number of tokens, or `grid_size` (the "
+                "table's token grid) for tokens of any number."
+            )
+        else:
+            rows = input_shape[1]
         self.pos_embed = self.add_weight(
-            shape=(1, input_shape[1], input_shape[2]),
+            shape=(1, rows, input_shape[2]),
             initializer=_sinusoid_initializer,
             trainable=False,
             name="pos_embed",
@@ -901,5 +1044,65 @@ class PositionEmbedding(keras.layers.Layer):
     def compute_output_shape(self, input_shape):
         return input_shape
 
-    def call(self, inputs):
+    def token_grid(self, images):
+        """`(height, width)` of the token grid of `images` (NHWC): their sides divided by
+        `patch_size`, ints or scalar tensors; sides that are not multiples of it are refused."""
+        if self.patch_size is None:
+            raise ValueError(
+                "This PositionEmbedding has no `patch_size`: it cannot read a token grid from "
+                "images. Make it with patch_size=16 (T2T-ViT's) to take them."
+            )
+        p = self.patch_size
+        height, width = _dim(images, 1), _dim(images, 2)
+        if any(isinstance(side, int) and side % p for side in (height, width)):
+            raise ValueError(
+                f"The image height and width must be multiples of {p}, received "
+                f"{height} x {width}. Resize or crop the images to such sides (224, 288, "
+                f"384, ...)."
+            )
+        tf = _tensorflow()
+        if tf is not None and not all(isinstance(side, int) for side in (height, width)):
+            # Dynamic sizes in a TensorFlow graph (a SavedModel's): checked when it runs.
+            check = tf.debugging.Assert(
+                tf.logical_and(tf.equal(height % p, 0), tf.equal(width % p, 0)),
+                [f"The image height and width must be multiples of {p}, received", height]
+                + ["x", width],
+                name="image_sides_are_multiples_of_patch_size",
+            )
+            with tf.control_dependencies([check]):
+                height, width = tf.identity(height), tf.identity(width)
+        return height // p, width // p
+
+    def table(self, grid=None):
+        """The position table `(1, 1 + h * w, dim)` for the token grid `grid`: the table
+        itself (in its dtype) where `grid` is None or its own grid, else its grid resized in
+        float32 (PyTorch's bicubic, class row kept)."""
+        static = grid is not None and all(isinstance(side, int) for side in grid)
+        if grid is None or static and tuple(grid) == self.grid_size:
+            return self.pos_embed
+        table = ops.cast(self.pos_embed, "float32")
+        if self.grid_size is None:
+            raise ValueError(
+                "This PositionEmbedding has no `grid_size`: its table cannot be resized to "
+                "another grid. Make it with grid_size=(h, w) of its table."
+            )
+        dim = table.shape[-1]
+        source = ops.reshape(table[0, 1:], (*self.grid_size, dim))
+        resized = ops.reshape(bicubic_resize_grid(source, grid), (-1, dim))
+        return ops.expand_dims(ops.concatenate([table[0, :1], resized], axis=0), 0)
+
+    def call(self, inputs, images=None):
+        if images is not None:  # the table for the images' grid (itself where it is its own)
+            return inputs + ops.cast(self.table(self.token_grid(images)), inputs.dtype)
+        if inputs.shape[1] != self.pos_embed.shape[1]:
+            raise ValueError(
+                f"PositionEmbedding has a table of {self.pos_embed.shape[1]} rows and received "
+                f"{inputs.shape[1]} tokens: call it with the images too, `layer(tokens, "
+                f"images)`, to resize its table to their token grid."
+            )
         return inputs + ops.cast(self.pos_embed, inputs.dtype)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(grid_size=self.grid_size, patch_size=self.patch_size)
+        return config

@@ -28,7 +28,22 @@ from keras_t2t.configs import (  # noqa: F401 (list_models, variant_of: re-expor
 from keras_t2t.imagenet import IMAGENET_MEAN, IMAGENET_STD, normalization
 
 
+def _check_side(side):
+    if side < PATCH_FACTOR or side % PATCH_FACTOR:
+        below = side // PATCH_FACTOR * PATCH_FACTOR
+        nearest = (
+            f"The nearest allowed sides are {below} and {below + PATCH_FACTOR}."
+            if below >= PATCH_FACTOR
+            else f"The smallest allowed side is {PATCH_FACTOR}."
+        )
+        raise ValueError(
+            f"The image side must be a multiple of {PATCH_FACTOR} (224, 384, 32, ...), "
+            f"received {side}. {nearest}"
+        )
+
+
 def _input_shape(input_shape, input_tensor, default_size):
+    """`(height, width, 3)`: sides that are multiples of 16, or both None (any such size)."""
     if input_shape is None and input_tensor is not None:
         input_shape = tuple(input_tensor.shape[1:])
     if input_shape is None:
@@ -41,22 +56,15 @@ def _input_shape(input_shape, input_tensor, default_size):
         raise ValueError(
             f"T2T-ViT takes RGB images with 3 channels, received input_shape {input_shape}."
         )
-    if height is None or width is None or height != width:
+    if (height is None) != (width is None):
         raise ValueError(
-            f"T2T-ViT needs a square input of fixed size, received input_shape {input_shape}. "
-            f"Resize or crop the images to a square side such as 224 or 384."
+            f"T2T-ViT takes images of a fixed size or of any size, received input_shape "
+            f"{input_shape}. Pass (None, None, 3) for any size (sides multiples of "
+            f"{PATCH_FACTOR}), or fix both sides, e.g. (224, 224, 3)."
         )
-    if height < PATCH_FACTOR or height % PATCH_FACTOR:
-        below = height // PATCH_FACTOR * PATCH_FACTOR
-        nearest = (
-            f"The nearest allowed sides are {below} and {below + PATCH_FACTOR}."
-            if below >= PATCH_FACTOR
-            else f"The smallest allowed side is {PATCH_FACTOR}."
-        )
-        raise ValueError(
-            f"The image side must be a multiple of {PATCH_FACTOR} (224, 384, 32, ...), "
-            f"received {height}. {nearest}"
-        )
+    if height is not None:
+        for side in (height, width):
+            _check_side(side)
     return input_shape
 
 
@@ -171,7 +179,18 @@ def T2TViT(
     )
     x, _ = t2t(x, return_feature_maps=True)
     x = t2t_layers.ClassToken(name="cls_token", dtype=dtype)(x)
-    x = t2t_layers.PositionEmbedding(name="pos_embed", dtype=dtype)(x)
+    height, width = input_shape[:2]
+    if height is None:  # any size: the table of the weights' grid, resized in the graph
+        side = default_size // PATCH_FACTOR
+        pos_embed = t2t_layers.PositionEmbedding(
+            grid_size=(side, side), patch_size=PATCH_FACTOR, name="pos_embed", dtype=dtype
+        )
+        x = pos_embed(x, images)
+    elif height != width:  # the grid, for a table loaded from a square one
+        grid = (height // PATCH_FACTOR, width // PATCH_FACTOR)
+        x = t2t_layers.PositionEmbedding(grid_size=grid, name="pos_embed", dtype=dtype)(x)
+    else:
+        x = t2t_layers.PositionEmbedding(name="pos_embed", dtype=dtype)(x)
     x = keras.layers.Dropout(dropout_rate, name="pos_drop", dtype=dtype)(x)
     rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
     for i, rate in enumerate(rates):
@@ -297,10 +316,15 @@ def feature_maps_model(model):
     t2t = model.get_layer("tokens_to_token")
     _, map1, map2 = keras.tree.flatten(t2t.output)  # (tokens, (map1, map2))
     tokens = model.get_layer("norm").output
-    side = map2.shape[1] // 2
-    grid = keras.layers.Reshape((side, side, tokens.shape[-1]), name="tokens_map")(
-        TokenPatches(name="patch_tokens")(tokens)
-    )
+    if None in model.input_shape[1:3]:
+        raise ValueError(
+            f"feature_maps_model takes a model of a fixed image size; {model.name!r} takes any "
+            f"size (input_shape {model.input_shape}). Build one of the size you need with "
+            f"the same weights (`input_shape=(h, w, 3)`)."
+        )
+    grid = keras.layers.Reshape(
+        (*t2t.grid_sizes(*model.input_shape[1:3])[2], tokens.shape[-1]), name="tokens_map"
+    )(TokenPatches(name="patch_tokens")(tokens))
     return keras.Model(
         model.input, {"t2t_1": map1, "t2t_2": map2, "tokens": grid}, name=f"{model.name}_features"
     )
@@ -434,8 +458,11 @@ BASE_DOCSTRING = """Instantiates the {title} model (Yuan et al., "Tokens-to-Toke
             fit (`include_top=False`, or other `classes`) is left out, and a position table of
             another size is interpolated as the official fine-tuning code does.
         input_tensor: optional Keras tensor to use as image input.
-        input_shape: `(side, side, 3)` with `side` a multiple of 16; default `(224, 224, 3)`,
-            or the size of `weights`.
+        input_shape: `(height, width, 3)` with sides multiples of 16 (square or not);
+            default `(224, 224, 3)`, or the size of `weights`. `(None, None, 3)`: a model
+            of any such size, whose position table (of the size of `weights`, else 224) is
+            resized in the graph to each input's token grid, as the official fine-tuning
+            resize does (see `keras_t2t.layers.PositionEmbedding`).
         pooling: with `include_top=False`: None returns the token sequence
             `(batch, 1 + (side/16)**2, dim)` after the final norm, `"token"` the class token,
             `"avg"`/`"max"` the mean/max of the patch tokens.

@@ -26,7 +26,7 @@ import numpy as np
 
 from keras_t2t import pytorch_checkpoint
 from keras_t2t.configs import MODEL_CONFIGS, SOFT_SPLITS, variant_config
-from keras_t2t.layers import patch_permutation
+from keras_t2t.layers import TORCH_BICUBIC_A, patch_permutation
 
 logger = logging.getLogger("keras_t2t")
 
@@ -631,15 +631,18 @@ def read_keras_weights(path, config=None):
 # --- assignment -----------------------------------------------------------------------------
 
 
-def bicubic_resize(grid, size, a=-0.75):
-    """Resizes `(height, width, channels)` to `(size, size, channels)` as PyTorch does.
+def bicubic_resize(grid, size, a=TORCH_BICUBIC_A):
+    """Resizes `(height, width, channels)` to `size` as PyTorch does: `(size, size,
+    channels)` for an int, `(*size, channels)` for a pair `(out_height, out_width)`.
 
     `torch.nn.functional.interpolate(mode="bicubic", align_corners=False)`: cubic convolution
     with coefficient `a` = -0.75 (TF's bicubic uses -0.5), source coordinates
     `(out + 0.5) * in / out - 0.5` (not clamped), and taps beyond the border clamped to it.
+    In float64; `keras_t2t.layers.bicubic_matrix` is the same resize in a graph.
     """
     grid = np.asarray(grid, np.float64)
-    for axis in (0, 1):
+    sizes = (size, size) if np.ndim(size) == 0 else tuple(size)
+    for axis, size in zip((0, 1), sizes):
         length = grid.shape[axis]
         source = (np.arange(size) + 0.5) * (length / size) - 0.5
         base = np.floor(source).astype(int)
@@ -656,27 +659,46 @@ def bicubic_resize(grid, size, a=-0.75):
     return grid
 
 
-def interpolate_pos_embed(table, tokens):
-    """Resizes a `(1, 1 + n*n, D)` position table to `1 + tokens` rows.
+def _square_side(tokens):
+    side = math.isqrt(tokens)
+    return side if side * side == tokens else None
 
-    As the official fine-tuning code (`resize_pos_embed`): the class row is kept, the n x n
-    grid is resized with PyTorch's bicubic (`bicubic_resize`).
+
+def interpolate_pos_embed(table, tokens, grid=None, old_grid=None):
+    """Resizes a `(1, 1 + h*w, D)` position table to `1 + tokens` rows.
+
+    As the official fine-tuning code (`resize_pos_embed`): the class row is kept, the token
+    grid is resized with PyTorch's bicubic (`bicubic_resize`). The grids are square unless
+    given: `grid` `(height, width)` of the new table (of `tokens` tokens), `old_grid` of
+    `table`.
     """
     old = table.shape[1] - 1
-    old_side, new_side = math.isqrt(old), math.isqrt(tokens)
-    if old_side * old_side != old or new_side * new_side != tokens:
+    if old_grid is None and _square_side(old) is not None:
+        old_grid = (_square_side(old),) * 2
+    if grid is None and _square_side(tokens) is not None:
+        grid = (_square_side(tokens),) * 2
+    if old_grid is None or grid is None or math.prod(old_grid) != old or math.prod(grid) != tokens:
         raise ValueError(
-            f"Cannot interpolate a position table of {old} tokens to {tokens} tokens: both "
-            f"must be square grids."
+            f"Cannot interpolate a position table of {old} tokens (grid {old_grid}) to "
+            f"{tokens} tokens (grid {grid}): the grids must be given where they are not "
+            f"square, and hold the tokens."
         )
-    grid = bicubic_resize(table[0, 1:].reshape(old_side, old_side, -1), new_side)
-    rows = np.concatenate([table[0, :1], grid.reshape(tokens, -1)], axis=0)
+    grid_rows = bicubic_resize(table[0, 1:].reshape(*old_grid, -1), grid)
+    rows = np.concatenate([table[0, :1], grid_rows.reshape(tokens, -1)], axis=0)
     return rows[None].astype(table.dtype)
 
 
 def _file_layout(path, shape):
     """A Keras variable shape in the official layout (Linear weights are transposed)."""
     return shape[::-1] if path.endswith("/kernel") else shape
+
+
+def _table_grid(model, tokens):
+    """(height, width) of the token grid of `model`'s position table of `tokens` tokens: its
+    layer's `grid_size` (a model of non-square images), else the square one."""
+    layer = next((x for x in model.layers if x.name == "pos_embed"), None)
+    grid = getattr(layer, "grid_size", None)
+    return tuple(grid) if grid is not None else (math.isqrt(tokens),) * 2
 
 
 def assign_state(model, state):
@@ -713,18 +735,20 @@ def assign_state(model, state):
     if POS_EMBED in arrays and POS_EMBED in variables:
         old, new = arrays[POS_EMBED].shape, tuple(variables[POS_EMBED].shape)
         if old != new and old[2] == new[2]:
+            grid = _table_grid(model, new[1] - 1)
+            old_side = math.isqrt(old[1] - 1)
             logger.warning(
                 "Interpolating the position table of %s from %d to %d tokens (bicubic, class "
                 "row kept): the file was trained at %dx%d, the model takes %dx%d.",
                 state.source,
                 old[1] - 1,
                 new[1] - 1,
-                16 * math.isqrt(old[1] - 1),
-                16 * math.isqrt(old[1] - 1),
-                16 * math.isqrt(new[1] - 1),
-                16 * math.isqrt(new[1] - 1),
+                16 * old_side,
+                16 * old_side,
+                16 * grid[0],
+                16 * grid[1],
             )
-            arrays[POS_EMBED] = interpolate_pos_embed(arrays[POS_EMBED], new[1] - 1)
+            arrays[POS_EMBED] = interpolate_pos_embed(arrays[POS_EMBED], new[1] - 1, grid)
 
     name = state.names.get
     missing = [p for p in variables if p not in arrays]

@@ -6,7 +6,7 @@ import shutil
 
 from keras_t2t.export.files import replaced_whole
 from keras_t2t.export.onnx import export_onnx
-from keras_t2t.export.serving import check_input_dtype, image_size
+from keras_t2t.export.serving import check_input_dtype, pixels_shape
 from savedmodels.tf_serving import check_version
 
 TRITON_DTYPES = {"uint8": "TYPE_UINT8", "float32": "TYPE_FP32"}
@@ -16,13 +16,14 @@ def triton_config(model, name, input_dtype="uint8", max_batch_size=32, queue_del
     """`config.pbtxt` of a Triton model repository entry serving the ONNX model with ONNX
     Runtime, with dynamic batching."""
     check_input_dtype(input_dtype)
-    size, classes = image_size(model), int(model.output_shape[-1])
+    height, width = (-1 if side is None else side for side in pixels_shape(model)[1:3])
+    classes = int(model.output_shape[-1])
     preferred = [b for b in (4, 8, 16, 32) if b <= max_batch_size]
     return f"""name: "{name}"
 backend: "onnxruntime"
 max_batch_size: {max_batch_size}
 input [
-  {{ name: "images", data_type: {TRITON_DTYPES[input_dtype]}, dims: [ {size}, {size}, 3 ] }}
+  {{ name: "images", data_type: {TRITON_DTYPES[input_dtype]}, dims: [ {height}, {width}, 3 ] }}
 ]
 output [
   {{ name: "probabilities", data_type: TYPE_FP32, dims: [ {classes} ] }},

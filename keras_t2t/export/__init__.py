@@ -11,6 +11,12 @@ Every format serves the same named outputs (`serving.OUTPUTS`): `probabilities` 
 - `onnx` (through tf2onnx, its graph rewritten by `onnx_rewrites`) and `openvino`: `images`
   `[batch, size, size, 3]`, uint8 or float32 pixels in [0, 255].
 
+A model of any size (`input_shape=(None, None, 3)`) exports with dynamic height and width:
+its `serving_default`, ONNX and OpenVINO take `[batch, height, width, 3]` with sides that
+are multiples of 16 (others are refused when they run), its position table resized in the
+graph; `serving_bytes` resizes and crops to the size of its weights (its position table's),
+and TFLite, whose models have one size, takes that size too.
+
 TF Serving's `<name>/<version>/` layout, its warmup requests and batching parameters, the
 Triton repository and the command line that writes them all are in `savedmodels/`.
 """

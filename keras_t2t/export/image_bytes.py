@@ -220,7 +220,10 @@ def decode_image_file(data, size, crop_pct=CROP_PCT, max_pixels=DEFAULT_MAX_IMAG
 def op_error_reason(error):
     """The first line of a TF op error's message, without the names of graph nodes and of the
     op (`[Op:DecodeImage]`); an assertion's data joined into one sentence."""
-    text = re.sub(r"\{\{[^}]*\}\}", "", error.message).strip().splitlines()[0].strip()
+    lines = [line.strip() for line in re.sub(r"\{\{[^}]*\}\}", "", error.message).splitlines()]
+    lines = [line for line in lines if line]
+    # An assertion's own line, where it is not the first ("Graph execution error:" is).
+    text = next((line for line in lines if line.startswith("assertion failed:")), lines[0])
     text = re.sub(r"\s*\[Op:[^\]]*\].*$", "", text)
     if text.startswith("assertion failed:"):
         text = " ".join(re.findall(r"\[([^\[\]]*)\]", text))

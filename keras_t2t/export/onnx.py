@@ -1,5 +1,6 @@
 """ONNX (through tf2onnx) of `model`'s "onnx" twin: `images` `[batch, size, size, 3]` (uint8,
-or float32 pixels in [0, 255]) in, the named outputs of `serving.serving_fn` out; the graph
+or float32 pixels in [0, 255]; `[batch, height, width, 3]` for a model of any size, sides
+multiples of 16) in, the named outputs of `serving.serving_fn` out; the graph
 rewritten (`onnx_rewrites`) into the forms ONNX Runtime and OpenVINO fuse."""
 
 import numpy as np
@@ -9,6 +10,7 @@ from keras_t2t.export.files import write_atomically
 from keras_t2t.export.serving import pixels_function
 
 ONNX_OPSET = 17
+DYNAMIC_SIDES = ("height", "width")  # the input's axis names, for a model of any size
 
 
 def _erfc_as_one_minus_erf(ctx, node, name, args):
@@ -51,6 +53,9 @@ def onnx_model(model, input_dtype="uint8", opset=ONNX_OPSET):
     proto.graph.input[0].name = _rename_value(proto.graph, proto.graph.input[0].name, "images")
     for value in [*proto.graph.input, *proto.graph.output]:
         value.type.tensor_type.shape.dim[0].dim_param = "batch"
+    for dim, name in zip(proto.graph.input[0].type.tensor_type.shape.dim[1:3], DYNAMIC_SIDES):
+        if not dim.HasField("dim_value"):  # a model of any size
+            dim.dim_param = name
     return proto
 
 

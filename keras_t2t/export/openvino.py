@@ -1,5 +1,6 @@
 """OpenVINO IR of `model`'s "openvino" twin: `images` `[batch, size, size, 3]` (uint8, or
-float32 pixels in [0, 255]) in, the named outputs of `serving.serving_fn` out."""
+float32 pixels in [0, 255]; any height and width that are multiples of 16 for a model of any
+size) in, the named outputs of `serving.serving_fn` out."""
 
 from keras_t2t import inference, optional_module
 from keras_t2t.export.serving import pixels_function

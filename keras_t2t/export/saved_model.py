@@ -1,9 +1,14 @@
 """The SavedModel: two signatures, stock TensorFlow ops only, loadable where neither keras nor
 keras_t2t can be imported.
 
-- `serving_default`: `images`, uint8 `[batch, size, size, 3]` RGB in [0, 255];
+- `serving_default`: `images`, uint8 `[batch, size, size, 3]` RGB in [0, 255]; for a model
+  of any size (`input_shape=(None, None, 3)`), `[batch, height, width, 3]` with any height
+  and width that are multiples of 16 (others are refused: InvalidArgument), as they are,
+  with no resize;
 - `serving_bytes`: `image_bytes`, string `[batch]` of image files (REST `{"b64": ...}`),
-  checked and preprocessed as the official evaluation (`image_bytes.decode_images`).
+  checked and preprocessed as the official evaluation (`image_bytes.decode_images`): resized
+  and center-cropped to the model's size (for a model of any size, the size of its position
+  table, that of its weights: 224, or 384 for the 384 release).
 
 Both return the named outputs of `serving.serving_fn`. TF Serving's folder layout, warmup
 requests and batching parameters are in `savedmodels/tf_serving.py`.
@@ -23,6 +28,7 @@ from keras_t2t.export.serving import (
     check_crop_pct,
     check_model,
     image_size,
+    pixels_shape,
     serving_crop_pct,
     serving_fn,
 )
@@ -77,7 +83,7 @@ def saved_model_archive(
     check_serving_runtime(serving_runtime)
     max_image_pixels = check_max_image_pixels(max_image_pixels)
     crop_pct = check_crop_pct(serving_crop_pct(model) if crop_pct is None else crop_pct)
-    size = image_size(model)
+    size, shape = image_size(model), pixels_shape(model)
     if transforms is None:
         transforms = inference.RUNTIMES[serving_runtime]
         if compute_dtype == "bfloat16":
@@ -86,8 +92,9 @@ def saved_model_archive(
     serve = serving_fn(twin)
 
     def serve_pixels(images):
-        # The layers refuse another size too; this says so in the signature's own words.
-        return serve(tf.ensure_shape(images, [None, size, size, 3]))
+        # The layers refuse another size too; this says so in the signature's own words. (A
+        # model of any size asserts in its graph that the sides are multiples of 16.)
+        return serve(tf.ensure_shape(images, shape))
 
     def serve_bytes(image_bytes):
         images = decode_images(image_bytes, size, crop_pct, max_pixels=max_image_pixels)
@@ -98,7 +105,7 @@ def saved_model_archive(
     archive.add_endpoint(
         "serving_default",
         serve_pixels,
-        input_signature=[tf.TensorSpec([None, size, size, 3], tf.uint8, name="images")],
+        input_signature=[tf.TensorSpec(shape, tf.uint8, name="images")],
     )
     archive.add_endpoint(
         "serving_bytes",

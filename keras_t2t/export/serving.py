@@ -11,6 +11,7 @@ import tensorflow as tf
 
 from keras_t2t import layers as t2t_layers
 from keras_t2t import weights as weights_lib
+from keras_t2t.configs import PATCH_FACTOR
 from keras_t2t.imagenet import CROP_PCT, IMAGENET_MEAN, IMAGENET_STD, normalization
 
 INPUT_DTYPES = ("uint8", "float32")
@@ -32,9 +33,33 @@ def check_model(model):
     return model
 
 
+def takes_any_size(model):
+    """Whether `model` takes images of any size (built with `input_shape=(None, None, 3)`)."""
+    return model.input_shape[1] is None
+
+
 def image_size(model):
-    """The side of the square images `model` takes."""
-    return int(model.input_shape[1])
+    """The side of the square images `model` takes; for a model of any size, the side of its
+    position table (the size of its weights), to which `serving_bytes` resizes and crops.
+    Exports take square or any-size models."""
+    height, width = model.input_shape[1:3]
+    if takes_any_size(model):
+        grid = model.get_layer("pos_embed").grid_size
+        return int(grid[0] * PATCH_FACTOR)
+    if height != width:
+        raise ValueError(
+            f"The exports take models of square images or of any size; {model.name!r} takes "
+            f"{height}x{width}. Export a model built with input_shape=(None, None, 3) from "
+            f"the same weights: its `serving_default` (and ONNX) take {height}x{width} images."
+        )
+    return int(height)
+
+
+def pixels_shape(model):
+    """`[None, size, size, 3]` of the images the pixel signatures take, `[None, None, None,
+    3]` for a model of any size (sides multiples of 16, checked when it runs)."""
+    side = None if takes_any_size(model) else image_size(model)
+    return [None, side, side, 3]
 
 
 def check_input_dtype(input_dtype):
@@ -46,20 +71,40 @@ def check_input_dtype(input_dtype):
 
 def pixels_function(model, input_dtype="uint8"):
     """(tf.function, its input spec, output names): pixels `images` `[batch, size, size, 3]`
-    -> the named outputs, as the SavedModel's `serving_default`; what ONNX and OpenVINO
-    convert. The output names are in the order of the function's flat outputs.
+    (`pixels_shape`: any height and width for a model of any size) -> the named outputs, as
+    the SavedModel's `serving_default`; what ONNX and OpenVINO convert. The output names are
+    in the order of the function's flat outputs.
     float32 pixels: an image with a NaN or infinite pixel is answered `classes` -1
     (`NO_CLASS`) with NaN `probabilities` and `scores` (`_no_class_for_non_finite`).
     """
     check_input_dtype(input_dtype)
-    size = image_size(model)
     serve = serving_fn(model)
     if input_dtype == "float32":
         serve = _no_class_for_non_finite(serve)
-    spec = tf.TensorSpec([None, size, size, 3], tf.as_dtype(input_dtype), name="images")
+    if takes_any_size(model):
+        serve = _sides_multiples_of_patch(serve)
+    spec = tf.TensorSpec(pixels_shape(model), tf.as_dtype(input_dtype), name="images")
     function = tf.function(serve, input_signature=[spec])
     names = list(tf.nest.flatten({name: name for name in OUTPUTS}))
     return function, spec, names
+
+
+def _sides_multiples_of_patch(serve):
+    """`serve` that refuses images whose height or width is not a multiple of 16, in an op
+    that ONNX has. The model asserts it in its graph, but ONNX has no op that fails a
+    request, and tf2onnx drops TensorFlow's Assert: a side of 72 then fails in an Add of
+    mismatched shapes, and one of 65 is answered (the soft splits leave its last row out).
+    Here the images are reshaped to their sides rounded down to multiples of 16, which holds
+    their values only where the sides are such multiples: ONNX Runtime (and OpenVINO) refuse
+    any other size, naming this node, `image_height_and_width_must_be_multiples_of_16`."""
+
+    def checked(images):
+        shape = tf.shape(images)
+        sides = shape[1:3] // PATCH_FACTOR * PATCH_FACTOR
+        name = f"image_height_and_width_must_be_multiples_of_{PATCH_FACTOR}"
+        return serve(tf.reshape(images, tf.concat([shape[:1], sides, [3]], 0), name=name))
+
+    return checked
 
 
 NO_CLASS = -1  # `classes` of an image that has no answer (float32 ONNX/OpenVINO: non-finite)

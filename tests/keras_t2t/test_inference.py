@@ -122,6 +122,30 @@ def test_rows_computes_the_dense_layers_on_2d_rows_with_the_same_outputs(classif
     assert t2t_layers.Mlp not in twin_types and keras.layers.Dense not in twin_types
 
 
+def test_prepare_takes_a_model_of_any_size():
+    """Every transform works on a model of any size, traced with unknown height and width
+    (a SavedModel's): the model's eager outputs on non-square images."""
+    model = keras_t2t.T2TViT(
+        embed_dim=64,
+        depth=2,
+        num_heads=2,
+        mlp_ratio=2.0,
+        input_shape=(None, None, 3),
+        classes=10,
+        classifier_activation=None,
+    )
+    _away_from_zero(model)
+    images = np.random.default_rng(1).uniform(0, 255, (2, 48, 32, 3)).astype("float32")
+    expected = _eager(model, images)
+    spec = tf.TensorSpec((None, None, None, 3))
+    for transforms in [
+        ("class_token_block", "extract_patches", "onednn_layer_norm", "rows"),
+        ("slices", "split_qkv"),
+    ]:
+        logits, _, _ = _traced(inference.prepare(model, transforms=transforms), images, spec)
+        np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5, err_msg=transforms)
+
+
 def test_class_token_blocks_is_the_last_block_of_a_class_token_reader_only(classifier):
     model = classifier.model
     assert inference.class_token_blocks(model) == [LAST_BLOCK]

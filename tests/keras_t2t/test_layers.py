@@ -33,6 +33,72 @@ def test_soft_split_matches_loop_reference(implementation, k, s, p, side, channe
     np.testing.assert_array_equal(np.asarray(split(x)), numpy_unfold(x, k, s, p))
 
 
+def test_soft_splits_restructure_and_t2t_module_take_dynamic_sizes():
+    """In a TensorFlow graph of unknown height and width (a SavedModel's), every soft split
+    implementation gives the loop reference's tokens, Restructure takes the grid as tensors,
+    and the T2T module gives what it gives at a static size, on a non-square image."""
+    import tensorflow as tf
+
+    x = np.random.default_rng(3).normal(size=(2, 10, 14, 5)).astype("float32")
+    dynamic = [tf.TensorSpec([None, None, None, 5])]
+    for implementation in layers.SoftSplit.IMPLEMENTATIONS:
+        split = layers.SoftSplit(3, 2, 1, implementation=implementation)
+        tokens = tf.function(split, input_signature=dynamic)(x).numpy()
+        np.testing.assert_array_equal(tokens, numpy_unfold(x, 3, 2, 1), err_msg=implementation)
+
+    @tf.function(input_signature=dynamic)
+    def restructure(images):
+        height, width = tf.shape(images)[1], tf.shape(images)[2]
+        tokens = tf.reshape(images, [2, -1, 5])
+        return layers.Restructure()(tokens, grid_size=(height, width))
+
+    np.testing.assert_array_equal(restructure(x).numpy(), x)
+    module = layers.T2TModule("transformer", embed_dim=32, token_dim=16)
+    image = np.random.default_rng(4).normal(size=(2, 48, 80, 3)).astype("float32")
+    expected = np.asarray(module(image))  # (2, 3 * 5, 32)
+    traced = tf.function(module, input_signature=[tf.TensorSpec([None, None, None, 3])])
+    assert expected.shape == (2, 15, 32)
+    np.testing.assert_allclose(traced(image).numpy(), expected, atol=1e-5)
+
+
+SIZE_PAIRS = [(4, 6), (6, 4), (14, 24), (24, 14), (4, (2, 9)), ((1, 5), (4, 3)), (7, 3)]
+
+
+def _grid_and_size(old, new, seed):
+    old = (old, old) if isinstance(old, int) else old
+    new = (new, new) if isinstance(new, int) else new
+    return np.random.default_rng(seed).normal(size=(*old, 6)), new
+
+
+@pytest.mark.parametrize("old,new", SIZE_PAIRS)
+def test_in_graph_bicubic_is_the_reference_resize(old, new):
+    """`bicubic_resize_grid` (keras.ops, the any-size model's) against the NumPy reference
+    that loads checkpoints at another size, up and down, square or not; with the output size
+    as a tensor known only when the graph runs; and against torch where it is installed."""
+    import tensorflow as tf
+
+    from keras_t2t import weights
+
+    grid, new = _grid_and_size(old, new, seed=len(str((old, new))))
+    expected = weights.bicubic_resize(grid, new)
+    ours = np.asarray(layers.bicubic_resize_grid(grid.astype("float32"), new))
+    np.testing.assert_allclose(ours, expected, atol=1e-5)
+    traced = tf.function(
+        lambda g, h, w: layers.bicubic_resize_grid(g, (h, w)),
+        input_signature=[tf.TensorSpec(grid.shape)] + [tf.TensorSpec([], "int32")] * 2,
+    )
+    ours = traced(grid.astype("float32"), *new).numpy()
+    np.testing.assert_allclose(ours, expected, atol=1e-5)
+    try:
+        import torch
+    except ImportError:
+        return  # no torch here: the NumPy reference is torch's (test_weights.py)
+    official = torch.nn.functional.interpolate(
+        torch.tensor(grid).permute(2, 0, 1)[None], size=new, mode="bicubic", align_corners=False
+    )
+    np.testing.assert_allclose(ours, official[0].permute(1, 2, 0).numpy(), atol=1e-5)
+
+
 def test_soft_split_symmetric_padding_differs_from_tf_same():
     """The trap of the reference: TF "SAME" pads (1, 2) and shifts the windows."""
     import tensorflow as tf
@@ -194,6 +260,29 @@ def test_class_token_and_position_embedding():
     np.testing.assert_allclose(out[0, 1:], layers.sinusoid_table(5, 8)[1:], atol=1e-6)
 
 
+def test_position_embedding_resizes_its_table_to_the_images_grid():
+    """A table of a 2x8 grid, called with images: at 32x128 (its own grid) the table as it is;
+    at 64x64 its grid resized to 4x4 (though 4x4 holds its 16 tokens too) as the NumPy
+    reference resizes a checkpoint's; a side of 72 and tokens without images are refused."""
+    from keras_t2t import weights
+
+    layer = layers.PositionEmbedding(grid_size=(2, 8), patch_size=16)
+    tokens = np.zeros((1, 17, 6), "float32")
+    layer.build(tokens.shape)
+    table = np.random.default_rng(8).normal(size=(1, 17, 6)).astype("float32")
+    layer.pos_embed.assign(table)
+    own = np.asarray(layer(tokens, np.zeros((1, 32, 128, 3), "float32")))
+    np.testing.assert_array_equal(own, table)
+    resized = np.asarray(layer(tokens, np.zeros((1, 64, 64, 3), "float32")))
+    expected = weights.interpolate_pos_embed(table, 16, grid=(4, 4), old_grid=(2, 8))
+    np.testing.assert_allclose(resized, expected, atol=1e-5)
+    assert np.abs(resized - table).max() > 0.1
+    with pytest.raises(ValueError, match="multiples of 16, received 72 x 64"):
+        layer(tokens, np.zeros((1, 72, 64, 3), "float32"))
+    with pytest.raises(ValueError, match="table of 17 rows and received 10 tokens"):
+        layer(np.zeros((1, 10, 6), "float32"))
+
+
 LAYER_CASES = [
     (
         layers.SoftSplit,
@@ -211,6 +300,7 @@ LAYER_CASES = [
     (layers.TransformerBlock, dict(num_heads=2, mlp_ratio=3.0, drop_path_rate=0.1), (2, 5, 8)),
     (layers.ClassToken, {}, (2, 5, 8)),
     (layers.PositionEmbedding, {}, (2, 5, 8)),
+    (layers.PositionEmbedding, dict(grid_size=(2, 2), patch_size=16), (2, 5, 8)),
 ]
 
 

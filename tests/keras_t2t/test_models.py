@@ -8,7 +8,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import tiny_model
+from conftest import DATA, GOLDEN, TINY_ARCH, tiny_model
 
 import keras_t2t
 
@@ -170,7 +170,8 @@ def test_input_tensor():
     "kwargs,match",
     [
         (dict(input_shape=(200, 200, 3)), r"multiple of 16.*received 200.*192 and 208"),
-        (dict(input_shape=(224, 192, 3)), "square"),
+        (dict(input_shape=(224, None, 3)), r"fixed size or of any size.*\(None, None, 3\)"),
+        (dict(input_shape=(224, 200, 3)), r"multiple of 16.*received 200"),
         (dict(input_shape=(224, 224, 1)), "3 channels"),
         (dict(input_shape=(224, 224)), r"\(height, width, 3\)"),
         (dict(pooling="mean"), "`pooling` must be one of"),
@@ -204,6 +205,74 @@ def test_keras_save_and_load_gives_identical_outputs(tokens_type, tmp_path):
     np.testing.assert_array_equal(np.asarray(loaded(x)), np.asarray(model(x)))
     features = keras_t2t.feature_maps_model(loaded)
     assert tuple(features(x)["t2t_2"].shape) == (2, 8, 8, 64)
+
+
+def test_a_model_of_any_size_gives_the_fixed_size_models_logits(tmp_path):
+    """input_shape=(None, None, 3) with the golden checkpoint: the file's 4x4 table, kept; at
+    64 the official logits; at 96, 128 and 64x96 (stand-ins for 288, 384 and a non-square
+    size) those of models built at those sizes from the file (tables resized by the NumPy
+    reference as it loads); called eagerly and in a graph of unknown size (a SavedModel's).
+    Sides of 72 and 100 are refused in both; a `.keras` file keeps the outputs."""
+    golden = GOLDEN["t2t_tiny_performer"]
+
+    def build(shape):
+        return keras_t2t.T2TViT(
+            tokens_type="performer",
+            **TINY_ARCH,
+            include_preprocessing=False,
+            classifier_activation=None,
+            weights=str(DATA / golden["checkpoint"]),
+            input_shape=shape,
+        )
+
+    model = build((None, None, 3))
+    assert model.input_shape == (None, None, None, 3)
+    assert tuple(model.get_layer("pos_embed").pos_embed.shape) == (1, 17, 64)
+    graph = tf.function(model, input_signature=[tf.TensorSpec([None, None, None, 3])])
+    io = np.load(DATA / golden["io"])
+    images = io["images_nchw"].transpose(0, 2, 3, 1)
+    for outputs in (model(images), graph(images)):
+        assert np.abs(np.asarray(outputs) - io["logits"]).max() <= 1e-4
+    rng = np.random.default_rng(5)
+    for size in [(96, 96), (128, 128), (64, 96)]:
+        images = rng.normal(size=(2, *size, 3)).astype("float32")
+        expected = np.asarray(build((*size, 3))(images))
+        for outputs in (model(images), graph(images)):
+            assert np.abs(np.asarray(outputs) - expected).max() <= 1e-4, size
+    for side in (72, 100):
+        bad = np.zeros((1, side, 64, 3), "float32")
+        with pytest.raises(ValueError, match=f"multiples of 16, received {side} x 64"):
+            model(bad)
+        with pytest.raises(tf.errors.InvalidArgumentError, match=rf"16, received\] \[{side}\]"):
+            graph(bad)
+    model.save(tmp_path / "any_size.keras")
+    revived = keras.saving.load_model(tmp_path / "any_size.keras")
+    np.testing.assert_array_equal(np.asarray(revived(images)), np.asarray(model(images)))
+
+
+def test_a_model_of_any_size_pools_and_says_what_it_cannot_do():
+    """Without weights the table is the default 224's (14x14); "avg" pools a dynamic number of
+    patch tokens (the mean of the sequence model's); feature maps, FLOPs and explain, which
+    need one size, say so (count_flops counts at a given size)."""
+    pooled = tiny_model(input_shape=(None, None, 3), include_top=False, pooling="avg")
+    sequence = tiny_model(input_shape=(None, None, 3), include_top=False)
+    sequence.set_weights(pooled.get_weights())
+    assert tuple(pooled.get_layer("pos_embed").pos_embed.shape) == (1, 197, 64)
+    assert pooled.output_shape == (None, 64) and sequence.output_shape == (None, None, 64)
+    images = np.random.default_rng(2).uniform(0, 255, (2, 32, 48, 3)).astype("float32")
+    tokens = np.asarray(sequence(images))
+    assert tokens.shape == (2, 1 + 2 * 3, 64)
+    np.testing.assert_allclose(np.asarray(pooled(images)), tokens[:, 1:].mean(1), atol=1e-5)
+    with pytest.raises(ValueError, match=r"fixed image size.*input_shape=\(h, w, 3\)"):
+        keras_t2t.feature_maps_model(pooled)
+    with pytest.raises(ValueError, match="any size: pass the `image_size`"):
+        keras_t2t.count_flops(pooled)
+    fixed = tiny_model(input_shape=(64, 64, 3), include_top=False, pooling="avg")
+    assert keras_t2t.count_flops(pooled, image_size=64) == keras_t2t.count_flops(fixed)
+    from keras_t2t import explain
+
+    with pytest.raises(ValueError, match="square images of a fixed size.*takes any size"):
+        explain.attention_maps(pooled, images)
 
 
 def _fit_steps(model, steps=3, jit_compile=False):

@@ -138,6 +138,21 @@ def test_weights_h5_and_keras_files_round_trip(golden, tmp_path):
     )
 
 
+def test_a_model_of_any_size_runs_on_this_backend():
+    """A model built with input_shape=(None, None, 3) from the golden checkpoint gives at
+    64x96 the logits of a model built at 64x96 from the same file (its table resized by the
+    NumPy reference as the file loads), and refuses a side of 72. (`test_models.py` checks
+    more sizes on TensorFlow; on JAX each size is a compilation.)"""
+    golden = GOLDEN_PERFORMER
+    model = _golden_model(golden, input_shape=(None, None, 3))
+    images = np.random.default_rng(5).normal(size=(2, 64, 96, 3)).astype("float32")
+    expected = _golden_model(golden, input_shape=(64, 96, 3)).predict(images, verbose=0)
+    assert np.abs(model.predict(images, verbose=0) - expected).max() <= TOLERANCE
+    # A ValueError where the sizes are static when traced; TensorFlow's assertion otherwise.
+    with pytest.raises(Exception, match=r"multiples of 16, received\W+72\W+x\W+64"):
+        model.predict(np.zeros((1, 72, 64, 3), "float32"), verbose=0)
+
+
 QUANTIZATION_MODES = ["int8", "float8", "int4"]  # Keras >= 3.13 has each on every backend
 # The logits' cosine to float32 on the golden images. float8 (e4m3: 3 mantissa bits) scales by
 # amax histories that only training fills (Keras' delayed scaling): a model quantized for

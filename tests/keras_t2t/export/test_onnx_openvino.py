@@ -350,3 +350,41 @@ def test_export_cli_onnx_openvino_triton_and_batching(tmp_path, monkeypatch, cap
         "num_batch_threads",
     }
     assert int(wrapped["max_batch_size"]) == allowed[-1] == 32 and allowed == sorted(allowed)
+
+
+def test_a_model_of_any_size_exports_with_dynamic_height_and_width(tmp_path):
+    """input_shape=(None, None, 3) with the golden checkpoint: its SavedModel's
+    `serving_default` and its ONNX model take 64, 96, 128 and 64x96 images (stand-ins for
+    224, 288, 384 and a non-square size) and give the probabilities of models built at those
+    sizes from the same file; sides of 72 and 100 are refused, in words (the SavedModel) or
+    by a node that says why (ONNX has no assertion op). `serving_bytes` resizes to the size
+    of the weights."""
+    from conftest import DATA
+
+    checkpoint = str(DATA / "t2t_tiny_performer.pth.tar")
+    model = tiny_model(weights=checkpoint, input_shape=(None, None, 3))
+    assert image_size(model) == 64  # what serving_bytes resizes and crops to
+    saved_model = export.export_saved_model(model, str(tmp_path / "saved_model"))
+    serve = tf.saved_model.load(saved_model).signatures["serving_default"]
+    session = ort.InferenceSession(
+        export.export_onnx(model, str(tmp_path / "model.onnx")),
+        providers=["CPUExecutionProvider"],
+    )
+    shape = session.get_inputs()[0].shape
+    assert shape == ["batch", "height", "width", 3], shape
+    rng = np.random.default_rng(3)
+    for size in [(64, 64), (96, 96), (128, 128), (64, 96)]:
+        images = rng.integers(0, 256, (2, *size, 3), dtype=np.uint8)
+        fixed = tiny_model(weights=checkpoint, input_shape=(*size, 3))
+        expected = fixed.predict(images.astype("float32"), verbose=0)
+        got = serve(images=tf.constant(images))["probabilities"].numpy()
+        assert np.abs(got - expected).max() <= TOLERANCE, ("saved_model", size)
+        got = _onnx(session, images)["probabilities"]
+        assert np.abs(got - expected).max() <= TOLERANCE, ("onnx", size)
+    for side in (72, 100):
+        images = np.zeros((1, side, 64, 3), np.uint8)
+        message = rf"multiples of 16, received\] \[{side}\] \[x\] \[64\]"
+        with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+            serve(images=tf.constant(images))
+        with pytest.raises(Exception, match="image_height_and_width_must_be_multiples_of_16"):
+            _onnx(session, images)
