@@ -75,6 +75,7 @@ def optional_module(module, extra, what):
 from keras_t2t import layers  # noqa: E402
 from keras_t2t.flops import count_flops  # noqa: E402
 from keras_t2t.imagenet import decode_predictions, preprocess_input  # noqa: E402
+from keras_t2t.layer_decay import LayerDecayAdamW, layer_decay_multipliers  # noqa: E402
 from keras_t2t.models import (  # noqa: E402
     MODEL_CONFIGS,
     T2TViT,
@@ -96,6 +97,7 @@ from keras_t2t.models import (  # noqa: E402
 __version__ = "0.1.0"
 
 __all__ = [
+    "LayerDecayAdamW",
     "MODEL_CONFIGS",
     "T2TViT",
     "T2TViT7",
@@ -111,6 +113,7 @@ __all__ = [
     "create_model",
     "decode_predictions",
     "feature_maps_model",
+    "layer_decay_multipliers",
     "layers",
     "list_models",
     "preprocess_input",
