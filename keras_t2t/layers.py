@@ -892,6 +892,10 @@ class ClassToken(keras.layers.Layer):
         )
         return ops.concatenate([token, inputs], axis=1)
 
+    def get_config(self):
+        # Written out: Keras' automatic config refuses a layer made with a DTypePolicyMap.
+        return super().get_config()
+
 
 def sinusoid_table(length, dim):
     """The official fixed position table, `(length, dim)` float32.
@@ -936,3 +940,7 @@ class PositionEmbedding(keras.layers.Layer):
 
     def call(self, inputs):
         return inputs + ops.cast(self.pos_embed, inputs.dtype)
+
+    def get_config(self):
+        # Written out: Keras' automatic config refuses a layer made with a DTypePolicyMap.
+        return super().get_config()
