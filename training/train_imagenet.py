@@ -96,7 +96,7 @@ flags.DEFINE_bool(
     "gradient_checkpointing",
     _C.gradient_checkpointing,
     "Recompute the blocks' attention and MLP in the backward pass instead of keeping their "
-    "activations: less memory, about a third more compute, the same gradients. Needs no "
+    "activations: less memory, up to a third more compute, the same gradients. Needs no "
     "dropout (the recipes use none).",
 )
 flags.DEFINE_float("drop_path_rate", None, _recipe_help("Stochastic depth", "drop_path_rate"))
