@@ -2,8 +2,10 @@
 
     python benchmarks/benchmark.py                         # T2T-ViT-14 at 224, the full run
     python benchmarks/benchmark.py --models=t2t_vit_7,t2t_vit_14,t2t_vit_t_14 --output=bench.json
-    python benchmarks/benchmark.py --short                 # every path once, T2T-ViT-7 with one block (CI)
+    python benchmarks/benchmark.py --short                 # every path, a 1-block T2T-ViT-7 (CI)
     python benchmarks/benchmark.py --backend=jax           # the same model on JAX (or torch)
+    # Training memory without and with gradient checkpointing, each in a fresh process:
+    python benchmarks/benchmark.py --memory_only --models=t2t_vit_14 --memory_sizes=384
 
 Prints, and writes to --output as JSON:
 - the peak matmul throughput of TensorFlow here, float32 and bfloat16 (GFLOP/s);
@@ -18,7 +20,8 @@ Prints, and writes to --output as JSON:
   PyTorch model with our model's weights, eager and converted to OpenVINO f32 and bf16, and
   every row's ratio to it;
 - a profile of the forward pass split into the T2T module, attention, MLP and the rest;
-- the peak memory (resident set) of a training step, in a fresh process;
+- the peak memory (resident set) of a training step, in a fresh process (`--memory_only`:
+  only that, without and with gradient checkpointing, and the steps' images/s);
 - ablations (`--ablations`): each inference transform (`keras_t2t.inference`) left out in turn,
   in the `tf.function` of the "tensorflow_onednn" twin and in OpenVINO float32 on the
   "openvino" twin, beside the model as built; interleaved rounds.
@@ -504,31 +507,26 @@ def t2t_module_train_step(name, image_size, batch):
         step(images)
 
 
-def memory_of_training_step(name, image_size, batch, part="model", depth=None):
+def memory_of_training_step(
+    name, image_size, batch, part="model", depth=None, gradient_checkpointing=False
+):
     """Peak resident memory (GiB) of a fresh process that runs training steps of `name`
-    (`depth`: with that many blocks; `part="t2t"`: of its T2T module alone)."""
+    (`depth`: with that many blocks; `part="t2t"`: of its T2T module alone), and the steps'
+    images/s (of the whole model)."""
     code = (
         "import sys, resource; sys.path.insert(0, sys.argv[1]);"
         "from benchmarks.benchmark import build, train_step_throughput, t2t_module_train_step;"
         "name, size, batch = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]);"
         "arch = {'depth': int(sys.argv[6])} if sys.argv[6] else {};"
-        "(t2t_module_train_step(name, size, batch) if sys.argv[5] == 't2t' else "
-        "train_step_throughput(build(name, size, 'float32', **arch), batch, 0.0));"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+        "ips = (t2t_module_train_step(name, size, batch) if sys.argv[5] == 't2t' else "
+        "train_step_throughput(build(name, size, 'float32', "
+        "gradient_checkpointing=sys.argv[7] == 'True', **arch), batch, 0.0));"
+        "print(ips, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
     )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     result = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            code,
-            root,
-            name,
-            str(image_size),
-            str(batch),
-            part,
-            str(depth or ""),
-        ],
+        [sys.executable, "-c", code, root, name, str(image_size), str(batch), part]
+        + [str(depth or ""), str(gradient_checkpointing)],
         capture_output=True,
         text=True,
         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
@@ -538,7 +536,50 @@ def memory_of_training_step(name, image_size, batch, part="model", depth=None):
     if result.returncode != 0:
         lines = result.stderr.strip().splitlines()
         return dict(error=lines[-1] if lines else f"exit code {result.returncode}")
-    return dict(peak_rss_gib=int(result.stdout.split()[-1]) / 2**20)
+    ips, rss = result.stdout.split()[-2:]
+    figures = dict(peak_rss_gib=int(rss) / 2**20)
+    if part == "model":
+        figures["images_per_second"] = float(ips)
+    return figures
+
+
+def memory_with_gradient_checkpointing(args):
+    """`--memory_only`: the peak memory and speed of a training step of each model at each
+    --memory_sizes with --memory_batch, without and with gradient checkpointing, each in a
+    fresh process (float32, XLA, AdamW)."""
+    report = dict(
+        machine=dict(processor=platform.processor() or platform.machine(), cores=os.cpu_count()),
+        settings=vars(args),
+        models={},
+    )
+    print(f"TensorFlow {tf.__version__}, Keras {keras.__version__}, {os.cpu_count()} cores")
+    for name in args.models:
+        entry = report["models"][name] = {}
+        for side in args.memory_sizes:
+            batch = args.memory_batch
+            rows = {
+                checkpointing: memory_of_training_step(
+                    name, side, batch, depth=args.depth, gradient_checkpointing=checkpointing
+                )
+                for checkpointing in (False, True)
+            }
+            for checkpointing, figures in rows.items():
+                key = f"train_memory_model_{side}_batch_{batch}" + (
+                    "_gradient_checkpointing" if checkpointing else ""
+                )
+                entry[key] = figures
+                what = "with" if checkpointing else "without"
+                print(
+                    f"{name} training step at {side}, batch {batch}, {what} gradient "
+                    "checkpointing: "
+                    + (
+                        f"{figures['peak_rss_gib']:.2f} GiB peak RSS, "
+                        f"{figures['images_per_second']:.1f} images/s"
+                        if "peak_rss_gib" in figures
+                        else figures["error"]
+                    )
+                )
+    return report
 
 
 def _peaks(report, args, measure):
@@ -900,6 +941,12 @@ def main(argv=None):
     )
     parser.add_argument("--skip_memory", action="store_true")
     parser.add_argument(
+        "--memory_only",
+        action="store_true",
+        help="only the peak memory (and speed) of a training step at --memory_sizes and "
+        "--memory_batch, without and with gradient checkpointing, each in a fresh process",
+    )
+    parser.add_argument(
         "--official_dir",
         help="a checkout of yitu-opensource/T2T-ViT (needs torch): adds the official model, "
         "eager and through OpenVINO, to the exported-model rows, with the same weights",
@@ -965,7 +1012,12 @@ def main(argv=None):
         )
     if args.backend != "tensorflow" and args.ablations:
         parser.error("--ablations times TensorFlow graphs; use it with --backend=tensorflow")
-    report = run(args) if args.backend == "tensorflow" else run_portable(args)
+    if args.memory_only and args.backend != "tensorflow":
+        parser.error("--memory_only measures TensorFlow training steps; use the TF backend")
+    if args.memory_only:
+        report = memory_with_gradient_checkpointing(args)
+    else:
+        report = run(args) if args.backend == "tensorflow" else run_portable(args)
     if args.output:
         with open(args.output, "w") as f:
             json.dump(report, f, indent=2)

@@ -75,6 +75,7 @@ def optional_module(module, extra, what):
 from keras_t2t import layers  # noqa: E402
 from keras_t2t.flops import count_flops  # noqa: E402
 from keras_t2t.imagenet import decode_predictions, preprocess_input  # noqa: E402
+from keras_t2t.layer_decay import LayerDecayAdamW, layer_decay_multipliers  # noqa: E402
 from keras_t2t.models import (  # noqa: E402
     MODEL_CONFIGS,
     T2TViT,
@@ -96,6 +97,7 @@ from keras_t2t.presets import from_preset, save_preset  # noqa: E402
 from keras_t2t.version import __version__  # noqa: E402, F401
 
 __all__ = [
+    "LayerDecayAdamW",
     "MODEL_CONFIGS",
     "T2TViT",
     "T2TViT7",
@@ -112,6 +114,7 @@ __all__ = [
     "decode_predictions",
     "feature_maps_model",
     "from_preset",
+    "layer_decay_multipliers",
     "layers",
     "list_models",
     "preprocess_input",

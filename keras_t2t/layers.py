@@ -808,7 +808,16 @@ class StochasticDepth(keras.layers.Layer):
 
 @_register
 class TransformerBlock(_Composite):
-    """Pre-norm backbone block: x + DropPath(MHSA(LN(x))), x + DropPath(MLP(LN(x)))."""
+    """Pre-norm backbone block: x + DropPath(MHSA(LN(x))), x + DropPath(MLP(LN(x))).
+
+    `gradient_checkpointing=True` wraps the two branches, `MHSA(LN(x))` and `MLP(LN(x))`, in
+    `keras.remat` when called with `training=True`: their activations (the attention
+    weights, the MLP's hidden layer) are not kept for the backward pass but computed again
+    in it, which saves most of a block's training memory for a second forward pass of the
+    branches. The outputs and gradients are the same; inference is not changed. Stochastic
+    depth stays outside the recomputed branches (its mask is drawn once); dropout inside
+    them would be drawn anew in the recomputation, so the two cannot be combined.
+    """
 
     def __init__(
         self,
@@ -819,6 +828,7 @@ class TransformerBlock(_Composite):
         dropout_rate=0.0,
         drop_path_rate=0.0,
         layer_norm_epsilon=LAYER_NORM_EPSILON,
+        gradient_checkpointing=False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -829,6 +839,9 @@ class TransformerBlock(_Composite):
         self.dropout_rate = _check_rate("dropout_rate", dropout_rate)
         self.drop_path_rate = _check_rate("drop_path_rate", drop_path_rate)
         self.layer_norm_epsilon = float(layer_norm_epsilon)
+        self.gradient_checkpointing = _check_gradient_checkpointing(
+            gradient_checkpointing, self.dropout_rate
+        )
         policy = self.dtype_policy
         self.norm1 = _layer_norm("norm1", self.layer_norm_epsilon, dtype=policy)
         self.attn = MultiHeadSelfAttention(
@@ -855,10 +868,16 @@ class TransformerBlock(_Composite):
         return input_shape
 
     def call(self, inputs, training=None):
-        x = inputs + self.drop_path(
-            self.attn(self.norm1(inputs), training=training), training=training
-        )
-        return x + self.drop_path(self.mlp(self.norm2(x), training=training), training=training)
+        def attention(x):
+            return self.attn(self.norm1(x), training=training)
+
+        def mlp(x):
+            return self.mlp(self.norm2(x), training=training)
+
+        if training and self.gradient_checkpointing:
+            attention, mlp = keras.remat(attention), keras.remat(mlp)
+        x = inputs + self.drop_path(attention(inputs), training=training)
+        return x + self.drop_path(mlp(x), training=training)
 
     def get_config(self):
         config = super().get_config()
@@ -870,8 +889,22 @@ class TransformerBlock(_Composite):
             dropout_rate=self.dropout_rate,
             drop_path_rate=self.drop_path_rate,
             layer_norm_epsilon=self.layer_norm_epsilon,
+            gradient_checkpointing=self.gradient_checkpointing,
         )
         return config
+
+
+def _check_gradient_checkpointing(value, dropout_rate):
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"`gradient_checkpointing` must be True or False, received {value!r}.")
+    if value and dropout_rate:
+        raise ValueError(
+            f"`gradient_checkpointing=True` needs `dropout_rate=0`, received dropout_rate="
+            f"{dropout_rate}: the recomputed forward pass would draw new dropout masks, so the "
+            f"gradients would not be those of the loss. Stochastic depth (`drop_path_rate`) "
+            f"is fine with it."
+        )
+    return bool(value)
 
 
 @_register
@@ -895,6 +928,10 @@ class ClassToken(keras.layers.Layer):
             ops.cast(self.token, inputs.dtype), (ops.shape(inputs)[0], 1, inputs.shape[-1])
         )
         return ops.concatenate([token, inputs], axis=1)
+
+    def get_config(self):
+        # Written out: Keras' automatic config refuses a layer made with a DTypePolicyMap.
+        return super().get_config()
 
 
 def sinusoid_table(length, dim):

@@ -91,6 +91,7 @@ def T2TViT(
     dropout_rate=0.0,
     soft_split_implementation="auto",
     dtype=None,
+    gradient_checkpointing=False,
 ):
     """Builds a T2T-ViT of any configuration; the variant builders call this.
 
@@ -111,7 +112,7 @@ def T2TViT(
             (`tf.image.extract_patches`: TensorFlow only, no TFLite builtin), or a list of
             three. The same values each; see `keras_t2t.layers.T2TModule`. The fastest
             forms for a runtime come from `keras_t2t.inference.prepare`.
-        dtype: see `T2TViT14`.
+        dtype, gradient_checkpointing: see `T2TViT14`.
 
     Returns:
         A functional `keras.Model`. Its `builder_config` (a dict) holds the arguments of
@@ -201,6 +202,7 @@ def T2TViT(
             qk_scale=qk_scale,
             dropout_rate=dropout_rate,
             drop_path_rate=rate,
+            gradient_checkpointing=gradient_checkpointing,
             name=f"blocks_{i}",
             dtype=dtype,
         )(x)
@@ -478,6 +480,11 @@ BASE_DOCSTRING = """Instantiates the {title} model (Yuan et al., "Tokens-to-Toke
             `"mixed_float16"`, ...), so that a model carries its own; default None: Keras'
             global policy. The preprocessing, the performer's random-feature attention,
             the softmaxes and the output stay float32.
+        gradient_checkpointing: True to recompute the backbone blocks' attention and MLP in
+            the backward pass instead of keeping their activations (`keras.remat`; see
+            `keras_t2t.layers.TransformerBlock`): less training memory for about one more
+            forward pass of the blocks, the same outputs and gradients. Needs
+            `dropout_rate=0`. Default False.
 
     Returns:
         A `keras.Model`.
@@ -512,6 +519,7 @@ def _builder(config_name, builder_name, title, top1):
         drop_path_rate=0.0,
         dropout_rate=0.0,
         dtype=None,
+        gradient_checkpointing=False,
     ):
         return T2TViT(
             **MODEL_CONFIGS[config_name],
@@ -527,6 +535,7 @@ def _builder(config_name, builder_name, title, top1):
             drop_path_rate=drop_path_rate,
             dropout_rate=dropout_rate,
             dtype=dtype,
+            gradient_checkpointing=gradient_checkpointing,
         )
 
     builder.__name__ = builder.__qualname__ = builder_name

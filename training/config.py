@@ -94,6 +94,8 @@ class Config:
     min_lr: float = None
     weight_decay: float = None
     grad_clip: float = None
+    layer_decay: float = None  # layer-wise LR decay in (0, 1]; None or 1: off
+    gradient_checkpointing: bool = False  # recompute the blocks in the backward pass
     drop_path_rate: float = None
     ema_decay: float = None
     mixed_precision: str = None  # None: bfloat16 on TPU, float32 elsewhere
@@ -178,6 +180,12 @@ def resolve(config):
         (
             config.grad_clip is None or _positive(config.grad_clip),
             f"--grad_clip must be a positive number, received {config.grad_clip}.",
+        ),
+        (
+            config.layer_decay is None
+            or (not isinstance(config.layer_decay, bool) and 0 < config.layer_decay <= 1),
+            f"--layer_decay must be in (0, 1] (e.g. 0.75; 1 or unset: off), received "
+            f"{config.layer_decay}.",
         ),
         (0 <= config.ema_decay < 1, f"--ema_decay must be in [0, 1), received {config.ema_decay}."),
         (

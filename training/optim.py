@@ -1,6 +1,6 @@
 """How the weights move: the AdamW optimizer (PyTorch's epsilon, no decay on norms, biases
-and the class token), float16 loss scaling, the warmup-cosine schedule, and the EMA of the
-weights.
+and the class token, layer-wise learning-rate decay when asked), float16 loss scaling, the
+warmup-cosine schedule, and the EMA of the weights.
 
 Sections: the optimizer -> the EMA.
 """
@@ -8,6 +8,8 @@ Sections: the optimizer -> the EMA.
 import keras
 import tensorflow as tf
 from keras import ops
+
+from keras_t2t.layer_decay import LayerDecay, layer_decay_multipliers
 
 # --- the optimizer --------------------------------------------------------------------------
 
@@ -55,6 +57,11 @@ class AdamW(keras.optimizers.AdamW):
         self.assign_sub(variable, ops.divide(ops.multiply(m, lr / (1 - beta_1_power)), denominator))
 
 
+class LayerDecayAdamW(LayerDecay, AdamW):
+    """The AdamW above with a learning-rate multiplier per variable (`--layer_decay`; see
+    `keras_t2t.layer_decay`): each variable's step and weight decay use its own rate."""
+
+
 class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
     """Keras' dynamic loss scaling, with the overflow check agreed by all replicas.
 
@@ -80,7 +87,9 @@ def build_optimizer(config, steps_per_epoch, model):
     """(optimizer, schedule) of a run, built for `model`: AdamW with `no_weight_decay` (in a
     LossScaleOptimizer under float16), and a learning rate that rises linearly from
     `config.warmup_lr` to the peak (`config.learning_rate` scaled from batch 512), then follows
-    a cosine down to `config.min_lr`, held there for the cooldown epochs."""
+    a cosine down to `config.min_lr`, held there for the cooldown epochs. With
+    `config.layer_decay` (below 1), each variable's rate is that times its
+    `layer_decay_multipliers`."""
     peak = config.learning_rate * config.batch_size / 512.0
     warmup = config.warmup_epochs * steps_per_epoch
     decay = max((config.epochs - config.cooldown_epochs) * steps_per_epoch - warmup, 1)
@@ -91,13 +100,18 @@ def build_optimizer(config, steps_per_epoch, model):
         warmup_target=peak if warmup else None,
         warmup_steps=warmup,
     )
-    optimizer = AdamW(
+    arguments = dict(
         learning_rate=schedule,
         weight_decay=config.weight_decay,
         beta_1=0.9,
         beta_2=0.999,
         epsilon=1e-8,
     )
+    if config.layer_decay is not None and config.layer_decay != 1:
+        multipliers = layer_decay_multipliers(model, config.layer_decay)
+        optimizer = LayerDecayAdamW(lr_multipliers=multipliers, **arguments)
+    else:
+        optimizer = AdamW(**arguments)
     optimizer.exclude_from_weight_decay(var_list=no_weight_decay(model))
     if config.mixed_precision == "float16":
         optimizer = LossScaleOptimizer(optimizer)

@@ -85,6 +85,20 @@ flags.DEFINE_float(
     "for 19/24, else 0.05; finetune: 0.05).",
 )
 flags.DEFINE_float("grad_clip", None, "Clip gradients to this global norm.")
+flags.DEFINE_float(
+    "layer_decay",
+    None,
+    "Layer-wise learning-rate decay for fine-tuning, in (0, 1] (e.g. 0.75): block i of depth "
+    "learns at decay**(depth - i) times the rate of the head, the T2T module and class token "
+    "at decay**(depth + 1) (keras_t2t.layer_decay_multipliers). Default: off.",
+)
+flags.DEFINE_bool(
+    "gradient_checkpointing",
+    _C.gradient_checkpointing,
+    "Recompute the blocks' attention and MLP in the backward pass instead of keeping their "
+    "activations: less memory, up to a third more compute, the same gradients. Needs no "
+    "dropout (the recipes use none).",
+)
 flags.DEFINE_float("drop_path_rate", None, _recipe_help("Stochastic depth", "drop_path_rate"))
 flags.DEFINE_float(
     "ema_decay", None, _recipe_help("EMA decay of the weights per step, warmed up", "ema_decay")
@@ -236,6 +250,8 @@ _OUR_FLAGS = {
     "min_lr",
     "weight_decay",
     "grad_clip",
+    "layer_decay",
+    "gradient_checkpointing",
     "drop_path_rate",
     "ema_decay",
     "mode",

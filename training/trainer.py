@@ -68,7 +68,7 @@ def data_sources(config, split, cache=None):
 
 def build_model(config):
     """The model of a run: `config.model` with its head for `config.num_classes`, logits out,
-    and stochastic depth; from `config.weights` when given."""
+    stochastic depth and `config.gradient_checkpointing`; from `config.weights` when given."""
     return keras_t2t.create_model(
         config.model,
         input_shape=(config.image_size, config.image_size, 3),
@@ -76,6 +76,7 @@ def build_model(config):
         classifier_activation=None,
         drop_path_rate=config.drop_path_rate,
         weights=config.weights,
+        gradient_checkpointing=config.gradient_checkpointing,
     )
 
 

@@ -80,6 +80,7 @@ def test_builders_use_the_applications_signature():
             "drop_path_rate",
             "dropout_rate",
             "dtype",
+            "gradient_checkpointing",
         ]
 
 

@@ -403,6 +403,8 @@ def test_label_out_of_range(tmp_path, monkeypatch):
         (dict(drop_path_rate=1.0), r"--drop_path_rate must be in \[0, 1\)"),
         (dict(grad_clip=-1.0), "--grad_clip must be a positive number"),
         (dict(weight_decay=-0.1), "--weight_decay must be >= 0"),
+        (dict(layer_decay=0.0), r"--layer_decay must be in \(0, 1\]"),
+        (dict(layer_decay=1.5), r"--layer_decay must be in \(0, 1\].*received 1.5"),
     ],
 )
 def test_bad_flags(tmp_path, overrides, match):
@@ -471,14 +473,28 @@ def test_finetune_recipe():
         resolve(Config(recipe="cifar"))
 
 
-def test_weight_decay_exclusions(tmp_path):
-    config = resolve(Config(**tiny_config(str(tmp_path), tmp_path)))
+def test_weight_decay_exclusions_layer_decay_and_gradient_checkpointing(tmp_path):
+    """The official weight-decay groups with and without --layer_decay; with it, AdamW with
+    torch's epsilon takes the multipliers (T2T-ViT-7: 8 layers); --gradient_checkpointing
+    reaches the blocks."""
+    fields = tiny_config(str(tmp_path), tmp_path)
+    config = resolve(Config(**fields, gradient_checkpointing=True))
     model = trainer.build_model(config)
-    optimizer, _ = optim.build_optimizer(config, 10, model)
-    decayed = {v.path for v in model.trainable_variables if optimizer._use_weight_decay(v)}
-    assert "blocks_0/attn/qkv/kernel" in decayed and "head/kernel" in decayed
-    for path in ("blocks_0/attn/proj/bias", "blocks_0/norm1/gamma", "norm/beta", "cls_token/token"):
-        assert path not in decayed
+    assert model.get_layer("blocks_6").gradient_checkpointing is True
+    for layer_decay in (None, 0.5):
+        config = resolve(Config(**fields, layer_decay=layer_decay))
+        optimizer, _ = optim.build_optimizer(config, 10, model)
+        decayed = {v.path for v in model.trainable_variables if optimizer._use_weight_decay(v)}
+        assert "blocks_0/attn/qkv/kernel" in decayed and "head/kernel" in decayed
+        for path in ("blocks_0/attn/proj/bias", "blocks_0/norm1/gamma", "norm/beta"):
+            assert path not in decayed
+        assert "cls_token/token" not in decayed
+        assert isinstance(optimizer, optim.AdamW)
+        assert isinstance(optimizer, optim.LayerDecayAdamW) == (layer_decay is not None)
+    multipliers = optimizer.lr_multipliers
+    assert multipliers["head/kernel"] == 1.0 and multipliers["blocks_6/mlp/fc1/kernel"] == 0.5
+    assert multipliers["blocks_0/attn/qkv/kernel"] == 0.5**7
+    assert multipliers["tokens_to_token/project/kernel"] == 0.5**8
 
 
 def test_schedule_warmup_cosine_cooldown(tmp_path):
@@ -1128,6 +1144,8 @@ def test_flags_take_their_defaults_from_the_recipe(tmp_path):
                 "--mixup=0.2",
                 "--model=t2t_vit_7",
                 "--epochs=7",
+                "--layer_decay=0.75",
+                "--gradient_checkpointing",
             ]
         )
         config = resolve(train_imagenet.config_from_flags())
@@ -1135,6 +1153,8 @@ def test_flags_take_their_defaults_from_the_recipe(tmp_path):
         flags.unparse_flags()
     finetune = recipe("t2t_vit_7", "finetune")
     assert config.recipe == "finetune" and config.epochs == 7
+    assert config.layer_decay == 0.75 and config.gradient_checkpointing is True
+    assert Config().layer_decay is None and Config().gradient_checkpointing is False  # off
     assert config.learning_rate == finetune["learning_rate"]
     assert config.aug.mixup_alpha == 0.2 and config.aug.randaugment_ops == 0
     assert config.aug.cutmix_alpha == finetune["aug"].cutmix_alpha
