@@ -235,6 +235,7 @@ def T2TViT(
         dropout_rate=dropout_rate,
         soft_split_implementation=soft_split_implementation,
         dtype=dtype,
+        gradient_checkpointing=gradient_checkpointing,
     )
     if state is not None:  # into this model: `weights=` builds no other
         weights_lib.assign_state(model, state)

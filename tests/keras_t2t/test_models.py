@@ -93,6 +93,9 @@ def test_variants_are_rows_of_one_table():
         drop_path_rate=0.1,
     )
     assert model.name == "t2t_vit_t_14" and model.output_shape == (None, 3)
+    # The arguments it was built with, all of them (presets write them as their config).
+    built_with = set(inspect.signature(keras_t2t.T2TViT).parameters) - {"weights", "input_tensor"}
+    assert set(model.builder_config) == built_with
     rates = [model.get_layer(f"blocks_{i}").drop_path_rate for i in range(14)]
     np.testing.assert_allclose(rates, np.linspace(0, 0.1, 14), atol=1e-7)
 
