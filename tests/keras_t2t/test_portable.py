@@ -108,10 +108,10 @@ GOLDEN_PERFORMER = _golden("t2t_tiny_performer")
 
 def _golden_architecture(golden, **kwargs):
     """A model of the golden checkpoint's architecture (and head), random weights."""
+    kwargs.setdefault("input_shape", (golden["image_size"],) * 2 + (3,))
     return keras_t2t.T2TViT(
         **TINY_ARCH,
         tokens_type=golden["tokens_type"],
-        input_shape=(golden["image_size"],) * 2 + (3,),
         classes=golden["num_classes"],
         include_preprocessing=False,
         classifier_activation=None,
