@@ -76,6 +76,7 @@ from keras_t2t import layers  # noqa: E402
 from keras_t2t.flops import count_flops  # noqa: E402
 from keras_t2t.imagenet import decode_predictions, preprocess_input  # noqa: E402
 from keras_t2t.layer_decay import LayerDecayAdamW, layer_decay_multipliers  # noqa: E402
+from keras_t2t.lora import enable_lora  # noqa: E402
 from keras_t2t.models import (  # noqa: E402
     MODEL_CONFIGS,
     T2TViT,
@@ -112,6 +113,7 @@ __all__ = [
     "count_flops",
     "create_model",
     "decode_predictions",
+    "enable_lora",
     "feature_maps_model",
     "from_preset",
     "layer_decay_multipliers",

@@ -356,10 +356,12 @@ def test_lora_trains_saves_and_reloads(tmp_path):
     `safe_mode=True` and gives the same outputs."""
     images = np.random.default_rng(4).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
     model = _battery_model()
-    dense = [layer for layer in model._flatten_layers() if isinstance(layer, keras.layers.Dense)]
-    assert len(dense) == 18
-    for layer in dense:
-        layer.enable_lora(4)
+    # The tiny model's Dense layers: 4 in each of the 2 T2T layers, the projection, 4 in each
+    # of the 2 blocks, the head.
+    dense = keras_t2t.enable_lora(model, rank=4)
+    assert len(dense) == 4 * 2 + 1 + 4 * 2 + 1
+    with pytest.raises(ValueError, match="already enabled"):
+        keras_t2t.enable_lora(model, rank=4)
     trainable = {v.path.rsplit("/", 1)[-1] for v in model.trainable_variables}
     assert "kernel" not in trainable and {"lora_kernel_a", "lora_kernel_b"} <= trainable
     grads = _loss_and_gradients(model, images, np.arange(2))[1]
