@@ -390,6 +390,8 @@ def model_for_command_line(
 ):
     """The classifier that a command line's `--model`, `--weights`, `--image_size`,
     `--classes` and `--num_heads` name (the export, evaluation and explain commands).
+    `image_size="any"` builds a model of any size (`input_shape=(None, None, 3)`), whose
+    position table keeps the size of the weights and is resized in the graph.
 
     `weights`: None, a release name (`"imagenet"`, needs `--model`), a training run's
     model_dir (the variant, size and classes left out come from its config), a Keras
@@ -433,7 +435,10 @@ def model_for_command_line(
         else:
             builder, arch = create_model, dict(name=model)
         classes = classes or found["classes"]
-    shape = None if image_size is None else (image_size, image_size, 3)
+    if image_size == "any":
+        shape = (None, None, 3)
+    else:
+        shape = None if image_size is None else (image_size, image_size, 3)
     return builder(
         **arch,
         weights=weights,

@@ -34,12 +34,28 @@ from keras_t2t.export.serving import (
     check_crop_pct,
     check_input_dtype,
     check_model,
+    image_size,
     serving_crop_pct,
 )
 from keras_t2t.inference import check_compute_dtype
 from keras_t2t.models import model_for_command_line
 from savedmodels import tf_serving
 from savedmodels.triton_repository import export_triton
+
+
+def _image_size(text):
+    """--image_size: a side in pixels, or "any"."""
+    if text == "any":
+        return text
+    try:
+        size = int(text)
+    except ValueError:
+        size = 0
+    if size < 1:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither a side in pixels (e.g. 224) nor 'any' (a model of any size)"
+        )
+    return size
 
 
 def representative_images(folder, size, crop_pct=0.9, limit=64, max_pixels=None):
@@ -243,7 +259,13 @@ def main(argv=None):
         action="store_true",
         help="also write a Triton model repository (ONNX Runtime backend) under OUTPUT/triton",
     )
-    parser.add_argument("--image_size", type=int, help="default: 224, or the size of --weights")
+    parser.add_argument(
+        "--image_size",
+        type=_image_size,
+        help="default: 224, or the size of --weights; 'any': a model of any size, whose "
+        "serving_default, ONNX and OpenVINO take any height and width that are multiples of "
+        "16 (serving_bytes and TFLite take the size of the weights)",
+    )
     parser.add_argument("--classes", type=int, help="default: the run's, or 1000")
     parser.add_argument(
         "--num_heads", type=int, help="heads of a custom architecture (an official checkpoint)"
@@ -317,7 +339,7 @@ def main(argv=None):
         if args.representative_data:
             samples = representative_images(
                 args.representative_data,
-                model.input_shape[1],
+                image_size(model),  # for a model of any size, that of its weights
                 crop_pct,
                 max_pixels=max_image_pixels,
             )

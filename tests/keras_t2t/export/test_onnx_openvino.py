@@ -352,8 +352,8 @@ def test_export_cli_onnx_openvino_triton_and_batching(tmp_path, monkeypatch, cap
     assert int(wrapped["max_batch_size"]) == allowed[-1] == 32 and allowed == sorted(allowed)
 
 
-def test_a_model_of_any_size_exports_with_dynamic_height_and_width(tmp_path):
-    """input_shape=(None, None, 3) with the golden checkpoint: its SavedModel's
+def test_a_model_of_any_size_exports_with_dynamic_height_and_width(tmp_path, capsys):
+    """`export.py --image_size=any` with the golden checkpoint: its SavedModel's
     `serving_default` and its ONNX model take 64, 96, 128 and 64x96 images (stand-ins for
     224, 288, 384 and a non-square size) and give the probabilities of models built at those
     sizes from the same file; sides of 72 and 100 are refused, in words (the SavedModel) or
@@ -364,12 +364,14 @@ def test_a_model_of_any_size_exports_with_dynamic_height_and_width(tmp_path):
     checkpoint = str(DATA / "t2t_tiny_performer.pth.tar")
     model = tiny_model(weights=checkpoint, input_shape=(None, None, 3))
     assert image_size(model) == 64  # what serving_bytes resizes and crops to
-    saved_model = export.export_saved_model(model, str(tmp_path / "saved_model"))
-    serve = tf.saved_model.load(saved_model).signatures["serving_default"]
-    session = ort.InferenceSession(
-        export.export_onnx(model, str(tmp_path / "model.onnx")),
-        providers=["CPUExecutionProvider"],
-    )
+    with pytest.raises(SystemExit):
+        export_cli().main(["--output", str(tmp_path), "--image_size=large"])
+    assert "'large' is neither a side in pixels (e.g. 224) nor 'any'" in capsys.readouterr().err
+    argv = [f"--weights={checkpoint}", "--num_heads=2", "--image_size=any"]
+    assert export_cli().main([*argv, "--format=saved_model,onnx", f"--output={tmp_path}"]) == 0
+    written = dict(line.split()[::3] for line in capsys.readouterr().out.splitlines())
+    serve = tf.saved_model.load(written["saved_model"]).signatures["serving_default"]
+    session = ort.InferenceSession(written["onnx"], providers=["CPUExecutionProvider"])
     shape = session.get_inputs()[0].shape
     assert shape == ["batch", "height", "width", 3], shape
     rng = np.random.default_rng(3)
