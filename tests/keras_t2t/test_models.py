@@ -311,7 +311,7 @@ def test_xla_forward_and_train_step(tokens_type):
     forward = tf.function(lambda t: model(t, training=False), jit_compile=True)
     np.testing.assert_allclose(np.asarray(forward(x)), np.asarray(model(x)), atol=1e-5)
     if tokens_type == "performer":
-        return  # it trains under XLA in the trainer's tests (two_checkpoints: T2T-ViT-7, XLA)
+        return  # it trains under XLA in the trainer's tests (two_checkpoints: a performer)
     losses = _fit_steps(model, jit_compile=True)
     assert np.all(np.isfinite(losses))
 

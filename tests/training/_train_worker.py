@@ -53,6 +53,10 @@ def main():
     out = sys.argv[2]
     import logging
 
+    from tests.conftest import register_tiny_releases
+
+    register_tiny_releases()  # the tests' TRAIN_MODEL (tiny_train_config) is a variant here
+
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # "Resumed from ..."
     from training.errors import Preempted, TrainingError
 

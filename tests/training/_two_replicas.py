@@ -22,7 +22,10 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))  # the repo
 import keras  # noqa: E402
 
 from keras_t2t import layers  # noqa: E402
+from tests.conftest import register_tiny_releases  # noqa: E402
 from training import distribute, optim  # noqa: E402
+
+register_tiny_releases()  # the tests' TRAIN_MODEL (tiny_train_config) is a variant here
 
 # One MirroredStrategy for the whole process, the one --strategy=mirrored makes over the two
 # logical CPUs: the collectives of two instances would share their keys (and mismatch).

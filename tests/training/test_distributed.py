@@ -19,6 +19,7 @@ from conftest import shared_folder, tiny_train_config
 from training import build_tfrecords, data
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.usefixtures("tiny_variants")  # tiny_train_config's model, here
 TWO_REPLICAS = pathlib.Path(__file__).resolve().parent / "_two_replicas.py"  # beside this file
 # The same training on one device and on two replicas: the same data and initial weights.
 SAME_RUN = dict(

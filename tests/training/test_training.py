@@ -21,7 +21,13 @@ import types
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import export_cli, read_batches_only, shared_folder
+from conftest import (
+    TRAIN_MODEL,
+    export_cli,
+    read_batches_only,
+    register_tiny_releases,
+    shared_folder,
+)
 from conftest import random_examples as _random_examples
 from conftest import tiny_train_config as tiny_config
 
@@ -34,7 +40,9 @@ from training.errors import Preempted, TrainingError, is_data_error
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 WORKER = pathlib.Path(__file__).resolve().parent / "_train_worker.py"  # beside this file
 TRAIN = ROOT / "training" / "train_imagenet.py"
+TRAIN_CLI = pathlib.Path(__file__).resolve().parent / "_train_cli.py"  # TRAIN, TRAIN_MODEL known
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(ROOT))
+pytestmark = pytest.mark.usefixtures("tiny_variants")  # TRAIN_MODEL, in this process
 
 
 @pytest.fixture(scope="session")
@@ -49,7 +57,9 @@ def two_checkpoints(tiny_records, tmp_path_factory):
             randaugment_ops=2, mixup_alpha=0.8, cutmix_alpha=1.0, random_erasing=0.25
         )
         config = Config(**tiny_config(tiny_records, folder / "run", jit_compile=True), aug=aug)
-        results = trainer.Trainer(config).run()
+        with pytest.MonkeyPatch.context() as patch:  # built before the tests' own fixtures
+            register_tiny_releases(patch)
+            results = trainer.Trainer(config).run()
         (folder / "results.json").write_text(json.dumps(results))
 
     return shared_folder(tmp_path_factory, "two_checkpoints", build) / "run"
@@ -65,7 +75,9 @@ def test_a_few_steps_with_xla_and_the_full_augmentation(two_checkpoints):
     assert saved["top1"] == pytest.approx(results["top1"])
     resolved = json.loads((run / "config.json").read_text())
     assert resolved["jit_compile"] is True and resolved["aug"]["random_erasing"] == 0.25
-    assert resolved["learning_rate"] == 1e-3 and resolved["weight_decay"] == 0.03  # recipe (7)
+    defaults = recipe(TRAIN_MODEL)
+    assert resolved["learning_rate"] == defaults["learning_rate"]
+    assert resolved["weight_decay"] == defaults["weight_decay"]
     assert sorted(p.name for p in (run / "checkpoints").glob("ckpt-*.index")) == [
         "ckpt-3.index",
         "ckpt-6.index",
@@ -212,10 +224,10 @@ def test_sigterm_to_one_worker_stops_both_then_both_resume_from_the_chiefs_check
 def _cli(args, model_dir, data_dir):
     return [
         sys.executable,
-        str(TRAIN),
+        str(TRAIN_CLI),
         f"--data_dir={data_dir}",
         f"--model_dir={model_dir}",
-        "--model=t2t_vit_7",
+        f"--model={TRAIN_MODEL}",
         "--image_size=32",
         "--num_classes=4",
         "--batch_size=8",
@@ -477,7 +489,7 @@ def test_weight_decay_exclusions_layer_decay_and_gradient_checkpointing(tmp_path
     """The official weight-decay groups with and without --layer_decay; with it, AdamW with
     torch's epsilon takes the multipliers (T2T-ViT-7: 8 layers); --gradient_checkpointing
     reaches the blocks."""
-    fields = tiny_config(str(tmp_path), tmp_path)
+    fields = tiny_config(str(tmp_path), tmp_path, model="t2t_vit_7")  # built, not trained
     config = resolve(Config(**fields, gradient_checkpointing=True))
     model = trainer.build_model(config)
     assert model.get_layer("blocks_6").gradient_checkpointing is True
@@ -750,7 +762,7 @@ def test_a_storage_error_while_restoring_sets_nothing_aside(
                 "train_imagenet.py",
                 f"--data_dir={tiny_records}",
                 f"--model_dir={tmp_path}",
-                "--model=t2t_vit_7",
+                f"--model={TRAIN_MODEL}",
                 "--image_size=32",
                 "--num_classes=4",
                 "--batch_size=8",
@@ -817,7 +829,7 @@ def test_another_model_in_the_same_model_dir_is_refused_first(
     record = (tmp_path / "config.json").read_text()
     with pytest.raises(
         TrainingError,
-        match=r"checkpoints of another model \(--model=t2t_vit_7\); this run asks for "
+        match=rf"checkpoints of another model \(--model={TRAIN_MODEL}\); this run asks for "
         r"--model=t2t_vit_10\. Use another --model_dir",
     ):
         _run_config(tiny_records, tmp_path, mode="train", model="t2t_vit_10")
@@ -1119,9 +1131,9 @@ def test_a_run_leaves_weights_that_export_and_evaluate(tiny_records, two_checkpo
     # (Its main in this process: test_export.py runs it as a command.)
     args = [f"--weights={run}", f"--output={tmp_path / 'exports'}", "--format=saved_model"]
     assert export_cli().main(args) == 0
-    model = keras_t2t.T2TViT7(input_shape=(32, 32, 3), classes=4, weights=str(run))
+    model = keras_t2t.create_model(TRAIN_MODEL, input_shape=(32, 32, 3), weights=str(run))
     images = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
-    loaded = tf.saved_model.load(str(tmp_path / "exports" / "t2t_vit_7" / "1"))
+    loaded = tf.saved_model.load(str(tmp_path / "exports" / TRAIN_MODEL / "1"))
     served = loaded.signatures["serving_default"](images=tf.constant(images))["probabilities"]
     np.testing.assert_allclose(served.numpy(), model.predict(images, verbose=0), atol=1e-5)
     # A run that never finished is refused with a message.
