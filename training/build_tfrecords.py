@@ -187,28 +187,37 @@ def build_from_folder(input_dir, output_dir, split="train", num_shards=8, label_
     return classes, paths
 
 
-def digits_examples(image_size=32, seed=0, validation_fraction=0.2):
-    """scikit-learn's handwritten digits (8x8, 1,797 images) as JPEG examples, labels 1..10."""
+def digits_examples(image_size=32, seed=0, validation_fraction=0.2, digits=tuple(range(10))):
+    """scikit-learn's handwritten digits (8x8, 1,797 images) as JPEG examples, labels 1..10;
+    with `digits`, only those, labelled 1.. in that order (the same split either way)."""
     try:
         from sklearn.datasets import load_digits
     except ImportError as error:
         raise ImportError(
             "The embedded default dataset is scikit-learn's digits: pip install keras-t2t[train]"
         ) from error
-    digits = load_digits()
-    images = (digits.images * (255.0 / 16.0)).round().astype("uint8")[..., None]
+    data = load_digits()
+    images = (data.images * (255.0 / 16.0)).round().astype("uint8")[..., None]
     images = tf.image.resize(images, (image_size, image_size), method="bilinear")
     images = tf.cast(tf.clip_by_value(tf.round(images), 0, 255), tf.uint8)
     images = tf.image.grayscale_to_rgb(images).numpy()
     order = np.random.default_rng(seed).permutation(len(images))
     split = int(round(len(images) * (1 - validation_fraction)))
 
+    labels = {digit: index + 1 for index, digit in enumerate(digits)}
+
     def examples(indices):
         for i in indices:
-            label = int(digits.target[i])
-            yield make_example(
-                to_jpeg(images[i]), label + 1, str(label), f"digit_{i}.jpg", image_size, image_size
-            )
+            digit = int(data.target[i])
+            if digit in labels:
+                yield make_example(
+                    to_jpeg(images[i]),
+                    labels[digit],
+                    str(digit),
+                    f"digit_{i}.jpg",
+                    image_size,
+                    image_size,
+                )
 
     return examples(order[:split]), examples(order[split:])
 
