@@ -300,7 +300,8 @@ def engine_paths(model, batches, min_time, official=None, short=False):
     precision this CPU does not run gets an error text instead of a figure. Keys:
     "<dtype>/<path>/batch_<n>", and "official_openvino_max_abs_diff": the largest difference
     between the probabilities of our OpenVINO model and the official one's, float32. Each model
-    is exported once; `short`: the bfloat16 SavedModel for one serving runtime only."""
+    is exported once; `short`: two SavedModels, float32 for the "tensorflow" runtime and
+    bfloat16 for "tensorflow_onednn" (each runtime's and each dtype's code, once)."""
     import tempfile
 
     from keras_t2t import export
@@ -318,8 +319,8 @@ def engine_paths(model, batches, min_time, official=None, short=False):
             ("tensorflow", "bfloat16", ""),
             ("tensorflow_onednn", "bfloat16", "_onednn"),
         ]
-        if short:  # the bfloat16 SavedModel's code, once
-            saved_models.remove(("tensorflow", "bfloat16", ""))
+        if short:  # each runtime's and each dtype's code, once
+            saved_models = [saved_models[0], saved_models[3]]
         for runtime, dtype, suffix in saved_models:
             saved = export.export_saved_model(
                 model,
@@ -993,6 +994,9 @@ def main(argv=None):
     for name in args.models:
         if name not in keras_t2t.MODEL_CONFIGS:
             parser.error(f"unknown model {name!r}; known: {', '.join(keras_t2t.list_models())}")
+    # The flags' own combinations first, then what they ask of this process.
+    if args.backend != "tensorflow" and args.ablations:
+        parser.error("--ablations times TensorFlow graphs; use it with --backend=tensorflow")
     if args.backend != keras.backend.backend():
         parser.error(
             f"--backend={args.backend}, but Keras was already imported with the "
@@ -1010,8 +1014,6 @@ def main(argv=None):
             f"--official_dir={args.official_dir} holds no models/t2t_vit.py; give a checkout of "
             "https://github.com/yitu-opensource/T2T-ViT"
         )
-    if args.backend != "tensorflow" and args.ablations:
-        parser.error("--ablations times TensorFlow graphs; use it with --backend=tensorflow")
     if args.memory_only and args.backend != "tensorflow":
         parser.error("--memory_only measures TensorFlow training steps; use the TF backend")
     if args.memory_only:

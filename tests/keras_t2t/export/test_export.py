@@ -632,7 +632,10 @@ def _cli(*args):
     )
 
 
-CLI_ARGS = ["--model=t2t_vit_7", "--image_size=32", "--classes=5"]
+# The golden checkpoint, whose variant the CLI reads from its tensors (a custom architecture:
+# the model is named "t2t_vit"); T2T-ViT-7 made the CLI's own run take 24 s instead of 17.
+CLI_ARGS = [f"--weights={DATA / 't2t_tiny_performer.pth.tar'}", "--num_heads=2"]
+CLI_NAME = "t2t_vit"
 
 
 @pytest.fixture(scope="session")
@@ -656,7 +659,6 @@ def cli_run(tmp_path_factory):
 
 def test_export_cli(cli_run):
     stdout, out, _ = cli_run
-    assert "random weights" in stdout
     for artifact in (
         "saved_model",
         "tflite_float32",
@@ -665,7 +667,7 @@ def test_export_cli(cli_run):
         "tflite_int8",
     ):
         assert re.search(rf"^{artifact}\s+\d+\.\d+ MiB", stdout, re.M), stdout
-    assert (out / "t2t_vit_7" / "1" / "saved_model.pb").exists()
+    assert (out / CLI_NAME / "1" / "saved_model.pb").exists()
 
 
 @pytest.mark.parametrize(
@@ -878,14 +880,14 @@ def test_export_cli_refuses_an_existing_export_unless_overwrite(cli_run, tmp_pat
     error = capsys.readouterr().err
     assert "already exist" in error and "--overwrite" in error, error
     assert files() == before  # nothing written
-    saved_model = out / "t2t_vit_7" / "1"
+    saved_model = out / CLI_NAME / "1"
     assert (saved_model / "assets.extra").is_dir()
     assert main([*CLI_ARGS, f"--output={out}", "--format=saved_model", "--overwrite"]) == 0
     assert "saved_model" in capsys.readouterr().out
     assert not (saved_model / "assets.extra").exists()  # replaced whole: no warmup requests
     written = (saved_model / "saved_model.pb").stat().st_mtime_ns
-    assert written > before["t2t_vit_7/1/saved_model.pb"]
-    assert sorted(p.name for p in (out / "t2t_vit_7").iterdir()) == [
+    assert written > before[f"{CLI_NAME}/1/saved_model.pb"]
+    assert sorted(p.name for p in (out / CLI_NAME).iterdir()) == [
         "1",
         tf_serving.BATCHING_FILE,
     ]
@@ -902,5 +904,5 @@ def test_export_cli_without_tensorflow_serving_api_writes_no_warmup_requests(
     args = [*CLI_ARGS, f"--output={out}", "--format=saved_model", f"--representative_data={photos}"]
     assert export_cli().main(args) == 0
     assert "note: no TF Serving warmup requests" in capsys.readouterr().out
-    assert (out / "t2t_vit_7" / "1" / "saved_model.pb").exists()
-    assert not (out / "t2t_vit_7" / "1" / "assets.extra").exists()
+    assert (out / CLI_NAME / "1" / "saved_model.pb").exists()
+    assert not (out / CLI_NAME / "1" / "assets.extra").exists()
