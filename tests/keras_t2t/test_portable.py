@@ -289,16 +289,37 @@ def test_a_keras_file_written_by_another_backend_loads():
     np.testing.assert_allclose(outputs, io["outputs"], atol=1e-5)
 
 
-def test_a_preset_written_on_another_backend_loads():
+def test_a_preset_written_on_another_backend_loads(tmp_path, monkeypatch):
     """The runner (on TensorFlow) converts the golden checkpoint to a preset (`convert
-    --preset`); under JAX and PyTorch it loads and gives the official logits."""
+    --preset`); under JAX and PyTorch it loads from its folder, from `file://` and from a
+    loopback HTTP mirror, and gives the official logits."""
+    import functools
+    import http.server
+    import threading
+
+    from tests.conftest import QuietHTTPHandler
+
     path = os.environ.get("KERAS_T2T_FOREIGN_PRESET")
     if not path:
         pytest.skip("run by test_other_backends.py, with a preset written on TensorFlow")
-    model = keras_t2t.from_preset(path, include_preprocessing=False, classifier_activation=None)
+    path = pathlib.Path(path)
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "home"))  # where downloads are cached
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(QuietHTTPHandler, directory=str(path.parent))
+    )
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    http_uri = f"http://127.0.0.1:{server.server_address[1]}/{path.name}"
     golden = GOLDEN_PERFORMER
-    logits = keras.ops.convert_to_numpy(model(golden["images"]))
-    assert np.abs(logits - golden["logits"]).max() <= TOLERANCE
+    try:
+        for uri in (str(path), path.as_uri(), http_uri):
+            model = keras_t2t.from_preset(
+                uri, include_preprocessing=False, classifier_activation=None
+            )
+            logits = _outputs(model, golden["images"])
+            assert np.abs(logits - golden["logits"]).max() <= TOLERANCE, uri
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 # The largest difference to float32's logits allowed, as a fraction of their largest value:
