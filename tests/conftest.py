@@ -5,15 +5,29 @@ import pathlib
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+# XLA's quickest compiles: the tests compile much and run little (the JAX process, which
+# compiles each new eager op and shape, 91 -> 63 s: a small op's compile 37 -> 17 ms, of which
+# the classic CPU emitters instead of the fusion emitters 30 -> 17; benchmark --short 91 ->
+# 74 s). With no LLVM optimization programs run slower: the README's training took 80 s,
+# and 172 s so, which is why its test runs with RUN_XLA_FLAGS.
+QUICK_XLA_FLAGS = (
+    "--xla_backend_optimization_level=0",
+    "--xla_llvm_disable_expensive_passes=true",
+    "--xla_cpu_use_fusion_emitters=false",
+)
+# (This module runs twice in a worker, as `conftest` and as `tests.conftest`: the second time
+# it finds its own flags in the environment.)
+_flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if f not in QUICK_XLA_FLAGS]
 if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) >= (os.cpu_count() or 1):
     # As many test workers as cores (CI: -n 2 on 2 cores): one thread per op in each worker
     # and in the processes its tests start (the env is inherited), as threads beyond the
     # cores only contend (three test files ran 14% faster so). JAX, torch and OpenMP too.
     os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    os.environ["XLA_FLAGS"] = " ".join(
-        [os.environ.get("XLA_FLAGS", ""), "--xla_cpu_multi_thread_eigen=false"]
-    ).strip()
+    if "--xla_cpu_multi_thread_eigen=false" not in _flags:
+        _flags.append("--xla_cpu_multi_thread_eigen=false")
+RUN_XLA_FLAGS = " ".join(_flags)
+os.environ["XLA_FLAGS"] = " ".join([*_flags, *QUICK_XLA_FLAGS])
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402

@@ -42,17 +42,8 @@ def test_the_portable_tests_pass_under_jax_and_torch(tmp_path):
             KERAS_T2T_FOREIGN_PRESET=preset,
         )
         if backend == "jax":
-            # Two CPU devices, for the DataParallel test. JAX compiles each new eager op and
-            # shape (some 300 in the T2T module's layer test alone): XLA's quickest compiles
-            # (no LLVM optimization) take this file from 183 to 126 s of CPU; its programs
-            # then run slower, which only a long run would notice (the README's training
-            # took 80 s, and 172 s so, on TensorFlow's XLA).
-            flags = [
-                env.get("XLA_FLAGS", ""),
-                "--xla_force_host_platform_device_count=2",
-                "--xla_backend_optimization_level=0",
-                "--xla_llvm_disable_expensive_passes=true",
-            ]
+            # Two CPU devices, for the DataParallel test.
+            flags = [env.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=2"]
             env["XLA_FLAGS"] = " ".join(flags).strip()
         processes[backend] = subprocess.Popen(
             [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", str(PORTABLE)],
