@@ -9,7 +9,8 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 # compiles each new eager op and shape, 91 -> 63 s: a small op's compile 37 -> 17 ms, of which
 # the classic CPU emitters instead of the fusion emitters 30 -> 17; benchmark --short 91 ->
 # 74 s). With no LLVM optimization programs run slower: the README's training took 80 s,
-# and 172 s so, which is why its test runs with RUN_XLA_FLAGS.
+# and 172 s so, which is why its test runs with RUN_XLA_FLAGS. XLA aborts on a flag it does
+# not know: TensorFlow 2.20 and 2.21 and jax 0.6.2 to 0.10 (setup.py's test extra) know these.
 QUICK_XLA_FLAGS = (
     "--xla_backend_optimization_level=0",
     "--xla_llvm_disable_expensive_passes=true",
